@@ -1,0 +1,23 @@
+"""cfgzero_theory: classifier-free guidance in flow matching, exact and measurable, in JAX.
+
+Layers (data flows one way): ``mixture`` (exact Gaussian-mixture fields) → ``guidance``
+(rules and the exact guided field) → ``sampling`` (jitted ODE solvers).
+"""
+
+from cfgzero_theory import guidance, mixtures, sampling
+from cfgzero_theory.guidance import CFG, CFGStar, CFGZeroStar, ZeroInit
+from cfgzero_theory.mixture import NULL_LABEL, GaussianMixture
+
+__version__ = "0.1.0"
+__all__ = [
+    "CFG",
+    "CFGStar",
+    "CFGZeroStar",
+    "GaussianMixture",
+    "NULL_LABEL",
+    "ZeroInit",
+    "__version__",
+    "guidance",
+    "mixtures",
+    "sampling",
+]

@@ -1,0 +1,424 @@
+"""Exact Gaussian mixtures on the linear flow-matching path.
+
+Theory convention (DESIGN.md §2-3): ``t = 0`` is noise ``x0 ~ N(0, I)``, ``t = 1`` is data
+``x1 ~ p1 = Σ_k π_k N(μ_k, Σ_k)``, and ``x_t = t·x1 + (1 − t)·x0``.  Given component ``k``,
+``x_t ~ N(t·μ_k, S_k)`` with ``S_k(t) = t²Σ_k + (1 − t)²I``.  Every quantity below is a
+responsibility-weighted sum over components, computed in each component's eigenbasis
+``Σ_k = Q_k diag(λ_k) Q_kᵀ`` (factorised once, at construction), where
+``S_k(t) = Q_k diag(s_k) Q_kᵀ`` with ``s_k = t²λ_k + (1 − t)²`` for every ``t``:
+
+* ``z_k = Q_kᵀ (x − t·μ_k)`` (the residual ``r_k`` in the eigenbasis);
+* log-joint ``ℓ_k = log π_k − ½ Σ log s_k − ½ Σ z_k²/s_k − (d/2) log 2π``,
+  responsibilities ``w = softmax(ℓ)``, ``log p_t(x) = logsumexp_k ℓ_k``;
+* a posterior-mean field ``f(x) = Σ_k w_k (a·μ_k + Q_k (c_k ⊙ z_k))``, where the
+  eigen-coefficient ``c_k`` selects the quantity:
+
+  =====================  ===  ===========================
+  quantity               a    c (per eigen-direction)
+  =====================  ===  ===========================
+  velocity ``u_t``        1    ``(t·λ − (1 − t)) / s``
+  ``E[x1 | x_t = x]``     1    ``t·λ / s``
+  ``E[x0 | x_t = x]``     0    ``(1 − t) / s``
+  score ``∇ log p_t``     0    ``−1 / s``
+  =====================  ===  ===========================
+
+The work is two matrix products per batch (``x @ [Q_1 … Q_K]`` and its transpose), done in
+row chunks so memory stays bounded and the element-wise middle stays in cache.  Nothing
+divides by ``t`` or ``1 − t``; at ``t = 0`` the velocity is ``Σ π_k μ_k − x`` and at ``t = 1``
+it is ``x``.  Singular (positive semi-definite) covariances are valid: every field stays
+finite for ``t < 1``; the data density (``t = 1``) of such a mixture is not a density and
+``log_prob`` refuses it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+#: Label meaning "no class": the whole mixture (the unconditional branch of CFG).
+NULL_LABEL = -1
+
+#: Default number of ``(row, component, eigen-direction)`` entries evaluated at once.
+DEFAULT_CHUNK_ELEMENTS = 1 << 18
+#: Rows per chunk never drop below this, so the two matrix products stay efficient.
+MIN_CHUNK_ROWS = 64
+
+# Relative tolerances for the construction-time checks of covariance matrices.
+_SYMMETRY_RTOL = 1e-6
+_PSD_RTOL = 1e-6
+
+
+def _is_concrete(a: Any) -> bool:
+    return not isinstance(a, jax.core.Tracer)
+
+
+@jax.tree_util.register_pytree_node_class
+class GaussianMixture:
+    """The mixture ``p1 = Σ_k π_k N(μ_k, Σ_k)`` with optional integer class per component.
+
+    Args:
+      weights: ``(K,)`` non-negative, not all zero; they need not sum to one.
+      means: ``(K, d)`` finite.
+      covs: ``(K, d, d)`` symmetric positive semi-definite, finite.
+      labels: ``(K,)`` integer class of each component (default: all class 0).  Class
+        labels must be ``>= 0``; ``NULL_LABEL = -1`` is reserved for "whole mixture".
+      chunk_elements: rows are evaluated in chunks of about this many
+        ``(row, component, direction)`` entries (bounds memory for large batches).
+
+    Methods take ``x`` of shape ``(..., d)`` and ``t`` a float or an array broadcastable to
+    ``x.shape[:-1]``, and a ``label``: ``None`` (whole mixture), an integer class (its
+    components, weights renormalised), or an integer array broadcastable to
+    ``x.shape[:-1]`` with one label per point, where ``NULL_LABEL`` selects the whole
+    mixture.  Concrete labels are checked (a class with no component, or with zero total
+    weight, is a ``ValueError``); traced labels cannot be checked and must be valid.
+
+    The object is a pytree (means and weights are differentiable leaves; the
+    eigendecomposition is fixed at construction), so it can be passed through ``jit``,
+    ``vmap`` and ``grad``.  Arrays are float64 when ``jax_enable_x64`` is on at
+    construction, float32 otherwise.
+    """
+
+    def __init__(self, weights, means, covs, labels=None, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+        weights, means, covs, labels = _validated(weights, means, covs, labels)
+        if not (isinstance(chunk_elements, (int, np.integer)) and chunk_elements >= 1):
+            raise ValueError(f"chunk_elements must be a positive integer, got {chunk_elements!r}")
+        eigvals, eigvecs = np.linalg.eigh(0.5 * (covs + np.swapaxes(covs, -1, -2)))
+        scale = np.maximum(np.abs(eigvals).max(axis=-1, keepdims=True), np.finfo(np.float64).tiny)
+        if np.any(eigvals < -_PSD_RTOL * scale):
+            bad = np.flatnonzero(np.any(eigvals < -_PSD_RTOL * scale, axis=-1))
+            raise ValueError(
+                f"covs must be positive semi-definite; components {bad.tolist()[:10]} have "
+                f"negative eigenvalues (smallest {eigvals.min():.3g})"
+            )
+        eigvals = np.clip(eigvals, 0.0, None)
+        eigvals[eigvals < _PSD_RTOL * scale] = 0.0
+
+        dtype = jnp.result_type(float)
+        with np.errstate(divide="ignore"):
+            log_weights = np.log(weights) - np.log(weights.sum())
+        self.log_weights = jnp.asarray(log_weights, dtype)
+        self.means = jnp.asarray(means, dtype)
+        self.eigvals = jnp.asarray(eigvals, dtype)
+        self.eigvecs = jnp.asarray(eigvecs, dtype)
+        self.labels = jnp.asarray(labels, jnp.int32)
+        classes = tuple(int(c) for c in np.unique(labels[weights > 0]))
+        self._static = (classes, bool(np.any(eigvals == 0.0)), int(chunk_elements))
+
+    # ----------------------------------------------------------------- pytree protocol
+    def tree_flatten(self):
+        children = (self.log_weights, self.means, self.eigvals, self.eigvecs, self.labels)
+        return children, self._static
+
+    @classmethod
+    def tree_unflatten(cls, static, children):
+        obj = object.__new__(cls)
+        obj.log_weights, obj.means, obj.eigvals, obj.eigvecs, obj.labels = children
+        obj._static = static
+        return obj
+
+    # ----------------------------------------------------------------- basic properties
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        """Sorted class labels that have at least one component of positive weight."""
+        return self._static[0]
+
+    @property
+    def is_singular(self) -> bool:
+        """Whether some component covariance is singular (rank-deficient)."""
+        return self._static[1]
+
+    @property
+    def dtype(self):
+        return self.means.dtype
+
+    @property
+    def weights(self) -> Array:
+        """Normalised component weights ``π``."""
+        return jnp.exp(self.log_weights)
+
+    @property
+    def covs(self) -> Array:
+        """Component covariances ``Q diag(λ) Qᵀ`` (reassembled from the eigendecomposition)."""
+        return jnp.einsum("kij,kj,klj->kil", self.eigvecs, self.eigvals, self.eigvecs)
+
+    def __repr__(self) -> str:
+        return (
+            f"GaussianMixture(num_components={self.num_components}, dim={self.dim}, "
+            f"classes={self.classes}, dtype={self.dtype})"
+        )
+
+    def class_weight(self, label: int | None = None) -> Array:
+        """Component weights of a class (or of the whole mixture), renormalised to sum to one."""
+        return jnp.exp(self._class_log_weights(self.check_label(label)))
+
+    def mean(self, label: int | None = None) -> Array:
+        """Mean ``Σ_k π_k μ_k`` of the data distribution (of one class if ``label`` is given)."""
+        return self.class_weight(label) @ self.means
+
+    # ----------------------------------------------------------------- public quantities
+    def log_prob_t(self, x, t, label=None) -> Array:
+        """Log-density of ``x_t`` at ``x``: ``logsumexp_k ℓ_k``.  Shape ``x.shape[:-1]``."""
+        return self._evaluate(x, t, label, _log_prob_from_terms, scalar_output=True)
+
+    def log_prob(self, x, label=None) -> Array:
+        """Log-density of the data ``x1`` (``log_prob_t`` at ``t = 1``); needs nonsingular covariances."""
+        if self.is_singular:
+            raise ValueError(
+                "log_prob: the mixture has a singular covariance, so its data distribution has no "
+                "density; use log_prob_t with t < 1"
+            )
+        return self.log_prob_t(x, 1.0, label)
+
+    def velocity(self, x, t, label=None) -> Array:
+        """Exact flow-matching velocity ``u_t(x) = E[x1 − x0 | x_t = x]``, shape ``x.shape``."""
+        return self._evaluate(x, t, label, _field(1.0, lambda lam, s, t: (t * lam - (1 - t)) / s))
+
+    def posterior_mean_x1(self, x, t, label=None) -> Array:
+        """Posterior mean of the data, ``E[x1 | x_t = x]`` (the "denoised" prediction)."""
+        return self._evaluate(x, t, label, _field(1.0, lambda lam, s, t: t * lam / s))
+
+    def posterior_mean_x0(self, x, t, label=None) -> Array:
+        """Posterior mean of the noise, ``E[x0 | x_t = x]``."""
+        return self._evaluate(x, t, label, _field(0.0, lambda lam, s, t: (1 - t) / s))
+
+    def score(self, x, t, label=None) -> Array:
+        """Score ``∇_x log p_t(x) = −Σ_k w_k S_k⁻¹ (x − t·μ_k)``; ``u = (x + (1 − t)·score)/t``."""
+        return self._evaluate(x, t, label, _field(0.0, lambda lam, s, t: -1.0 / s))
+
+    def velocity_variance(self, x, t, label=None) -> Array:
+        """``E[‖x1 − x0 − u_t(x)‖² | x_t = x]``: the trace of the conditional covariance.
+
+        ``Σ_k w_k (tr(Σ_k S_k⁻¹) + ‖u_k‖²) − ‖u‖²``.  Its expectation over ``t`` and ``x_t`` is
+        the irreducible flow-matching loss (the floor of a training curve).
+        """
+        return self._evaluate(x, t, label, _velocity_variance_from_terms, scalar_output=True)
+
+    def sample(self, key: Array, n: int, label=None) -> Array:
+        """``n`` draws from the data distribution (of class ``label``, or per-sample labels ``(n,)``)."""
+        if not (isinstance(n, (int, np.integer)) and n >= 1):
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        labels = self.check_label(label, (n,))
+        key_comp, key_noise = jax.random.split(key)
+        log_w = jnp.broadcast_to(self._class_log_weights(labels), (n, self.num_components))
+        comp = jax.random.categorical(key_comp, log_w, axis=-1)
+        eps = jax.random.normal(key_noise, (n, self.dim), self.dtype) * jnp.sqrt(self.eigvals[comp])
+        one_hot = jax.nn.one_hot(comp, self.num_components, dtype=self.dtype)
+        basis = self._basis_matrix()
+
+        def rotate(rows):
+            eps_rows, hot_rows = rows
+            blocks = hot_rows[:, :, None] * eps_rows[:, None, :]
+            return blocks.reshape(blocks.shape[0], -1) @ basis.T
+
+        return self.means[comp] + _map_row_chunks(rotate, (eps, one_hot), self._chunk_rows())
+
+    # ----------------------------------------------------------------- machinery
+    def check_label(self, label, batch_shape=()):
+        """Validate a label and return ``None``, a Python int, or an int array of ``batch_shape``."""
+        if label is None:
+            return None
+        if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+            if int(label) != NULL_LABEL and int(label) not in self.classes:
+                raise ValueError(f"label {int(label)} has no component of positive weight; classes are {self.classes}")
+            return None if int(label) == NULL_LABEL else int(label)
+        label = jnp.asarray(label)
+        if not jnp.issubdtype(label.dtype, jnp.integer):
+            raise ValueError(f"label must be None, an int or an integer array, got dtype {label.dtype}")
+        try:
+            label = jnp.broadcast_to(label, batch_shape)
+        except ValueError:
+            raise ValueError(f"label of shape {label.shape} does not broadcast to the batch shape {batch_shape}") from None
+        if _is_concrete(label):
+            found = set(np.unique(np.asarray(label)).tolist()) - {NULL_LABEL}
+            missing = sorted(found - set(self.classes))
+            if missing:
+                raise ValueError(f"label values {missing} have no component of positive weight; classes are {self.classes}")
+        return label
+
+    def _class_log_weights(self, label) -> Array:
+        """Renormalised log-weights: ``(K,)`` for ``None``/int, ``(n, K)`` for a label array."""
+        if label is None:
+            return self.log_weights
+        if isinstance(label, int):
+            masked = jnp.where(self.labels == label, self.log_weights, -jnp.inf)
+            return masked - jax.nn.logsumexp(masked)
+        keep = (label[:, None] == self.labels[None, :]) | (label[:, None] == NULL_LABEL)
+        masked = jnp.where(keep, self.log_weights, -jnp.inf)
+        return masked - jax.nn.logsumexp(masked, axis=-1, keepdims=True)
+
+    def _basis_matrix(self) -> Array:
+        """``[Q_1 … Q_K]`` of shape ``(d, K·d)``: ``x @ basis`` gives every ``Q_kᵀ x`` at once."""
+        return jnp.transpose(self.eigvecs, (1, 0, 2)).reshape(self.dim, -1)
+
+    def _chunk_rows(self) -> int:
+        per_row = self.num_components * self.dim
+        return max(MIN_CHUNK_ROWS, self._static[2] // per_row)
+
+    def _evaluate(self, x, t, label, quantity: Callable, scalar_output: bool = False) -> Array:
+        """Evaluate ``quantity(terms)`` for every row of ``x``, in row chunks."""
+        x = jnp.asarray(x)
+        if x.ndim == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (..., {self.dim}), got {x.shape}")
+        dtype = jnp.result_type(x.dtype, self.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else self.dtype
+        batch_shape = x.shape[:-1]
+        n = math.prod(batch_shape)
+        rows = x.reshape(n, self.dim).astype(dtype)
+        t = jnp.asarray(t, dtype)
+        if _is_concrete(t) and np.any((np.asarray(t) < 0) | (np.asarray(t) > 1) | ~np.isfinite(np.asarray(t))):
+            raise ValueError("t must lie in [0, 1]")
+        try:
+            t_rows = None if t.ndim == 0 else jnp.broadcast_to(t, batch_shape).reshape(n)
+        except ValueError:
+            raise ValueError(f"t of shape {t.shape} does not broadcast to the batch shape {batch_shape}") from None
+        labels = self.check_label(label, batch_shape)
+        label_rows = labels.reshape(n) if isinstance(labels, jax.Array) else None
+
+        mix = jax.tree_util.tree_map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, self)
+        basis = mix._basis_matrix()
+        projected_means = jnp.einsum("kij,ki->kj", mix.eigvecs, mix.means)  # m_k = Q_kᵀ μ_k
+        fixed_log_w = None if label_rows is not None else mix._class_log_weights(labels)
+
+        def chunk(args):
+            x_c, t_c, lab_c = args
+            tt = t if t_c is None else t_c[:, None, None]
+            log_w = fixed_log_w if lab_c is None else mix._class_log_weights(lab_c)
+            s = tt**2 * mix.eigvals + (1 - tt) ** 2  # (K, d) or (m, K, d)
+            z = (x_c @ basis).reshape(x_c.shape[0], mix.num_components, mix.dim) - tt * projected_means
+            log_joint = (
+                log_w
+                - 0.5 * jnp.sum(jnp.log(s), axis=-1)
+                - 0.5 * jnp.sum(z * z / s, axis=-1)
+                - 0.5 * mix.dim * math.log(2 * math.pi)
+            )
+            terms = _Terms(mix, basis, projected_means, tt, s, z, log_joint)
+            return quantity(terms)
+
+        out = _map_row_chunks(chunk, (rows, t_rows, label_rows), self._chunk_rows())
+        return out.reshape(batch_shape) if scalar_output else out.reshape(*batch_shape, self.dim)
+
+
+class _Terms:
+    """Per-chunk intermediate terms shared by every quantity (see the module docstring)."""
+
+    def __init__(self, mix, basis, projected_means, t, s, z, log_joint):
+        self.mix, self.basis, self.projected_means = mix, basis, projected_means
+        self.t, self.s, self.z, self.log_joint = t, s, z, log_joint
+
+    @property
+    def resp(self) -> Array:
+        return jax.nn.softmax(self.log_joint, axis=-1)
+
+    def field(self, mean_coef: float, coef: Array, resp: Array | None = None) -> Array:
+        """``Σ_k w_k (mean_coef·μ_k + Q_k (coef_k ⊙ z_k))`` for every row."""
+        resp = self.resp if resp is None else resp
+        y = (resp[..., None] * coef) * self.z
+        out = y.reshape(y.shape[0], -1) @ self.basis.T
+        if mean_coef != 0.0:
+            out = out + mean_coef * (resp @ self.mix.means)
+        return out
+
+
+def _log_prob_from_terms(terms: _Terms) -> Array:
+    return jax.nn.logsumexp(terms.log_joint, axis=-1)
+
+
+def _field(mean_coef: float, coef_fn: Callable) -> Callable[[_Terms], Array]:
+    def quantity(terms: _Terms) -> Array:
+        return terms.field(mean_coef, coef_fn(terms.mix.eigvals, terms.s, terms.t))
+
+    return quantity
+
+
+def _velocity_variance_from_terms(terms: _Terms) -> Array:
+    lam, s, t, z = terms.mix.eigvals, terms.s, terms.t, terms.z
+    resp = terms.resp
+    c = (t * lam - (1 - t)) / s
+    cz = c * z  # u_k = μ_k + Q_k (c ⊙ z_k)
+    norm_u_k = (
+        jnp.sum(terms.mix.means**2, axis=-1)
+        + 2 * jnp.sum(terms.projected_means * cz, axis=-1)
+        + jnp.sum(cz * cz, axis=-1)
+    )
+    trace_cov_k = jnp.sum(lam / s, axis=-1)  # tr(Σ_k S_k⁻¹)
+    u = terms.field(1.0, c, resp)
+    return jnp.sum(resp * (trace_cov_k + norm_u_k), axis=-1) - jnp.sum(u * u, axis=-1)
+
+
+def _map_row_chunks(fn: Callable, arrays: tuple, rows: int) -> Array:
+    """Apply ``fn`` to row-chunks of the arrays (``None`` entries pass through) and concatenate."""
+    n = next(a.shape[0] for a in arrays if a is not None)
+    if n <= rows:
+        return fn(arrays)
+    num_chunks = -(-n // rows)
+    pad = num_chunks * rows - n
+
+    def split(a):
+        if a is None:
+            return None
+        padded = jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad, *a.shape[1:]))]) if pad else a
+        return padded.reshape(num_chunks, rows, *a.shape[1:])
+
+    out = jax.lax.map(fn, tuple(split(a) for a in arrays))
+    return out.reshape(num_chunks * rows, *out.shape[2:])[:n]
+
+
+def _validated(weights, means, covs, labels):
+    """Check the constructor arguments (concrete arrays) and return them as float64/int NumPy arrays."""
+    for name, value in (("weights", weights), ("means", means), ("covs", covs)):
+        if isinstance(value, jax.core.Tracer):
+            raise ValueError(f"{name} must be concrete (build the GaussianMixture outside jit and pass it in)")
+    weights = np.asarray(weights, dtype=np.float64)
+    means = np.asarray(means, dtype=np.float64)
+    covs = np.asarray(covs, dtype=np.float64)
+    if weights.ndim != 1 or weights.shape[0] == 0:
+        raise ValueError(f"weights must have shape (K,) with K >= 1, got {weights.shape}")
+    k = weights.shape[0]
+    if means.ndim != 2 or means.shape[0] != k or means.shape[1] == 0:
+        raise ValueError(f"means must have shape (K, d) = ({k}, d) to match weights, got {means.shape}")
+    d = means.shape[1]
+    if covs.shape != (k, d, d):
+        raise ValueError(f"covs must have shape (K, d, d) = ({k}, {d}, {d}) to match means, got {covs.shape}")
+    if np.any(np.isnan(weights)) or np.any(np.isinf(weights)):
+        raise ValueError("weights contain NaN or inf")
+    if np.any(weights < 0):
+        raise ValueError(f"weights must be non-negative; got negative entries at {np.flatnonzero(weights < 0).tolist()[:10]}")
+    if not np.any(weights > 0):
+        raise ValueError("weights are all zero")
+    if not np.all(np.isfinite(means)):
+        raise ValueError("means contain NaN or inf")
+    if not np.all(np.isfinite(covs)):
+        raise ValueError("covs contain NaN or inf")
+    asym = np.abs(covs - np.swapaxes(covs, -1, -2)).max(axis=(-1, -2))
+    scale = np.maximum(np.abs(covs).max(axis=(-1, -2)), np.finfo(np.float64).tiny)
+    if np.any(asym > _SYMMETRY_RTOL * scale):
+        bad = np.flatnonzero(asym > _SYMMETRY_RTOL * scale)
+        raise ValueError(f"covs must be symmetric; components {bad.tolist()[:10]} are not")
+    if labels is None:
+        labels = np.zeros(k, dtype=np.int64)
+    else:
+        if isinstance(labels, jax.core.Tracer):
+            raise ValueError("labels must be concrete")
+        raw = np.asarray(labels)
+        if raw.shape != (k,):
+            raise ValueError(f"labels must have shape (K,) = ({k},) to match weights, got {raw.shape}")
+        if not (np.issubdtype(raw.dtype, np.integer) or (np.issubdtype(raw.dtype, np.floating) and np.all(raw == np.round(raw)))):
+            raise ValueError(f"labels must be integers, got dtype {raw.dtype}")
+        labels = raw.astype(np.int64)
+        if np.any(labels < 0):
+            raise ValueError(f"labels must be >= 0 ({NULL_LABEL} is reserved for the whole mixture)")
+    return weights, means, covs, labels

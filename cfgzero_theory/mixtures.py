@@ -1,0 +1,1 @@
+"""Ready-made mixtures (placeholder until the catalog lands)."""
