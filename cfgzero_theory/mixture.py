@@ -32,6 +32,7 @@ finite for ``t < 1``; the data density (``t = 1``) of such a mixture is not a de
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -186,19 +187,19 @@ class GaussianMixture:
 
     def velocity(self, x, t, label=None) -> Array:
         """Exact flow-matching velocity ``u_t(x) = E[x1 − x0 | x_t = x]``, shape ``x.shape``."""
-        return self._evaluate(x, t, label, _field(1.0, lambda lam, s, t: (t * lam - (1 - t)) / s))
+        return self._evaluate(x, t, label, _VELOCITY)
 
     def posterior_mean_x1(self, x, t, label=None) -> Array:
         """Posterior mean of the data, ``E[x1 | x_t = x]`` (the "denoised" prediction)."""
-        return self._evaluate(x, t, label, _field(1.0, lambda lam, s, t: t * lam / s))
+        return self._evaluate(x, t, label, _POSTERIOR_X1)
 
     def posterior_mean_x0(self, x, t, label=None) -> Array:
         """Posterior mean of the noise, ``E[x0 | x_t = x]``."""
-        return self._evaluate(x, t, label, _field(0.0, lambda lam, s, t: (1 - t) / s))
+        return self._evaluate(x, t, label, _POSTERIOR_X0)
 
     def score(self, x, t, label=None) -> Array:
         """Score ``∇_x log p_t(x) = −Σ_k w_k S_k⁻¹ (x − t·μ_k)``; ``u = (x + (1 − t)·score)/t``."""
-        return self._evaluate(x, t, label, _field(0.0, lambda lam, s, t: -1.0 / s))
+        return self._evaluate(x, t, label, _SCORE)
 
     def velocity_variance(self, x, t, label=None) -> Array:
         """``E[‖x1 − x0 − u_t(x)‖² | x_t = x]``: the trace of the conditional covariance.
@@ -251,13 +252,11 @@ class GaussianMixture:
         return label
 
     def _class_log_weights(self, label) -> Array:
-        """Renormalised log-weights: ``(K,)`` for ``None``/int, ``(n, K)`` for a label array."""
+        """Renormalised log-weights: ``(K,)`` for ``None`` or one class, ``(n, K)`` for labels ``(n,)``."""
         if label is None:
             return self.log_weights
-        if isinstance(label, int):
-            masked = jnp.where(self.labels == label, self.log_weights, -jnp.inf)
-            return masked - jax.nn.logsumexp(masked)
-        keep = (label[:, None] == self.labels[None, :]) | (label[:, None] == NULL_LABEL)
+        label = jnp.asarray(label)[..., None]
+        keep = (label == self.labels) | (label == NULL_LABEL)
         masked = jnp.where(keep, self.log_weights, -jnp.inf)
         return masked - jax.nn.logsumexp(masked, axis=-1, keepdims=True)
 
@@ -270,46 +269,55 @@ class GaussianMixture:
         return max(MIN_CHUNK_ROWS, self._static[2] // per_row)
 
     def _evaluate(self, x, t, label, quantity: Callable, scalar_output: bool = False) -> Array:
-        """Evaluate ``quantity(terms)`` for every row of ``x``, in row chunks."""
+        """Validate and flatten the inputs, then evaluate ``quantity`` row-chunk by row-chunk."""
         x = jnp.asarray(x)
         if x.ndim == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (..., {self.dim}), got {x.shape}")
         dtype = jnp.result_type(x.dtype, self.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else self.dtype
         batch_shape = x.shape[:-1]
         n = math.prod(batch_shape)
-        rows = x.reshape(n, self.dim).astype(dtype)
         t = jnp.asarray(t, dtype)
         if _is_concrete(t) and np.any((np.asarray(t) < 0) | (np.asarray(t) > 1) | ~np.isfinite(np.asarray(t))):
             raise ValueError("t must lie in [0, 1]")
         try:
-            t_rows = None if t.ndim == 0 else jnp.broadcast_to(t, batch_shape).reshape(n)
+            t = t if t.ndim == 0 else jnp.broadcast_to(t, batch_shape).reshape(n)
         except ValueError:
             raise ValueError(f"t of shape {t.shape} does not broadcast to the batch shape {batch_shape}") from None
         labels = self.check_label(label, batch_shape)
-        label_rows = labels.reshape(n) if isinstance(labels, jax.Array) else None
-
-        mix = jax.tree_util.tree_map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, self)
-        basis = mix._basis_matrix()
-        projected_means = jnp.einsum("kij,ki->kj", mix.eigvecs, mix.means)  # m_k = Q_kᵀ μ_k
-        fixed_log_w = None if label_rows is not None else mix._class_log_weights(labels)
-
-        def chunk(args):
-            x_c, t_c, lab_c = args
-            tt = t if t_c is None else t_c[:, None, None]
-            log_w = fixed_log_w if lab_c is None else mix._class_log_weights(lab_c)
-            s = tt**2 * mix.eigvals + (1 - tt) ** 2  # (K, d) or (m, K, d)
-            z = (x_c @ basis).reshape(x_c.shape[0], mix.num_components, mix.dim) - tt * projected_means
-            log_joint = (
-                log_w
-                - 0.5 * jnp.sum(jnp.log(s), axis=-1)
-                - 0.5 * jnp.sum(z * z / s, axis=-1)
-                - 0.5 * mix.dim * math.log(2 * math.pi)
-            )
-            terms = _Terms(mix, basis, projected_means, tt, s, z, log_joint)
-            return quantity(terms)
-
-        out = _map_row_chunks(chunk, (rows, t_rows, label_rows), self._chunk_rows())
+        labels = labels.reshape(n) if isinstance(labels, jax.Array) else labels
+        out = _evaluate_rows(self, x.reshape(n, self.dim).astype(dtype), t, labels, quantity)
         return out.reshape(batch_shape) if scalar_output else out.reshape(*batch_shape, self.dim)
+
+
+@functools.partial(jax.jit, static_argnames=("quantity",))
+def _evaluate_rows(mix: GaussianMixture, rows: Array, t: Array, labels, quantity: Callable) -> Array:
+    """``quantity(terms)`` for rows ``(n, d)``; ``t`` is a scalar or ``(n,)``, ``labels`` None, a class or ``(n,)``.
+
+    One compiled program per quantity and shape: eager calls are as fast as jitted ones.
+    """
+    mix = jax.tree_util.tree_map(lambda a: a.astype(rows.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, mix)
+    basis = mix._basis_matrix()
+    projected_means = jnp.einsum("kij,ki->kj", mix.eigvecs, mix.means)  # m_k = Q_kᵀ μ_k
+    per_row_t = t.ndim == 1
+    per_row_labels = labels is not None and jnp.ndim(labels) == 1
+    shared_log_w = None if per_row_labels else mix._class_log_weights(labels)
+
+    def chunk(args):
+        x_c, t_c, lab_c = args
+        tt = t_c[:, None, None] if per_row_t else t
+        log_w = mix._class_log_weights(lab_c) if per_row_labels else shared_log_w
+        s = tt**2 * mix.eigvals + (1 - tt) ** 2  # (K, d) or (m, K, d)
+        z = (x_c @ basis).reshape(x_c.shape[0], mix.num_components, mix.dim) - tt * projected_means
+        log_joint = (
+            log_w
+            - 0.5 * jnp.sum(jnp.log(s), axis=-1)
+            - 0.5 * jnp.sum(z * z / s, axis=-1)
+            - 0.5 * mix.dim * math.log(2 * math.pi)
+        )
+        return quantity(_Terms(mix, basis, projected_means, tt, s, z, log_joint))
+
+    arrays = (rows, t if per_row_t else None, labels if per_row_labels else None)
+    return _map_row_chunks(chunk, arrays, mix._chunk_rows())
 
 
 class _Terms:
@@ -342,6 +350,12 @@ def _field(mean_coef: float, coef_fn: Callable) -> Callable[[_Terms], Array]:
         return terms.field(mean_coef, coef_fn(terms.mix.eigvals, terms.s, terms.t))
 
     return quantity
+
+
+_VELOCITY = _field(1.0, lambda lam, s, t: (t * lam - (1 - t)) / s)
+_POSTERIOR_X1 = _field(1.0, lambda lam, s, t: t * lam / s)
+_POSTERIOR_X0 = _field(0.0, lambda lam, s, t: (1 - t) / s)
+_SCORE = _field(0.0, lambda lam, s, t: -1.0 / s)
 
 
 def _velocity_variance_from_terms(terms: _Terms) -> Array:
