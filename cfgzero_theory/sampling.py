@@ -114,7 +114,8 @@ def sample(
       params: pytree handed to ``velocity_fn`` (traced).
       x0: initial noise ``(B, ...)``.
       times: increasing time grid ``(N + 1,)``, e.g. :func:`time_grid`.
-      label: an integer class, or ``(B,)`` integers (``NULL_LABEL`` = unconditional).
+      label: an integer class, ``(B,)`` integers, or ``None``; ``None`` and ``NULL_LABEL``
+        make the "conditional" branch unconditional too.
       rule: a guidance rule (e.g. ``CFGZeroStar(4.0)``), traced, so scales can be vmapped.
       solver: ``"euler"`` or ``"heun"``.
       return_trajectory: also return the states and per-step velocities.
@@ -130,7 +131,7 @@ def sample(
     check = getattr(params, "check_label", None)
     if check is not None:
         check(label, (x0.shape[0],))
-    labels = jnp.broadcast_to(jnp.asarray(label, jnp.int32), (x0.shape[0],))
+    labels = jnp.broadcast_to(jnp.asarray(NULL_LABEL if label is None else label, jnp.int32), (x0.shape[0],))
     return _sample_jit(velocity_fn, params, x0, times, labels, rule, solver, return_trajectory)
 
 
