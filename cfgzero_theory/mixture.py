@@ -213,20 +213,7 @@ class GaussianMixture:
         """``n`` draws from the data distribution (of class ``label``, or per-sample labels ``(n,)``)."""
         if not (isinstance(n, (int, np.integer)) and n >= 1):
             raise ValueError(f"n must be a positive integer, got {n!r}")
-        labels = self.check_label(label, (n,))
-        key_comp, key_noise = jax.random.split(key)
-        log_w = jnp.broadcast_to(self._class_log_weights(labels), (n, self.num_components))
-        comp = jax.random.categorical(key_comp, log_w, axis=-1)
-        eps = jax.random.normal(key_noise, (n, self.dim), self.dtype) * jnp.sqrt(self.eigvals[comp])
-        one_hot = jax.nn.one_hot(comp, self.num_components, dtype=self.dtype)
-        basis = self._basis_matrix()
-
-        def rotate(rows):
-            eps_rows, hot_rows = rows
-            blocks = hot_rows[:, :, None] * eps_rows[:, None, :]
-            return blocks.reshape(blocks.shape[0], -1) @ basis.T
-
-        return self.means[comp] + _map_row_chunks(rotate, (eps, one_hot), self._chunk_rows())
+        return _sample_rows(self, key, self.check_label(label, (n,)), n)
 
     # ----------------------------------------------------------------- machinery
     def check_label(self, label, batch_shape=()):
@@ -339,6 +326,24 @@ class _Terms:
         if mean_coef != 0.0:
             out = out + mean_coef * (resp @ self.mix.means)
         return out
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _sample_rows(mix: GaussianMixture, key: Array, labels, n: int) -> Array:
+    """Draw a component per row, then ``x = μ_k + Q_k (√λ_k ⊙ ε)`` with the same two-matmul layout."""
+    key_comp, key_noise = jax.random.split(key)
+    log_w = jnp.broadcast_to(mix._class_log_weights(labels), (n, mix.num_components))
+    comp = jax.random.categorical(key_comp, log_w, axis=-1)
+    eps = jax.random.normal(key_noise, (n, mix.dim), mix.dtype) * jnp.sqrt(mix.eigvals[comp])
+    one_hot = jax.nn.one_hot(comp, mix.num_components, dtype=mix.dtype)
+    basis = mix._basis_matrix()
+
+    def rotate(rows):
+        eps_rows, hot_rows = rows
+        blocks = hot_rows[:, :, None] * eps_rows[:, None, :]
+        return blocks.reshape(blocks.shape[0], -1) @ basis.T
+
+    return mix.means[comp] + _map_row_chunks(rotate, (eps, one_hot), mix._chunk_rows())
 
 
 def _log_prob_from_terms(terms: _Terms) -> Array:
