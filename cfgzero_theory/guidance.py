@@ -77,10 +77,20 @@ class GuidanceRule(Protocol):
 
 
 def _rule(cls):
-    """Freeze a dataclass and register it as a pytree whose fields are all leaves/children."""
+    """Freeze a dataclass and register it as a pytree whose fields are all children.
+
+    ``register_pytree_node`` (not ``register_dataclass``) is used on purpose: its tree
+    structures compare unequal across classes, so ``jit`` never confuses ``CFG`` with
+    ``CFGStar`` (in JAX 0.10, dataclass nodes with the same field names compare equal).
+    """
     cls = dataclasses.dataclass(frozen=True)(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]
-    return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    jax.tree_util.register_pytree_node(
+        cls,
+        lambda rule: (tuple(getattr(rule, name) for name in names), None),
+        lambda _, children: cls(*children),
+    )
+    return cls
 
 
 @_rule

@@ -174,7 +174,7 @@ class GaussianMixture:
     # ----------------------------------------------------------------- public quantities
     def log_prob_t(self, x, t, label=None) -> Array:
         """Log-density of ``x_t`` at ``x``: ``logsumexp_k ℓ_k``.  Shape ``x.shape[:-1]``."""
-        return self._evaluate(x, t, label, _log_prob_from_terms, scalar_output=True)
+        return self._evaluate(x, t, label, _log_prob_from_terms)
 
     def log_prob(self, x, label=None) -> Array:
         """Log-density of the data ``x1`` (``log_prob_t`` at ``t = 1``); needs nonsingular covariances."""
@@ -201,13 +201,21 @@ class GaussianMixture:
         """Score ``∇_x log p_t(x) = −Σ_k w_k S_k⁻¹ (x − t·μ_k)``; ``u = (x + (1 − t)·score)/t``."""
         return self._evaluate(x, t, label, _SCORE)
 
+    def log_responsibilities(self, x, t, label=None) -> Array:
+        """``log P(k | x_t = x)`` for every component, shape ``x.shape[:-1] + (K,)``.
+
+        Components outside the class ``label`` get ``-inf``.  At ``t = 1`` its ``argmax`` is
+        the Bayes assignment of a data point to a component.
+        """
+        return self._evaluate(x, t, label, _log_responsibilities_from_terms)
+
     def velocity_variance(self, x, t, label=None) -> Array:
         """``E[‖x1 − x0 − u_t(x)‖² | x_t = x]``: the trace of the conditional covariance.
 
         ``Σ_k w_k (tr(Σ_k S_k⁻¹) + ‖u_k‖²) − ‖u‖²``.  Its expectation over ``t`` and ``x_t`` is
         the irreducible flow-matching loss (the floor of a training curve).
         """
-        return self._evaluate(x, t, label, _velocity_variance_from_terms, scalar_output=True)
+        return self._evaluate(x, t, label, _velocity_variance_from_terms)
 
     def sample(self, key: Array, n: int, label=None) -> Array:
         """``n`` draws from the data distribution (of class ``label``, or per-sample labels ``(n,)``)."""
@@ -255,7 +263,7 @@ class GaussianMixture:
         per_row = self.num_components * self.dim
         return max(MIN_CHUNK_ROWS, self._static[2] // per_row)
 
-    def _evaluate(self, x, t, label, quantity: Callable, scalar_output: bool = False) -> Array:
+    def _evaluate(self, x, t, label, quantity: Callable) -> Array:
         """Validate and flatten the inputs, then evaluate ``quantity`` row-chunk by row-chunk."""
         x = jnp.asarray(x)
         if x.ndim == 0 or x.shape[-1] != self.dim:
@@ -273,7 +281,7 @@ class GaussianMixture:
         labels = self.check_label(label, batch_shape)
         labels = labels.reshape(n) if isinstance(labels, jax.Array) else labels
         out = _evaluate_rows(self, x.reshape(n, self.dim).astype(dtype), t, labels, quantity)
-        return out.reshape(batch_shape) if scalar_output else out.reshape(*batch_shape, self.dim)
+        return out.reshape(*batch_shape, *out.shape[1:])
 
 
 @functools.partial(jax.jit, static_argnames=("quantity",))
@@ -348,6 +356,10 @@ def _sample_rows(mix: GaussianMixture, key: Array, labels, n: int) -> Array:
 
 def _log_prob_from_terms(terms: _Terms) -> Array:
     return jax.nn.logsumexp(terms.log_joint, axis=-1)
+
+
+def _log_responsibilities_from_terms(terms: _Terms) -> Array:
+    return jax.nn.log_softmax(terms.log_joint, axis=-1)
 
 
 def _field(mean_coef: float, coef_fn: Callable) -> Callable[[_Terms], Array]:

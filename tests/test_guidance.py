@@ -139,3 +139,13 @@ def test_decomposition_triangle_inequality():
     assert e.learning_error.shape == (20,)
     assert np.all(e.total_error <= e.learning_error + e.guidance_bias + 1e-9)
     np.testing.assert_allclose(e.zero_error, np.linalg.norm(exact.reshape(20, -1), axis=1), rtol=1e-6)
+
+
+def test_rule_classes_never_share_a_compilation():
+    """Different rule classes have unequal tree structures, so ``jit`` caches them apart."""
+    structures = [jax.tree_util.tree_structure(r) for r in (CFG(2.0), CFGStar(2.0), CFGZeroStar(2.0, 1))]
+    assert len({s for s in structures}) == 3 and structures[0] != structures[1]
+    v_c, v_u = pair((3, 4), 9)
+    run = jax.jit(lambda rule: rule(v_c, v_u, 0))
+    np.testing.assert_allclose(run(CFG(2.0)), guidance.cfg(v_c, v_u, 2.0), atol=1e-6)
+    np.testing.assert_allclose(run(CFGStar(2.0)), guidance.cfg_star(v_c, v_u, 2.0), atol=1e-6)

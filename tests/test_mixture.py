@@ -339,3 +339,19 @@ def test_unnormalised_weights_and_psd_singular_are_accepted():
     gm = GaussianMixture([2.0, 6.0], np.zeros((2, 2)), np.stack([np.eye(2), np.diag([1.0, 0.0])]))
     np.testing.assert_allclose(gm.weights, [0.25, 0.75], rtol=1e-6)
     assert gm.is_singular
+
+
+def test_log_responsibilities_match_scipy(x64):
+    w, m, c, lab = random_problem(32)
+    gm = GaussianMixture(w, m, c, lab)
+    x = np.random.default_rng(33).normal(size=(10, 3)) * 2
+    t = 0.6
+    joint = np.stack(
+        [np.log(w[k] / w.sum()) + multivariate_normal(t * m[k], t * t * c[k] + (1 - t) ** 2 * np.eye(3)).logpdf(x) for k in range(5)],
+        axis=1,
+    )
+    want = joint - np.log(np.exp(joint).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(gm.log_responsibilities(x, t), want, rtol=1e-9, atol=1e-9)
+    in_class = gm.log_responsibilities(x, t, 1)
+    assert np.all(np.isneginf(np.asarray(in_class)[:, lab != 1]))
+    np.testing.assert_allclose(np.exp(in_class).sum(axis=1), 1.0, rtol=1e-12)
