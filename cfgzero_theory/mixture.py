@@ -47,7 +47,7 @@ Array = jax.Array
 NULL_LABEL = -1
 
 #: Default number of ``(row, component, eigen-direction)`` entries evaluated at once.
-DEFAULT_CHUNK_ELEMENTS = 1 << 18
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
 #: Rows per chunk never drop below this, so the two matrix products stay efficient.
 MIN_CHUNK_ROWS = 64
 
@@ -289,48 +289,74 @@ def _evaluate_rows(mix: GaussianMixture, rows: Array, t: Array, labels, quantity
     """``quantity(terms)`` for rows ``(n, d)``; ``t`` is a scalar or ``(n,)``, ``labels`` None, a class or ``(n,)``.
 
     One compiled program per quantity and shape: eager calls are as fast as jitted ones.
+    With a scalar ``t`` the whitening ``s^{-½}`` and the shift ``t·m_k`` are folded into the
+    first matrix (``[x, 1] @ [[Q_k diag(s^{-½})], [−t·m_k s^{-½}]]``), so the first product
+    yields the whitened residuals directly; with one ``t`` per row they are applied per entry.
     """
     mix = jax.tree_util.tree_map(lambda a: a.astype(rows.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, mix)
+    k, d = mix.num_components, mix.dim
     basis = mix._basis_matrix()
     projected_means = jnp.einsum("kij,ki->kj", mix.eigvecs, mix.means)  # m_k = Q_kᵀ μ_k
     per_row_t = t.ndim == 1
     per_row_labels = labels is not None and jnp.ndim(labels) == 1
     shared_log_w = None if per_row_labels else mix._class_log_weights(labels)
+    if not per_row_t:
+        s = t**2 * mix.eigvals + (1 - t) ** 2  # (K, d)
+        inv_sqrt_s = jax.lax.rsqrt(s)
+        whitening = jnp.concatenate([basis * inv_sqrt_s.reshape(1, -1), -(t * projected_means * inv_sqrt_s).reshape(1, -1)])
 
     def chunk(args):
         x_c, t_c, lab_c = args
-        tt = t_c[:, None, None] if per_row_t else t
+        m = x_c.shape[0]
         log_w = mix._class_log_weights(lab_c) if per_row_labels else shared_log_w
-        s = tt**2 * mix.eigvals + (1 - tt) ** 2  # (K, d) or (m, K, d)
-        z = (x_c @ basis).reshape(x_c.shape[0], mix.num_components, mix.dim) - tt * projected_means
+        if per_row_t:
+            tt = t_c[:, None, None]
+            s_c = tt**2 * mix.eigvals + (1 - tt) ** 2  # (m, K, d)
+            z = (x_c @ basis).reshape(m, k, d) - tt * projected_means
+            z_white = z * jax.lax.rsqrt(s_c)
+        else:
+            tt, s_c = t, s
+            z_white = (jnp.concatenate([x_c, jnp.ones((m, 1), x_c.dtype)], axis=1) @ whitening).reshape(m, k, d)
         log_joint = (
             log_w
-            - 0.5 * jnp.sum(jnp.log(s), axis=-1)
-            - 0.5 * jnp.sum(z * z / s, axis=-1)
-            - 0.5 * mix.dim * math.log(2 * math.pi)
+            - 0.5 * jnp.sum(jnp.log(s_c), axis=-1)
+            - 0.5 * jnp.sum(z_white * z_white, axis=-1)
+            - 0.5 * d * math.log(2 * math.pi)
         )
-        return quantity(_Terms(mix, basis, projected_means, tt, s, z, log_joint))
+        return quantity(_Terms(mix, basis, projected_means, tt, s_c, z_white, log_joint))
 
     arrays = (rows, t if per_row_t else None, labels if per_row_labels else None)
     return _map_row_chunks(chunk, arrays, mix._chunk_rows())
 
 
 class _Terms:
-    """Per-chunk intermediate terms shared by every quantity (see the module docstring)."""
+    """Per-chunk intermediate terms shared by every quantity (see the module docstring).
 
-    def __init__(self, mix, basis, projected_means, t, s, z, log_joint):
+    ``z_white = s^{-½} ⊙ z`` are the whitened eigenbasis residuals, ``(m, K, d)``; ``s`` is
+    ``(K, d)`` for a shared ``t`` or ``(m, K, d)`` for one ``t`` per row.
+    """
+
+    def __init__(self, mix, basis, projected_means, t, s, z_white, log_joint):
         self.mix, self.basis, self.projected_means = mix, basis, projected_means
-        self.t, self.s, self.z, self.log_joint = t, s, z, log_joint
+        self.t, self.s, self.z_white, self.log_joint = t, s, z_white, log_joint
 
     @property
     def resp(self) -> Array:
         return jax.nn.softmax(self.log_joint, axis=-1)
 
     def field(self, mean_coef: float, coef: Array, resp: Array | None = None) -> Array:
-        """``Σ_k w_k (mean_coef·μ_k + Q_k (coef_k ⊙ z_k))`` for every row."""
+        """``Σ_k w_k (mean_coef·μ_k + Q_k (coef_k ⊙ z_k))`` for every row, with ``z = √s ⊙ z_white``.
+
+        For a shared ``t`` the per-direction factor ``coef·√s`` is folded into the second
+        matrix, so the only per-entry work is the responsibility weighting.
+        """
         resp = self.resp if resp is None else resp
-        y = (resp[..., None] * coef) * self.z
-        out = y.reshape(y.shape[0], -1) @ self.basis.T
+        gain = coef * jnp.sqrt(self.s)
+        y = resp[..., None] * self.z_white
+        if gain.ndim == 2:
+            out = y.reshape(y.shape[0], -1) @ (self.basis.T * gain.reshape(-1, 1))
+        else:
+            out = (y * gain).reshape(y.shape[0], -1) @ self.basis.T
         if mean_coef != 0.0:
             out = out + mean_coef * (resp @ self.mix.means)
         return out
@@ -376,10 +402,10 @@ _SCORE = _field(0.0, lambda lam, s, t: -1.0 / s)
 
 
 def _velocity_variance_from_terms(terms: _Terms) -> Array:
-    lam, s, t, z = terms.mix.eigvals, terms.s, terms.t, terms.z
+    lam, s, t = terms.mix.eigvals, terms.s, terms.t
     resp = terms.resp
     c = (t * lam - (1 - t)) / s
-    cz = c * z  # u_k = μ_k + Q_k (c ⊙ z_k)
+    cz = c * jnp.sqrt(s) * terms.z_white  # u_k = μ_k + Q_k (c ⊙ z_k)
     norm_u_k = (
         jnp.sum(terms.mix.means**2, axis=-1)
         + 2 * jnp.sum(terms.projected_means * cz, axis=-1)
