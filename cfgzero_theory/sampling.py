@@ -8,6 +8,8 @@ in one batched call.  Solvers:
 * Euler: ``x_{i+1} = x_i + h_i·ṽ(x_i, t_i)``, ``h_i = t_{i+1} − t_i``;
 * Heun:  ``x̂ = x_i + h_i·ṽ(x_i, t_i)``, ``x_{i+1} = x_i + h_i/2·(ṽ(x_i, t_i) + ṽ(x̂, t_{i+1}))``,
   both stages guided with the same step index ``i`` (so zero-init zeroes whole steps).
+  Heun's last stage evaluates the field at ``t_N = 1``; for a mixture with a singular
+  covariance the exact field is undefined there, so use Euler or end the grid below 1.
 
 A velocity function has the signature ``velocity_fn(params, x, t, label)`` with ``params`` a
 pytree (a :class:`~cfgzero_theory.GaussianMixture`, network weights, …), ``x`` of shape
