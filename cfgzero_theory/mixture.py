@@ -223,6 +223,14 @@ class GaussianMixture:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         return _sample_rows(self, key, self.check_label(label, (n,)), n)
 
+    def sample_labelled(self, key: Array, n: int) -> tuple[Array, Array]:
+        """``n`` draws ``(x, y)`` of the joint: class ``y ~ Σ_{k∈y} π_k``, then ``x ~ p1(x | y)``."""
+        if not (isinstance(n, (int, np.integer)) and n >= 1):
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        key_class, key_x = jax.random.split(key)
+        labels = self.labels[jax.random.categorical(key_class, self.log_weights, shape=(n,))]
+        return self.sample(key_x, n, labels), labels
+
     # ----------------------------------------------------------------- machinery
     def check_label(self, label, batch_shape=()):
         """Validate a label and return ``None``, a Python int, or an int array of ``batch_shape``."""
