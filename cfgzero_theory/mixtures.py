@@ -50,6 +50,7 @@ def class_conditional_2d(
     radius: float = 5.0,
     cluster_radius: float = 1.2,
     std: float = 0.35,
+    center: tuple[float, float] = (0.0, 0.0),
 ) -> GaussianMixture:
     """Well-separated 2-D classes of elongated Gaussians, in the spirit of CFG-Zero*'s 2-D toy.
 
@@ -61,8 +62,17 @@ def class_conditional_2d(
     circle and ``std / 2`` along its radius, so a class looks like a small ring of dashes.
     Neighbouring class centres are ``2·radius·sin(π / num_classes)`` apart.
 
+    The whole picture is translated by ``center`` (the data mean ``μ̄``; the noise mean is
+    the origin).  Away from the origin, a class lying between the origin and ``μ̄`` has an
+    exact CFG target ``μ̄ + w(μ_c − μ̄)`` shorter than ``w‖μ_c − μ̄‖``, the first-step error of
+    a model that has learned the unconditional field but not yet the class: zero then beats
+    early CFG (the crossover study uses this).
+
     Labels: the class index ``c``; weights are equal (so classes are equally likely too).
     """
+    center = np.asarray(center, dtype=np.float64)
+    if center.shape != (2,) or not np.all(np.isfinite(center)):
+        raise ValueError(f"center must be a finite pair (x, y), got {center.tolist()}")
     _check_int("num_classes", num_classes, 1)
     _check_int("components_per_class", components_per_class, 1)
     _check_nonnegative("radius", radius)
@@ -70,7 +80,7 @@ def class_conditional_2d(
     _check_positive("std", std)
 
     class_angles = 2 * np.pi * np.arange(num_classes) / num_classes + CLASS_ANGLE_OFFSET
-    centres = radius * _unit(class_angles)  # (C, 2)
+    centres = center + radius * _unit(class_angles)  # (C, 2)
     spin = 2 * np.pi * np.arange(components_per_class) / components_per_class
     angles = class_angles[:, None] + spin[None, :]  # (C, M)
     offset = 0.0 if components_per_class == 1 else cluster_radius

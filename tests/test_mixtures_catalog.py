@@ -311,3 +311,13 @@ def test_bad_random_arguments_raise(kwargs, name):
     kwargs = {"dim": 4, **kwargs}
     with pytest.raises(ValueError, match=name):
         mixtures.random_class_conditional(jax.random.key(0), **kwargs)
+
+
+def test_class_conditional_2d_center_translates_everything():
+    base = mixtures.class_conditional_2d()
+    moved = mixtures.class_conditional_2d(center=(8.0, -1.0))
+    np.testing.assert_allclose(np.asarray(moved.means) - np.asarray(base.means), np.tile([8.0, -1.0], (12, 1)), atol=1e-5)
+    np.testing.assert_allclose(moved.covs, base.covs, atol=1e-6)
+    np.testing.assert_allclose(moved.mean(), [8.0, -1.0], atol=1e-5)
+    with pytest.raises(ValueError, match="center"):
+        mixtures.class_conditional_2d(center=(np.nan, 0.0))
