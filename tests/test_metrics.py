@@ -333,3 +333,117 @@ def test_singular_mixture_refused_by_mode_coverage():
     with pytest.raises(ValueError, match="singular"):
         metrics.mode_coverage(singular, np.zeros((3, 2)))
 
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+def random_spd(rng, d, jitter=0.1):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + jitter * np.eye(d)
+
+
+def scipy_frechet(m1, c1, m2, c2):
+    """The FID formula with scipy's general (non-symmetric) matrix square root of ``C₁C₂``."""
+    from scipy import linalg
+
+    root = linalg.sqrtm(c1 @ c2)
+    return float(np.sum((m1 - m2) ** 2) + np.trace(c1) + np.trace(c2) - 2 * np.real(np.trace(root)))
+
+
+@pytest.mark.parametrize("d", [1, 3, 8])
+def test_frechet_distance_matches_scipy_sqrtm(d):
+    rng = np.random.default_rng(d)
+    for _ in range(3):
+        m1, m2 = rng.normal(size=d), rng.normal(size=d)
+        c1, c2 = random_spd(rng, d), random_spd(rng, d)
+        got = float(metrics.frechet_distance(m1, c1, m2, c2))
+        assert got == pytest.approx(scipy_frechet(m1, c1, m2, c2), rel=1e-9, abs=1e-10)
+        assert float(metrics.frechet_distance(m2, c2, m1, c1)) == pytest.approx(got, rel=1e-9)  # symmetric
+
+
+def test_frechet_distance_identical_moments_is_zero_and_closed_forms():
+    rng = np.random.default_rng(0)
+    m, c = rng.normal(size=5), random_spd(rng, 5)
+    assert float(metrics.frechet_distance(m, c, m, c)) == pytest.approx(0.0, abs=1e-10)
+    # a pure shift costs ‖δ‖²; scaling an isotropic covariance σ₁²I → σ₂²I costs d(σ₁ − σ₂)²
+    assert float(metrics.frechet_distance(m, c, m + 0.5, c)) == pytest.approx(5 * 0.25, rel=1e-9)
+    assert float(metrics.frechet_distance(m, 4 * np.eye(5), m, 9 * np.eye(5))) == pytest.approx(5.0, rel=1e-12)
+    # singular covariances are fine: N(0, diag(1, 0)) vs N(0, diag(0, 1)) → tr = 2
+    assert float(metrics.frechet_distance(np.zeros(2), np.diag([1.0, 0.0]), np.zeros(2), np.diag([0.0, 1.0]))) == pytest.approx(2.0)
+
+
+def test_class_moments_match_monte_carlo(two_class):
+    mix, (weights, means, covs, labels) = two_class
+    x = np.asarray(mix.sample(jax.random.PRNGKey(20), 200_000, 1))
+    mean, cov = metrics.class_moments(mix, 1)
+    np.testing.assert_allclose(np.asarray(mean), x.mean(0), atol=0.02)
+    np.testing.assert_allclose(np.asarray(cov), np.cov(x.T), atol=0.03)
+
+
+def test_frechet_to_mixture_uses_sample_moments_and_exact_class_moments(two_class):
+    mix, (weights, means, covs, labels) = two_class
+    keep = labels == 0
+    w = weights[keep] / weights[keep].sum()
+    mu = w @ means[keep]
+    sigma = sum(wk * (ck + np.outer(mk - mu, mk - mu)) for wk, mk, ck in zip(w, means[keep], covs[keep]))
+    x = np.random.default_rng(3).normal(size=(50, 2)) * [1.0, 2.0] + [0.5, -1.0]
+    expected = scipy_frechet(x.mean(0), np.cov(x.T), mu, sigma)
+    assert float(metrics.frechet_to_mixture(x, mix, 0)) == pytest.approx(expected, rel=1e-9)
+    exact = mix.sample(jax.random.PRNGKey(21), 4000, 0)
+    assert float(metrics.frechet_to_mixture(exact, mix, 0)) < 0.02
+    # a shift δ leaves the sample covariance alone: FD(x + δ) = FD(x) + ‖δ‖² + 2δ·(m̂ − μ)
+    delta = np.array([1.0, -0.5])
+    shifted = float(metrics.frechet_to_mixture(exact + delta, mix, 0))
+    expected = float(metrics.frechet_to_mixture(exact, mix, 0)) + delta @ delta + 2 * delta @ (np.asarray(exact).mean(0) - mu)
+    assert shifted == pytest.approx(expected, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- HDR precision
+@pytest.mark.parametrize("d", [1, 2, 6])
+def test_hdr_threshold_of_a_gaussian_is_the_chi2_ellipsoid(d):
+    """For one Gaussian the 95% HDR is ``{(x−μ)ᵀΣ⁻¹(x−μ) ≤ χ²_d(0.95)}``: ``τ = −½ log det(2πΣ) − ½ χ²_d(0.95)``."""
+    rng = np.random.default_rng(d)
+    mean, c = rng.normal(size=d), random_spd(rng, d)
+    mix = GaussianMixture([1.0], mean[None], c[None])
+    tau = float(metrics.hdr_log_density_threshold(mix, key=jax.random.PRNGKey(d), num_reference=100_000))
+    closed = -0.5 * np.linalg.slogdet(2 * np.pi * c)[1] - 0.5 * stats.chi2.ppf(0.95, d)
+    # the 5% quantile of log p moves by ≈ ½·χ²-density-scaled noise; 0.05 nats is ~4 standard errors
+    assert tau == pytest.approx(closed, abs=0.05)
+
+
+def test_hdr_precision_exact_far_and_non_finite_samples(two_class):
+    mix, _ = two_class
+    key = jax.random.PRNGKey(22)
+    exact = mix.sample(jax.random.PRNGKey(23), metrics.HDR_NUM_REFERENCE, 1)  # same shapes as the reference: one compile
+    for mass in (0.95, 0.5):
+        assert float(metrics.hdr_precision(mix, exact, 1, key=key, mass=mass)) == pytest.approx(mass, abs=0.02)
+    assert float(metrics.hdr_precision(mix, exact + 50.0, 1, key=key)) == 0.0
+    # class 0's samples sit on the other class's modes: outside class 1's HDR
+    other = mix.sample(jax.random.PRNGKey(24), metrics.HDR_NUM_REFERENCE, 0)
+    assert float(metrics.hdr_precision(mix, other, 1, key=key)) < 0.01
+    tau = metrics.hdr_log_density_threshold(mix, 1, key=key)
+    x = np.asarray(exact[:4]).copy()
+    x[0, 0] = np.nan
+    inside = np.asarray(mix.log_prob(x[1:], 1)) >= float(tau)
+    assert float(metrics.hdr_precision(mix, x, 1, threshold=tau)) == pytest.approx(inside.sum() / 4)
+
+
+def test_new_metrics_validate_arguments(two_class):
+    mix, _ = two_class
+    key = jax.random.PRNGKey(0)
+    cases = [
+        (lambda: metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3)), "mean1 and mean2"),
+        (lambda: metrics.frechet_distance(np.zeros(2), np.eye(3), np.zeros(2), np.eye(2)), "cov1"),
+        (lambda: metrics.frechet_to_mixture(np.zeros((1, 2)), mix, 0), "samples needs at least 2"),
+        (lambda: metrics.frechet_to_mixture(np.zeros((5, 3)), mix, 0), "samples"),
+        (lambda: metrics.hdr_precision(mix, np.zeros((5, 2)), 0), "key"),
+        (lambda: metrics.hdr_precision(mix, np.zeros((5, 2)), 0, key=key, mass=1.0), "mass"),
+        (lambda: metrics.hdr_precision(mix, np.zeros((5, 2)), 0, key=key, num_reference=1), "num_reference"),
+        (lambda: metrics.hdr_precision(mix, np.zeros((5, 2)), 0, threshold=np.zeros(2)), "threshold"),
+        (lambda: metrics.hdr_precision(mix, np.zeros((5, 2)), 9, key=key), "label"),
+    ]
+    for fn, needle in cases:
+        with pytest.raises(ValueError, match=needle):
+            fn()
+    singular = GaussianMixture([1.0], [[0.0, 0.0]], [np.diag([1.0, 0.0])])
+    with pytest.raises(ValueError, match="singular"):
+        metrics.hdr_log_density_threshold(singular, key=key)
