@@ -176,13 +176,15 @@ def jsd_to_density_on_grid(samples, log_density_fn: Callable[[Array], Array], lo
     """Jensen–Shannon divergence (natural log, nats) between a 2-D sample histogram and a density.
 
     ``JSD(H, P) = ½ Σ_ij H_ij log(H_ij / M_ij) + ½ Σ_ij P_ij log(P_ij / M_ij)``,
-    ``M = (H + P)/2``, where ``H`` is the normalised histogram of ``samples`` on the regular
-    grid ``[lo, hi]²`` with ``bins`` cells per axis (:func:`histogram_on_grid`: samples off
-    the grid are dropped) and ``P_ij ∝ p(centre_ij)·area`` are the exact cell masses,
-    renormalised over the grid (:func:`density_on_grid`).  As in the paper's Fig. 3 (left).
-    The value lies in ``[0, log 2]``; it is ``log 2`` for disjoint supports and NaN when no
-    sample falls on the grid.  A finite sample has a positive floor (histogram noise) that
-    shrinks as ``n`` grows: compare against samples of the density itself.
+    ``M = (H + P)/2``, over the ``bins`` cells per axis of the regular grid ``[lo, hi]²`` plus
+    one *outside* cell: ``H`` is the share of ``samples`` in each cell (samples off the grid,
+    or non-finite, fall in the outside cell) and ``P_ij ∝ p(centre_ij)·area`` are the exact
+    cell masses, renormalised over the grid (:func:`density_on_grid`), with mass 0 outside:
+    choose a grid that holds the density.  As in the paper's Fig. 3 (left), and defined
+    for every sample set: samples that escape the grid count against it, up to ``log 2``
+    when all do.  The value lies in ``[0, log 2]``; a finite sample has a positive floor
+    (histogram noise) that shrinks as ``n`` grows: compare against samples of the density
+    itself.
 
     Args:
       samples: ``(n, 2)``.
@@ -191,9 +193,11 @@ def jsd_to_density_on_grid(samples, log_density_fn: Callable[[Array], Array], lo
       lo, hi: grid bounds, scalars (square grid) or pairs ``(x, y)``.
       bins: cells per axis, an int or a pair.
     """
-    hist, _ = histogram_on_grid(samples, lo, hi, bins)
-    dens = density_on_grid(log_density_fn, lo, hi, bins)
-    return _jensen_shannon(hist.ravel(), dens.ravel().astype(hist.dtype))
+    hist, inside = histogram_on_grid(samples, lo, hi, bins)
+    hist = jnp.nan_to_num(hist.ravel() * inside)  # shares of all samples (all-NaN when none is inside)
+    dens = density_on_grid(log_density_fn, lo, hi, bins).ravel().astype(hist.dtype)
+    zero = jnp.zeros(1, hist.dtype)
+    return _jensen_shannon(jnp.concatenate([hist, 1 - inside[None]]), jnp.concatenate([dens, zero]))
 
 
 # ----------------------------------------------------------------------------- likelihood

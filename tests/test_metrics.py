@@ -117,12 +117,20 @@ def test_jsd_of_disjoint_distribution_is_log2():
     assert jsd == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_jsd_off_grid_samples_dropped_and_nan_when_none_inside(two_class):
+def test_jsd_counts_off_grid_samples_in_an_outside_cell(two_class):
     mix, _ = two_class
     x = np.full((10, 2), 100.0)
-    assert math.isnan(float(metrics.jsd_to_density_on_grid(x, mix.log_prob, -6, 6, 10)))
+    assert float(metrics.jsd_to_density_on_grid(x, mix.log_prob, -6, 6, 10)) == pytest.approx(math.log(2))
     hist, inside = metrics.histogram_on_grid(x, -6, 6, 10)
     assert float(inside) == 0.0
+    # half the samples escape: JSD against scipy over grid cells + the outside cell
+    good = np.asarray(mix.sample(jax.random.key(3), 400))
+    both = np.concatenate([good, np.full((400, 2), 100.0)])
+    hist, inside = metrics.histogram_on_grid(both, -6, 6, 10)
+    p = np.append(np.asarray(hist).ravel() * float(inside), 1 - float(inside))
+    q = np.append(np.asarray(metrics.density_on_grid(mix.log_prob, -6, 6, 10)).ravel(), 0.0)
+    want = jensenshannon(p, q) ** 2
+    assert float(metrics.jsd_to_density_on_grid(both, mix.log_prob, -6, 6, 10)) == pytest.approx(want, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- NLL

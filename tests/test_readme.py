@@ -4,7 +4,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_COMMAND = 'pip install -e ".[test]" && python -m pytest'
-MAIN_COMMAND = "pip install -e . && python -m experiments.exact_guidance"
+MAIN_COMMAND = "pip install -e . && python -m experiments.crossover"
 
 
 def test_ci_runs_exactly_the_readme_test_command():
