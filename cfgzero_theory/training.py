@@ -118,7 +118,10 @@ class TrainResult(NamedTuple):
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with a constant or cosine-decayed learning rate and optional linear warm-up."""
+    """AdamW with a constant or cosine-decayed learning rate and optional linear warm-up.
+
+    Wrapped in ``optax.flatten``: one update over a single vector of all parameters.
+    """
     if config.schedule == "cosine":
         decay = optax.cosine_decay_schedule(config.learning_rate, config.total_steps - config.warmup_steps)
     else:
@@ -127,7 +130,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     if config.warmup_steps:
         warmup = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
         schedule = optax.join_schedules([warmup, decay], [config.warmup_steps])
-    return optax.adamw(schedule, weight_decay=config.weight_decay)
+    return optax.flatten(optax.adamw(schedule, weight_decay=config.weight_decay))
 
 
 def make_dataset(mixture: GaussianMixture, config: TrainConfig) -> tuple[Array, Array]:
@@ -146,12 +149,36 @@ def loss_floor(mixture: GaussianMixture, label_dropout: float, key: Array, n: in
     return float(jnp.mean(mixture.velocity_variance(x_t, t, labels)))
 
 
-def flow_matching_loss(params, graphdef, x1, labels, key, label_dropout) -> Array:
-    """One-batch Monte-Carlo estimate of ``L(θ)`` (fresh ``t``, ``x0`` and label dropout from ``key``)."""
-    k_t, k_noise, k_drop = jax.random.split(key, 3)
-    t = jax.random.uniform(k_t, labels.shape, x1.dtype)
-    x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
-    labels = jnp.where(jax.random.bernoulli(k_drop, label_dropout, labels.shape), NULL_LABEL, labels)
+class EpochBatches(NamedTuple):
+    """Everything random in one epoch, drawn up front: ``(steps, batch, ...)`` arrays."""
+
+    x1: Array
+    labels: Array  # after label dropout (NULL_LABEL where dropped)
+    x0: Array
+    t: Array
+
+
+def draw_epoch(key, x1, labels, config: TrainConfig) -> EpochBatches:
+    """Shuffle the dataset (one sort of random keys) and draw ``t ~ U(0, 1)``, ``x0 ~ N(0, I)``
+    and the label-dropout mask for every step of an epoch at once.
+
+    Drawing outside the step loop keeps the random-number generator and the data gather out
+    of the per-step program; memory is ``steps · batch · (2d + 2)`` numbers per seed.
+    """
+    steps, batch = config.steps_per_epoch, config.batch_size
+    k_perm, k_t, k_noise, k_drop = jax.random.split(key, 4)
+    order = jnp.argsort(jax.random.bits(k_perm, (x1.shape[0],)))[: steps * batch].reshape(steps, batch)
+    dropped = jax.random.bernoulli(k_drop, config.label_dropout, (steps, batch))
+    return EpochBatches(
+        x1=x1[order],
+        labels=jnp.where(dropped, NULL_LABEL, labels[order]),
+        x0=jax.random.normal(k_noise, (steps, batch, x1.shape[1]), x1.dtype),
+        t=jax.random.uniform(k_t, (steps, batch), x1.dtype),
+    )
+
+
+def flow_matching_loss(params, graphdef, x1, labels, x0, t) -> Array:
+    """One-batch estimate of ``L(θ)``: ``mean ‖v_θ(x_t, t, y) − (x1 − x0)‖²``, ``x_t = t·x1 + (1 − t)·x0``."""
     x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
     v = nnx.merge(graphdef, params)(x_t, t, labels)
     return jnp.mean(jnp.sum((v - (x1 - x0)) ** 2, axis=-1))
@@ -160,27 +187,26 @@ def flow_matching_loss(params, graphdef, x1, labels, key, label_dropout) -> Arra
 def make_epoch_fn(graphdef, config: TrainConfig):
     """``epoch_fn(state, seed_keys, epoch, x1, y) -> (state, mean_loss (seeds,))``, jitted, vmapped over seeds.
 
-    Outputs are placed with the seed sharding of :func:`seed_sharding`, so the state
-    keeps one layout from epoch to epoch and the program compiles once per run.
+    Epoch ``e`` of a seed draws everything from ``fold_in(seed_key, e)`` (:func:`draw_epoch`),
+    then scans AdamW steps over the batches.  Outputs are placed with the seed sharding of
+    :func:`seed_sharding`, so the state keeps one layout from epoch to epoch and the program
+    compiles once per run.
     """
     seed_axis, _ = seed_sharding(config.num_seeds)
     optimizer = make_optimizer(config)
     grad_fn = jax.value_and_grad(flow_matching_loss)
-    steps, batch = config.steps_per_epoch, config.batch_size
 
     def one_seed(state: TrainState, seed_key, epoch, x1, labels):
-        k_perm, k_steps = jax.random.split(jax.random.fold_in(seed_key, epoch))
-        order = jax.random.permutation(k_perm, x1.shape[0])[: steps * batch].reshape(steps, batch)
+        batches = draw_epoch(jax.random.fold_in(seed_key, epoch), x1, labels, config)
 
-        def step(state: TrainState, inputs):
-            idx, key = inputs
-            loss, grads = grad_fn(state.params, graphdef, x1[idx], labels[idx], key, config.label_dropout)
+        def step(state: TrainState, batch: EpochBatches):
+            loss, grads = grad_fn(state.params, graphdef, *batch)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            ema = optax.incremental_update(params, state.ema, 1 - config.ema_decay)
+            ema = optax.incremental_update(params, state.ema, 1 - config.ema_decay) if config.ema_decay else params
             return TrainState(params, opt_state, ema), loss
 
-        state, losses = jax.lax.scan(step, state, (order, jax.random.split(k_steps, steps)))
+        state, losses = jax.lax.scan(step, state, batches)
         return state, jnp.mean(losses)
 
     return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, None, None)), out_shardings=seed_axis)
