@@ -86,7 +86,6 @@ def build_rules(scale: float, zero_init_steps: int) -> dict:
 def run(args) -> dict:
     """Train, evaluate every checkpoint epoch, and return the JSON-ready result (plus ``_raw``)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import cfgzero_theory
@@ -225,38 +224,6 @@ def verdict(payload) -> str:
 
 
 # ----------------------------------------------------------------------------- figures
-def plot_first_step(payload, path):
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from cfgzero_theory import plotting
-
-    rules = payload["_raw"]["rules"]
-    epochs = np.asarray(payload["epochs"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, zero_key in (("cfg", "err_zero"), ("cfg_star", "err_zero_cfg_star")):
-        per_seed = np.asarray(payload[f"err_{name}_per_seed"])
-        style = plotting.rule_style(rules[name])
-        label = payload["config"]["rules"][name]
-        ax.plot(epochs, per_seed.mean(axis=0), label=f"{label}: ‖ṽ₀^θ − ṽ₀*‖", **style)
-        ax.fill_between(epochs, per_seed.min(axis=0), per_seed.max(axis=0), color=style["color"], alpha=0.15, linewidth=0)
-        ax.axhline(payload[zero_key], color=style["color"], linestyle=":", linewidth=1.0, alpha=0.8)
-        cross = payload[f"crossover_{name}"]["epoch"]
-        if cross is not None:
-            ax.axvline(cross, color=style["color"], linewidth=0.8, alpha=0.5)
-    ax.axhline(payload["err_zero"], color="grey", linewidth=2.0, alpha=0.6, label="zero velocity: ‖ṽ₀*‖ (CFG target)")
-    ax.set_xlabel("training epoch")
-    ax.set_ylabel("first-step error at t = 0 (mean over x0 ~ N(0, I))")
-    cfg = payload["config"]
-    ax.set_title(f"Zero beats early CFG: class {cfg['label']}, w={cfg['scale']:g}, {cfg['preset_settings']['seeds']} seeds (band: min–max)",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written = plotting.save(fig, path)
-    plt.close(fig)
-    return written
-
-
 def plot_jsd(payload, path):
     import matplotlib.pyplot as plt
     import numpy as np
@@ -320,28 +287,6 @@ def plot_trajectories(payload, path):
     return written
 
 
-def plot_training_loss(payload, path):
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from cfgzero_theory import plotting
-
-    losses = np.asarray(payload["training_loss"])
-    epochs = np.arange(1, losses.shape[0] + 1)
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    ax.plot(epochs, losses.mean(axis=1), color=plotting.rule_color("exact"), label="training loss (mean over seeds)")
-    ax.fill_between(epochs, losses.min(axis=1), losses.max(axis=1), color="grey", alpha=0.2, linewidth=0)
-    ax.axhline(payload["loss_floor"], color="grey", linestyle="--", label=f"loss floor (exact mixture) {payload['loss_floor']:.3f}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("flow-matching loss  E‖v_θ − (x1 − x0)‖²")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written = plotting.save(fig, path)
-    plt.close(fig)
-    return written
-
-
 def format_table(payload) -> str:
     head = f"{'epoch':>5} {'err CFG':>9} {'err CFG*':>9} {'zero':>7} {'zero*':>7} " + " ".join(f"{'JSD ' + n:>17}" for n in RULE_NAMES)
     lines = [head, "-" * len(head)]
@@ -361,6 +306,7 @@ def main(argv=None) -> dict:
 
     matplotlib.use("Agg")
     from cfgzero_theory import plotting
+    from experiments._figures import plot_first_step_errors, plot_training_loss
 
     try:
         payload = run(args)
@@ -369,10 +315,20 @@ def main(argv=None) -> dict:
         raise SystemExit(2) from None
     figures = []
     with plotting.style():
-        figures += plot_first_step(payload, os.path.join(args.out, "first_step_error"))
+        cfg = payload["config"]
+        figures += plot_first_step_errors(
+            payload["epochs"],
+            {name: payload[f"err_{name}_per_seed"] for name in ("cfg", "cfg_star")},
+            {"cfg": payload["err_zero"], "cfg_star": payload["err_zero_cfg_star"]},
+            {name: payload[f"crossover_{name}"]["epoch"] for name in ("cfg", "cfg_star")},
+            payload["_raw"]["rules"], cfg["rules"],
+            f"Zero beats early CFG: class {cfg['label']}, w={cfg['scale']:g}, {cfg['preset_settings']['seeds']} seeds "
+            "(band: min–max)",
+            os.path.join(args.out, "first_step_error"),
+        )
         figures += plot_jsd(payload, os.path.join(args.out, "jsd"))
         figures += plot_trajectories(payload, os.path.join(args.out, "trajectories"))
-        figures += plot_training_loss(payload, os.path.join(args.out, "training_loss"))
+        figures += plot_training_loss(payload["training_loss"], payload["loss_floor"], os.path.join(args.out, "training_loss"))
     payload = {k: v for k, v in payload.items() if not k.startswith("_")}
     payload["figures"] = [os.path.basename(f) for f in figures]
     payload["verdict"] = verdict(payload)

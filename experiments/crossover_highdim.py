@@ -553,64 +553,6 @@ def plot_sample_quality(payload, rules, path):
     return written
 
 
-def plot_first_step(payload, first_rules, path):
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from cfgzero_theory import plotting
-
-    epochs = np.asarray(payload["epochs"])
-    fs = payload["first_step"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in ("cfg", "cfg_star"):
-        per_seed = np.asarray(fs[f"err_{name}_per_seed"])
-        style = plotting.rule_style(first_rules[name])
-        label = payload["config"]["first_step_rules"][name]
-        ax.plot(epochs, per_seed.mean(axis=0), label=f"{label}: ‖ṽ₀^θ − ṽ₀*‖", **style)
-        ax.fill_between(epochs, per_seed.min(axis=0), per_seed.max(axis=0), color=style["color"], alpha=0.15, linewidth=0)
-        ax.axhline(fs["err_zero"][name], color=style["color"], linestyle=":", linewidth=1.0, alpha=0.8)
-        cross = fs["crossover"][name]
-        if cross["found"]:
-            ax.axvline(cross["epoch"], color=style["color"], linewidth=0.8, alpha=0.5)
-    ax.axhline(fs["err_zero"]["cfg"], color="grey", linewidth=2.0, alpha=0.6, label="zero velocity: ‖ṽ₀*‖ (CFG target)")
-    ax.set_xlabel("training epoch")
-    ax.set_ylabel("first-step error at t = 0 (mean over x0 ~ N(0, I))")
-    _epoch_axis(ax, payload)
-    cfg = payload["config"]
-    ax.set_title(f"First step vs the zero velocity, d = {cfg['dim']}, class {cfg['label']}, w = {cfg['scale']:g}, "
-                 f"{cfg['preset_settings']['seeds']} seeds (band: min–max)", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written = plotting.save(fig, path)
-    plt.close(fig)
-    return written
-
-
-def plot_training_loss(payload, path):
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from cfgzero_theory import plotting
-
-    losses = np.asarray(payload["training_loss"])
-    epochs = np.arange(1, losses.shape[0] + 1)
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    ax.plot(epochs, losses.mean(axis=1), color=plotting.rule_color("exact"), label="training loss (mean over seeds)")
-    ax.fill_between(epochs, losses.min(axis=1), losses.max(axis=1), color="grey", alpha=0.2, linewidth=0)
-    ax.axhline(payload["loss_floor"], color="grey", linestyle="--", label=f"loss floor (exact mixture) {payload['loss_floor']:.3f}")
-    for e in payload["epochs"][1:]:
-        ax.axvline(e, color="grey", linewidth=0.5, alpha=0.3)
-    ax.set_xlabel("epoch (thin lines: evaluated epochs)")
-    ax.set_ylabel("flow-matching loss  E‖v_θ − (x1 − x0)‖²")
-    if losses.shape[0] > 8:
-        ax.set_xscale("log")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written = plotting.save(fig, path)
-    plt.close(fig)
-    return written
-
-
 def main(argv=None) -> dict:
     start = time.perf_counter()
     args = parse_args(argv)
@@ -618,6 +560,7 @@ def main(argv=None) -> dict:
 
     matplotlib.use("Agg")
     from cfgzero_theory import plotting
+    from experiments._figures import plot_first_step_errors, plot_training_loss
 
     try:
         payload = run(args)
@@ -629,8 +572,22 @@ def main(argv=None) -> dict:
     with plotting.style():
         figures += plot_turning_point(payload, raw["rules"], os.path.join(args.out, "turning_point"))
         figures += plot_sample_quality(payload, raw["rules"], os.path.join(args.out, "sample_quality"))
-        figures += plot_first_step(payload, raw["first_rules"], os.path.join(args.out, "first_step_error"))
-        figures += plot_training_loss(payload, os.path.join(args.out, "training_loss"))
+        fs, cfg = payload["first_step"], payload["config"]
+        figures += plot_first_step_errors(
+            payload["epochs"],
+            {name: fs[f"err_{name}_per_seed"] for name in raw["first_rules"]},
+            fs["err_zero"],
+            {name: fs["crossover"][name]["epoch"] if fs["crossover"][name]["found"] else None for name in raw["first_rules"]},
+            raw["first_rules"], cfg["first_step_rules"],
+            f"First step vs the zero velocity, d = {cfg['dim']}, class {cfg['label']}, w = {cfg['scale']:g}, "
+            f"{cfg['preset_settings']['seeds']} seeds (band: min–max)",
+            os.path.join(args.out, "first_step_error"),
+            epoch_axis=lambda ax: _epoch_axis(ax, payload),
+        )
+        figures += plot_training_loss(
+            payload["training_loss"], payload["loss_floor"], os.path.join(args.out, "training_loss"),
+            evaluated_epochs=payload["epochs"][1:], log_epochs=len(payload["training_loss"]) > 8,
+        )
     payload = {k: v for k, v in payload.items() if not k.startswith("_")}
     payload["figures"] = [os.path.basename(f) for f in figures]
     payload["verdict"] = verdict(payload)

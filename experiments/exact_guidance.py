@@ -454,7 +454,7 @@ def plot_errata(result, path):
     mid = 0.5 * (np.asarray(e["cfg_star"]) + np.asarray(e["v_true"]))
     ax.annotate(f"‖CFG* − v*‖ = {e['error_cfg_star']:.3g}", xy=mid, xytext=(mid[0], mid[1] + 0.35), ha="center",
                 fontsize=8, color=plotting.rule_color("cfg_star"))
-    ax.text(3.55, -0.2, f"s* = ⟨v_c, v_u⟩ / (‖v_u‖² + 1e-8)", ha="right", fontsize=7.5, color=plotting.OKABE_ITO["grey"])
+    ax.text(3.55, -0.2, "s* = ⟨v_c, v_u⟩ / (‖v_u‖² + 1e-8)", ha="right", fontsize=7.5, color=plotting.OKABE_ITO["grey"])
     ax.set_xlim(-0.3, 3.6)
     ax.set_ylim(-0.3, 3.2)
     ax.set_aspect("equal")
