@@ -50,7 +50,7 @@ import optax
 
 from cfgzero_theory.models import ACTIVATIONS, NetworkConfig
 from cfgzero_theory.training import TrainConfig, initial_state, make_epoch_fn, seed_sharding
-from experiments.bench_exact import _LoadMeter, _loadavg, environment
+from experiments.bench_exact import _fmt, _LoadMeter, _loadavg, environment
 
 FLOP_MODEL = (
     "flops per training step = seeds * 3 * forward, forward = 2*B*sum over the Linear layers of in*out "
@@ -293,10 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
         f"{QUICK_PEAK_SIZE}x{QUICK_PEAK_SIZE} peak",
     )
     return p
-
-
-def _fmt(v):
-    return "?" if v is None else f"{v:.2f}"
 
 
 def interleaved_timings(sections: dict, rounds: int, warmup: int) -> dict:

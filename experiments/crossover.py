@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -306,13 +305,10 @@ def main(argv=None) -> dict:
 
     matplotlib.use("Agg")
     from cfgzero_theory import plotting
+    from experiments._common import run_or_exit, write_json
     from experiments._figures import plot_first_step_errors, plot_training_loss
 
-    try:
-        payload = run(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    payload = run_or_exit(run, args)
     figures = []
     with plotting.style():
         cfg = payload["config"]
@@ -334,10 +330,7 @@ def main(argv=None) -> dict:
     payload["verdict"] = verdict(payload)
     payload["runtime_s"]["total"] = time.perf_counter() - start
     path = os.path.join(args.out, "crossover.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, payload)
     print(format_table(payload))
     print(payload["verdict"])
     print(f"wrote {path} and {len(figures)} figure files; {payload['runtime_s']['total']:.1f} s")

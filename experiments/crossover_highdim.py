@@ -93,7 +93,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -560,13 +559,10 @@ def main(argv=None) -> dict:
 
     matplotlib.use("Agg")
     from cfgzero_theory import plotting
+    from experiments._common import run_or_exit, write_json
     from experiments._figures import plot_first_step_errors, plot_training_loss
 
-    try:
-        payload = run(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    payload = run_or_exit(run, args)
     raw = payload["_raw"]
     figures = []
     with plotting.style():
@@ -593,10 +589,7 @@ def main(argv=None) -> dict:
     payload["verdict"] = verdict(payload)
     payload["runtime_s"]["total"] = time.perf_counter() - start
     path = os.path.join(args.out, "crossover_highdim.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, payload)
     print(format_table(payload))
     print()
     print(payload["verdict"])

@@ -30,7 +30,6 @@ are written as ``null``) and the figures
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -125,17 +124,6 @@ def rule_label(key: str, rule) -> str:
     from cfgzero_theory.guidance import describe
 
     return "conditional only (CFG w=1)" if key == "conditional" else describe(rule)
-
-
-def _strict_json(value):
-    """Non-finite floats become ``null`` (e.g. the JSD when no sample lands on the grid)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value
 
 
 def _floats(a) -> list:
@@ -496,11 +484,9 @@ def main(argv=None) -> dict:
 
     from cfgzero_theory import plotting
 
-    try:
-        result = run(args)
-    except ValueError as err:  # e.g. a label the mixture does not have
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    from experiments._common import run_or_exit, write_json
+
+    result = run_or_exit(run, args)  # a bad --label exits with status 2
     compute_s = time.perf_counter() - start
     os.makedirs(args.out, exist_ok=True)
     figures = []
@@ -513,10 +499,7 @@ def main(argv=None) -> dict:
     result["figures"] = [os.path.basename(f) for f in figures]
     result["runtime_s"] = {"compute": compute_s, "total": time.perf_counter() - start}
     path = os.path.join(args.out, "exact_guidance.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_strict_json(result), f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    write_json(path, result)
 
     check = result["first_step_check"]
     print(
