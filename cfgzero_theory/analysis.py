@@ -142,13 +142,16 @@ class FirstStepErrors(NamedTuple):
 
     ``learning_error (S,)``: ``E‖ṽ_0^θ − ṽ_0^*‖`` per seed; ``total_error (S,)``:
     ``E‖ṽ_0^θ − u_c‖`` per seed; ``zero_error ()``: ``E‖ṽ_0^*‖``, the zero velocity's error
-    (seed-independent); ``guidance_bias ()``: ``E‖ṽ_0^* − u_c‖`` (seed-independent).
+    against the guided target (seed-independent); ``guidance_bias ()``: ``E‖ṽ_0^* − u_c‖``
+    (seed-independent); ``zero_error_cond ()``: ``E‖u_c‖``, the zero velocity's error against
+    the true conditional velocity (the baseline of ``total_error``).
     """
 
     learning_error: Array
     total_error: Array
     zero_error: Array
     guidance_bias: Array
+    zero_error_cond: Array
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -172,6 +175,7 @@ def _first_step_jit(velocity_fn, params, mixture, labels, rules, x0):
             total_error=per[name][1],
             zero_error=jnp.mean(_norms(exact[name])),
             guidance_bias=jnp.mean(_norms(exact[name] - u_c)),
+            zero_error_cond=jnp.mean(_norms(u_c)),
         )
         for name in rules
     }
@@ -194,8 +198,9 @@ def first_step_errors(
     * ``ṽ_0^* = r(u_c, u_u)`` with ``u_c = μ_c − x0``, ``u_u = μ̄ − x0`` (exact, DESIGN.md §3);
 
     and returns, as :class:`FirstStepErrors`, ``E‖ṽ_0^θ − ṽ_0^*‖`` and ``E‖ṽ_0^θ − u_c‖`` per
-    seed, and the seed-independent ``E‖ṽ_0^*‖`` (zero baseline) and ``E‖ṽ_0^* − u_c‖``
-    (guidance bias), expectations being means over ``x0``.
+    seed, and the seed-independent ``E‖ṽ_0^*‖`` (zero baseline), ``E‖ṽ_0^* − u_c‖``
+    (guidance bias) and ``E‖u_c‖`` (zero baseline against ``u_c``), expectations being means
+    over ``x0``.
 
     Zero-init rules (``ZeroInit``, ``CFGZeroStar``) would give ``0`` against ``0`` at step
     ``0``; they are evaluated through their inner rule (``CFGZeroStar(w)`` is reported as

@@ -91,6 +91,19 @@ def class_conditional_2d(
     return GaussianMixture(np.ones(labels.size), means.reshape(-1, 2), covs, labels)
 
 
+def class_axis(label: int, num_classes: int = 3) -> np.ndarray:
+    """Unit vector from the centre of :func:`class_conditional_2d` towards class ``label``.
+
+    ``class_conditional_2d(center=-D * class_axis(c))`` puts class ``c`` on the segment
+    between the noise mean (the origin) and the data mean, at distance ``|D − radius|`` from
+    the origin: the geometry in which a zero first step beats early CFG.
+    """
+    _check_int("num_classes", num_classes, 1)
+    if not (isinstance(label, (int, np.integer)) and 0 <= label < num_classes):
+        raise ValueError(f"label must be an integer in [0, {num_classes}), got {label!r}")
+    return _unit(np.float64(2 * np.pi * label / num_classes + CLASS_ANGLE_OFFSET))
+
+
 def ring(num_components: int = 8, radius: float = 4.0, std: float = 0.3) -> GaussianMixture:
     """The classic ring: ``num_components`` isotropic Gaussians evenly spaced on a circle.
 

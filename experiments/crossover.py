@@ -1,8 +1,11 @@
 """"Zero beats early CFG": the crossover of the first-step error in 2-D (the paper's Fig. 3).
 
 Small class-conditional flow-matching networks are trained for many epochs, several seeds at
-once, on a finite dataset drawn from an exact 2-D mixture (``class_conditional_2d`` with its
-data mean ``μ̄`` moved away from the noise mean, see its docstring).  At every evaluated
+once, on a finite dataset drawn from an exact 2-D mixture: ``class_conditional_2d`` with its
+data mean ``μ̄`` moved ``--distance`` away from the noise mean along the guided class's axis
+(``mixtures.class_axis``), so that the guided class lies between the two.  There the exact
+first-step CFG target ``μ̄ + w(μ_c − μ̄) − x0`` is much shorter than ``w‖μ_c − μ̄‖``, the
+error of a model that has learned the unconditional field but not yet the class.  At every evaluated
 epoch, for the guided class ``c`` and scale ``w``:
 
 * first-step error ``E_{x0} ‖ṽ_0^θ(x0) − ṽ_0^*(x0)‖`` for CFG and CFG* (target: the exact
@@ -38,7 +41,7 @@ PRESETS = {
     "quick": dict(seeds=4, epochs=30, eval_every=1, dataset_size=2048, batch_size=64, n_eval=1024, steps=16, width=64),
     "paper": dict(seeds=16, epochs=60, eval_every=1, dataset_size=2048, batch_size=64, n_eval=4096, steps=32, width=64),
 }
-CENTER = (8.0, 0.0)  # data mean; the guided class 1 lies between it and the origin
+DISTANCE = 12.0  # distance of the data mean from the noise mean, along the guided class's axis
 RULE_NAMES = ("cfg", "cfg_star", "cfg_zero_init", "cfg_zero_star")
 
 
@@ -47,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="size of the study (default quick)")
     p.add_argument("--out", default=None, help="output folder (default figures/crossover/<preset>)")
     p.add_argument("--scale", type=float, default=4.0, help="guidance scale w (default 4)")
-    p.add_argument("--label", type=int, default=1, help="guided class (default 1, the class nearest the origin)")
+    p.add_argument("--label", type=int, default=1, help="guided class (default 1)")
+    p.add_argument("--distance", type=float, default=DISTANCE,
+                   help=f"distance of the data mean from the origin along the guided class's axis (default {DISTANCE:g})")
     p.add_argument("--zero-init-steps", type=int, default=1, help="zero-init steps K (default 1)")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="root seed of the networks and training noise")
@@ -64,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.settings[name] = getattr(args, name)
     if not (math.isfinite(args.scale) and args.scale > 0):
         p.error("--scale must be positive")
+    if not (math.isfinite(args.distance) and args.distance >= 0):
+        p.error("--distance must be a finite non-negative number")
+    if not 0 <= args.label < 3:
+        p.error("--label must be a class of the mixture: 0, 1 or 2")
     if args.zero_init_steps < 1:
         p.error("--zero-init-steps must be at least 1")
     if args.out is None:
@@ -93,10 +102,9 @@ def run(args) -> dict:
     from cfgzero_theory.training import TrainConfig, train
 
     preset = args.settings
-    mixture = mixtures.class_conditional_2d(center=CENTER)
-    label = mixture.check_label(args.label)
-    if label is None:
-        raise ValueError(f"--label must be a class of the mixture {mixture.classes}")
+    center = tuple((-args.distance * mixtures.class_axis(args.label)).tolist())
+    mixture = mixtures.class_conditional_2d(center=center)
+    label = args.label
     eval_epochs = tuple(range(0, preset["epochs"] + 1, preset["eval_every"]))
     net_config = NetworkConfig(dim=2, num_classes=len(mixture.classes), width=preset["width"], depth=3)
     train_config = TrainConfig(
@@ -127,6 +135,7 @@ def run(args) -> dict:
             first[name]["err"].append(np.asarray(e.learning_error))
             first[name]["total"].append(np.asarray(e.total_error))
             zero_baseline[name], guidance_bias[name] = float(e.zero_error), float(e.guidance_bias)
+            zero_cond = float(e.zero_error_cond)
         for name in RULE_NAMES:
             steps = analysis.per_step_errors(network_velocity, networks, mixture, label, rules[name], x0_eval, times)
             per_step[name].append(np.asarray(steps.learning_error).mean(axis=0))
@@ -147,7 +156,7 @@ def run(args) -> dict:
     jsd = {name: per_epoch("jsd", name) for name in RULE_NAMES}
     config = {
         **{k: v for k, v in vars(args).items() if k not in ("out", "settings") and k not in preset},
-        "preset_settings": preset, "mixture": f"mixtures.class_conditional_2d(center={CENTER})",
+        "preset_settings": preset, "mixture": f"mixtures.class_conditional_2d(center={center})",
         "network": dataclasses.asdict(net_config), "training": dataclasses.asdict(train_config),
         "rules": {k: guidance.describe(r) for k, r in rules.items()},
         "seeds": {"root": args.seed, "data": args.data_seed, "num_seeds": num_seeds, "evaluation": args.seed + 1000},
@@ -165,6 +174,7 @@ def run(args) -> dict:
         "err_cfg_star": out["cfg_star"]["per_seed"].mean(axis=0).tolist(),
         "err_cfg_per_seed": out["cfg"]["per_seed"].tolist(),
         "err_cfg_star_per_seed": out["cfg_star"]["per_seed"].tolist(),
+        "err_zero_cond": zero_cond,
         "total_err_cfg": out["cfg"]["total"].mean(axis=0).tolist(),
         "total_err_cfg_star": out["cfg_star"]["total"].mean(axis=0).tolist(),
         "crossover_epoch_cfg": _num(out["cfg"]["cross"].epoch),

@@ -93,6 +93,7 @@ def test_first_step_exact_model_zero_learning_error_and_closed_form_bias(setup):
         target = numpy_rule(name, mu_c - x, mu_bar - x, W)
         assert float(out[name].zero_error) == pytest.approx(np.linalg.norm(target, axis=1).mean(), rel=1e-12)
         assert float(out[name].guidance_bias) == pytest.approx(np.linalg.norm(target - (mu_c - x), axis=1).mean(), rel=1e-12)
+        assert float(out[name].zero_error_cond) == pytest.approx(np.linalg.norm(mu_c - x, axis=1).mean(), rel=1e-12)
     for field in out["cfg*"]._fields:
         np.testing.assert_array_equal(getattr(out["cfg-zero*"], field), getattr(out["cfg*"], field))
 

@@ -321,3 +321,12 @@ def test_class_conditional_2d_center_translates_everything():
     np.testing.assert_allclose(moved.mean(), [8.0, -1.0], atol=1e-5)
     with pytest.raises(ValueError, match="center"):
         mixtures.class_conditional_2d(center=(np.nan, 0.0))
+
+
+def test_class_axis_puts_the_class_between_noise_and_data_mean():
+    axis = mixtures.class_axis(1)
+    gm = mixtures.class_conditional_2d(center=tuple(-12.0 * axis), radius=5.0)
+    np.testing.assert_allclose(np.asarray(gm.mean(1)), -7.0 * axis, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gm.mean(None)), -12.0 * axis, atol=1e-5)
+    with pytest.raises(ValueError, match="label"):
+        mixtures.class_axis(3)
