@@ -1,12 +1,13 @@
 """cfgzero_theory: classifier-free guidance in flow matching, exact and measurable, in JAX.
 
-Layers (data flows one way): ``mixture`` (exact Gaussian-mixture fields) → ``guidance``
-(rules and the exact guided field) → ``sampling`` (jitted ODE solvers) → ``metrics`` (exact
-sample quality).  ``mixtures`` is the catalog of ready-made mixtures; ``plotting`` (not
+Layers (data flows one way): ``mixture`` (exact Gaussian-mixture fields) → ``guidance`` and
+``guidance_family`` (rules and the exact guided field) → ``schedules`` / ``unipc`` (diffusers'
+σ schedules and solvers) → ``sampling`` (jitted loops, theory and σ convention) and
+``presets`` (the paper's sampler configurations) → ``metrics`` (exact sample quality).  ``mixtures`` is the catalog of ready-made mixtures; ``plotting`` (not
 imported here, so importing the package never loads matplotlib) holds the figure style.
 """
 
-from cfgzero_theory import guidance, metrics, mixtures, sampling
+from cfgzero_theory import guidance, guidance_family, metrics, mixtures, presets, sampling, schedules, unipc
 from cfgzero_theory.guidance import CFG, CFGStar, CFGZeroStar, ZeroInit
 from cfgzero_theory.mixture import NULL_LABEL, GaussianMixture
 
@@ -20,7 +21,11 @@ __all__ = [
     "ZeroInit",
     "__version__",
     "guidance",
+    "guidance_family",
     "metrics",
     "mixtures",
+    "presets",
     "sampling",
+    "schedules",
+    "unipc",
 ]

@@ -16,6 +16,11 @@ convention (``v_σ = −u_t``).
 The functions are pure and jit-able; ``step`` may be a traced integer.  The rule classes
 (:class:`CFG`, :class:`CFGStar`, :class:`ZeroInit`, :class:`CFGZeroStar`) are pytrees whose
 numbers are leaves, so a sampler can take them as traced arguments and ``vmap`` over scales.
+
+Stateful rules (APG's momentum, in :mod:`cfgzero_theory.guidance_family`) add two methods,
+``init_state(v_like) -> state`` and ``apply(state, v_cond, v_uncond, step) -> (ṽ, state)``;
+samplers call every rule through :func:`init_rule_state` and :func:`apply_rule`, which give
+stateless rules an empty state, so one loop serves both kinds.
 """
 
 from __future__ import annotations
@@ -76,19 +81,37 @@ class GuidanceRule(Protocol):
     def __call__(self, v_cond: Array, v_uncond: Array, step=0) -> Array: ...
 
 
+def init_rule_state(rule: GuidanceRule, v_like: Array):
+    """The initial guidance state of ``rule`` for velocities shaped like ``v_like`` (``()`` if stateless)."""
+    init = getattr(rule, "init_state", None)
+    return () if init is None else init(v_like)
+
+
+def apply_rule(rule: GuidanceRule, state, v_cond: Array, v_uncond: Array, step):
+    """One guided velocity and the next state: ``(ṽ, state')``; stateless rules pass ``state`` through."""
+    apply = getattr(rule, "apply", None)
+    if apply is None:
+        return rule(v_cond, v_uncond, step), state
+    return apply(state, v_cond, v_uncond, step)
+
+
 def _rule(cls):
-    """Freeze a dataclass and register it as a pytree whose fields are all children.
+    """Freeze a dataclass and register it as a pytree whose fields are children.
 
     ``register_pytree_node`` (not ``register_dataclass``) is used on purpose: its tree
     structures compare unequal across classes, so ``jit`` never confuses ``CFG`` with
     ``CFGStar`` (in JAX 0.10, dataclass nodes with the same field names compare equal).
+    A field declared ``dataclasses.field(metadata={"static": True})`` is aux data instead
+    (hashable, part of the tree structure, never traced): for structural options only.
     """
     cls = dataclasses.dataclass(frozen=True)(cls)
-    names = tuple(f.name for f in dataclasses.fields(cls))
+    fields = dataclasses.fields(cls)
+    names = tuple(f.name for f in fields if not f.metadata.get("static"))
+    static = tuple(f.name for f in fields if f.metadata.get("static"))
     jax.tree_util.register_pytree_node(
         cls,
-        lambda rule: (tuple(getattr(rule, name) for name in names), None),
-        lambda _, children: cls(*children),
+        lambda rule: (tuple(getattr(rule, n) for n in names), tuple(getattr(rule, n) for n in static)),
+        lambda aux, children: cls(**dict(zip(names, children)), **dict(zip(static, aux))),
     )
     return cls
 
@@ -115,13 +138,23 @@ class CFGStar:
 
 @_rule
 class ZeroInit:
-    """Any rule with its first ``steps`` solver steps replaced by a zero velocity."""
+    """Any rule with its first ``steps`` solver steps replaced by a zero velocity.
+
+    A stateful inner rule still runs (and updates its state) during the zeroed steps.
+    """
 
     rule: GuidanceRule
     steps: int = 1
 
     def __call__(self, v_cond, v_uncond, step=0):
         return zero_init(self.rule(v_cond, v_uncond, step), step, self.steps)
+
+    def init_state(self, v_like):
+        return init_rule_state(self.rule, v_like)
+
+    def apply(self, state, v_cond, v_uncond, step=0):
+        v, state = apply_rule(self.rule, state, v_cond, v_uncond, step)
+        return zero_init(v, step, self.steps), state
 
 
 @_rule
@@ -145,7 +178,8 @@ def describe(rule: GuidanceRule) -> str:
         return f"CFG-Zero* (w={float(rule.scale):g}, K={int(rule.zero_init_steps)})"
     if isinstance(rule, ZeroInit):
         return f"{describe(rule.rule)} + zero-init (K={int(rule.steps)})"
-    return type(rule).__name__
+    own = getattr(rule, "describe", None)
+    return own() if own is not None else type(rule).__name__
 
 
 # ----------------------------------------------------------------------------- exact fields

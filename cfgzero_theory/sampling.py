@@ -19,6 +19,13 @@ asks for the unconditional branch; ``GaussianMixture.velocity`` is one.
 Diffusers' σ convention (DESIGN.md §2) is linked by ``σ = 1 − t`` and ``v_σ = −u_t``:
 :func:`sigma_velocity_fn` and :func:`theory_velocity_fn` convert a velocity function between
 the two, and :func:`sigmas_to_times` converts a σ schedule into a time grid.
+
+:func:`sample_flow` is the loop of the model ports, in the σ convention: a
+:class:`~cfgzero_theory.schedules.FlowSchedule`, a solver
+(:class:`~cfgzero_theory.schedules.FlowMatchEuler`, :class:`~cfgzero_theory.unipc.UniPC`), any
+guidance rule (stateful ones included) and a model ``model_fn(params, x, sigma, timestep,
+context)`` whose conditional and unconditional contexts are batched into one call.
+:func:`mixture_flow_model` makes the exact Gaussian-mixture field such a model.
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cfgzero_theory.guidance import GuidanceRule
+from cfgzero_theory.guidance import GuidanceRule, apply_rule, init_rule_state, optimized_scale
 from cfgzero_theory.mixture import NULL_LABEL
+from cfgzero_theory.schedules import FlowMatchEuler, FlowSchedule, FlowSolver
 
 Array = jax.Array
 VelocityFn = Callable[..., Array]
@@ -145,22 +153,146 @@ def _sample_jit(velocity_fn, params, x0, times, labels, rule, solver, return_tra
         v = velocity_fn(params, jnp.concatenate([x, x]), t, both_labels)
         return v[: x.shape[0]], v[x.shape[0] :]
 
-    def step(x, inputs):
+    def step(carry, inputs):
+        x, state = carry
         i, t, t_next = inputs
         h = (t_next - t).astype(x.dtype)
         v_c, v_u = branches(x, t)
-        v = rule(v_c, v_u, i)
+        v, next_state = apply_rule(rule, state, v_c, v_u, i)
         if solver == "euler":
             x_next = x + h * v
-        else:
-            v_next = rule(*branches(x + h * v, t_next), i)
+        else:  # the corrector stage reuses the step's incoming guidance state
+            v_next, _ = apply_rule(rule, state, *branches(x + h * v, t_next), i)
             x_next = x + 0.5 * h * (v + v_next)
-        return x_next, ((x_next, v, v_c, v_u) if return_trajectory else None)
+        return (x_next, next_state), ((x_next, v, v_c, v_u) if return_trajectory else None)
 
     steps = jnp.arange(times.shape[0] - 1)
-    x_final, record = jax.lax.scan(step, x0, (steps, times[:-1], times[1:]))
+    carry = (x0, init_rule_state(rule, x0))
+    (x_final, _), record = jax.lax.scan(step, carry, (steps, times[:-1], times[1:]))
     if not return_trajectory:
         return SampleResult(x_final)
     states, guided, v_c, v_u = record
     trajectory = jnp.concatenate([x0[None], states])
     return SampleResult(x_final, trajectory, guided, v_c, v_u)
+
+
+# ----------------------------------------------------------------------------- σ convention
+ModelFn = Callable[..., Array]
+
+
+class FlowSampleResult(NamedTuple):
+    """Output of :func:`sample_flow` (σ convention).
+
+    ``samples`` has the shape of the initial latents.  With ``return_trajectory=True``:
+    ``trajectory`` ``(N + 1, B, ...)`` holds the latents before each step and the final
+    ones; ``guided``, ``v_cond``, ``v_uncond`` ``(N, B, ...)`` the predictions of each step
+    (``guided`` is what the solver received) and ``opt_scale`` ``(N, B)`` the optimized
+    scale ``s* = ⟨v_c, v_u⟩ / (‖v_u‖² + ε)`` of each step, whatever the rule.
+    """
+
+    samples: Array
+    trajectory: Array | None = None
+    guided: Array | None = None
+    v_cond: Array | None = None
+    v_uncond: Array | None = None
+    opt_scale: Array | None = None
+
+
+def sample_flow(
+    model_fn: ModelFn,
+    params,
+    latents: Array,
+    schedule: FlowSchedule,
+    context,
+    uncond_context,
+    rule: GuidanceRule,
+    *,
+    solver: FlowSolver = FlowMatchEuler(),
+    return_trajectory: bool = False,
+) -> FlowSampleResult:
+    """Guided sampling in diffusers' σ convention, the whole loop one compiled ``lax.scan``.
+
+    At step ``i`` (``σ_i = schedule.sigmas[i]``, ``τ_i = schedule.timesteps[i]``) the model is
+    called once on the doubled batch, ``model_fn(params, [x; x], σ_i, τ_i, [context;
+    uncond_context])``, giving ``(v_c, v_u)``; the rule (with its state, e.g. APG's momentum,
+    in the scan carry) gives ``ṽ``; the solver (with its multistep history in the carry)
+    gives the next latents.  Zero-init, guidance intervals and truncation are traced
+    conditions on ``i``.  Works for any latent shape ``(B, ...)``: points, images
+    ``(B, C, H, W)``, packed tokens ``(B, N, C)``, videos ``(B, C, F, H, W)``; sharding the
+    batch axis of ``latents`` and contexts over a device mesh shards the whole loop.
+
+    Args:
+      model_fn: ``(params, x (2B, ...), sigma (), timestep (), context) -> v_σ (2B, ...)``,
+        the prediction ``ε − x_data`` (static under ``jit``: reuse the same function object).
+      params: pytree handed to ``model_fn`` (traced): weights, or a mixture.
+      latents: initial noise at ``σ_0`` ``(B, ...)``.
+      schedule: sigmas and timesteps, e.g. ``flow_match_euler_schedule(28, shift=3.0)``.
+      context / uncond_context: pytrees whose leaves have batch axis ``B`` (prompt
+        embeddings, class labels, …); concatenated leaf by leaf into the doubled batch.
+      rule: any guidance rule of :mod:`cfgzero_theory.guidance` or
+        :mod:`cfgzero_theory.guidance_family` (traced: scales can be vmapped).
+      solver: a :class:`~cfgzero_theory.schedules.FlowSolver` (default Euler).
+      return_trajectory: also return latents, predictions and ``s*`` of every step.
+    """
+    latents = jnp.asarray(latents)
+    if latents.ndim < 2:
+        raise ValueError(f"latents must have shape (B, ...) with at least 2 axes, got {latents.shape}")
+    if not isinstance(schedule, FlowSchedule):
+        raise ValueError(f"schedule must be a FlowSchedule, got {type(schedule).__name__}")
+    sigmas, timesteps = jnp.asarray(schedule.sigmas), jnp.asarray(schedule.timesteps)
+    if sigmas.ndim != 1 or timesteps.ndim != 1 or sigmas.shape[0] != timesteps.shape[0] + 1 or timesteps.shape[0] < 1:
+        raise ValueError(
+            f"schedule must hold N + 1 sigmas and N >= 1 timesteps, got {sigmas.shape} and {timesteps.shape}"
+        )
+    batch = latents.shape[0]
+    for name, tree in (("context", context), ("uncond_context", uncond_context)):
+        for leaf in jax.tree_util.tree_leaves(tree):
+            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != batch:
+                raise ValueError(f"every leaf of {name} needs a leading batch axis of {batch}, got shape {jnp.shape(leaf)}")
+    if jax.tree_util.tree_structure(context) != jax.tree_util.tree_structure(uncond_context):
+        raise ValueError("context and uncond_context must have the same tree structure")
+    return _sample_flow_jit(model_fn, params, latents, FlowSchedule(sigmas, timesteps), context, uncond_context,
+                            rule, solver, return_trajectory)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8))
+def _sample_flow_jit(model_fn, params, latents, schedule, context, uncond_context, rule, solver, return_trajectory):
+    both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), context, uncond_context)
+    batch = latents.shape[0]
+
+    def step(carry, i):
+        x, rule_state, solver_state = carry
+        v = model_fn(params, jnp.concatenate([x, x]), schedule.sigmas[i], schedule.timesteps[i], both)
+        v_c, v_u = v[:batch], v[batch:]
+        guided, rule_state = apply_rule(rule, rule_state, v_c, v_u, i)
+        x_next, solver_state = solver.step(solver_state, schedule, i, x, guided)
+        record = None
+        if return_trajectory:
+            record = (x_next, guided, v_c, v_u, optimized_scale(v_c, v_u).reshape(batch))
+        return (x_next, rule_state, solver_state), record
+
+    carry = (latents, init_rule_state(rule, latents), solver.init(latents, schedule))
+    (x_final, _, _), record = jax.lax.scan(step, carry, jnp.arange(schedule.timesteps.shape[0]))
+    if not return_trajectory:
+        return FlowSampleResult(x_final)
+    states, guided, v_c, v_u, opt_scale = record
+    return FlowSampleResult(x_final, jnp.concatenate([latents[None], states]), guided, v_c, v_u, opt_scale)
+
+
+def mixture_contexts(label, batch: int) -> tuple[Array, Array]:
+    """The ``(context, uncond_context)`` pair of :func:`mixture_flow_model`: ``label`` and
+    ``NULL_LABEL`` broadcast to ``(batch,)`` integers."""
+    labels = jnp.broadcast_to(jnp.asarray(label, jnp.int32), (batch,))
+    return labels, jnp.full_like(labels, NULL_LABEL)
+
+
+def mixture_flow_model(mixture, x: Array, sigma, timestep, labels: Array) -> Array:
+    """The exact mixture field as a σ-convention model: ``v_σ(x) = −u_{1−σ}(x | label)``.
+
+    A ``model_fn`` for :func:`sample_flow` with ``params`` a
+    :class:`~cfgzero_theory.GaussianMixture` and ``context`` integer labels ``(B,)``
+    (``NULL_LABEL`` for the unconditional branch); evaluated at the schedule's ``σ``, not
+    at the network timestep (which some schedulers round to integers).
+    """
+    flat = x.reshape(x.shape[0], -1)
+    return -mixture.velocity(flat, 1 - sigma, labels).reshape(x.shape)

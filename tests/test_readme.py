@@ -16,3 +16,12 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 def test_readme_gives_the_main_command():
     assert MAIN_COMMAND in (ROOT / "README.md").read_text()
+
+
+def test_readme_python_examples_run():
+    """Every ```python block of the README runs as written (they are the API a newcomer copies)."""
+    text = (ROOT / "README.md").read_text()
+    blocks = [part.split("```", 1)[0] for part in text.split("```python\n")[1:]]
+    assert len(blocks) >= 2
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})

@@ -1,0 +1,363 @@
+"""Noise schedules and solver steps in diffusers' σ convention (DESIGN.md §2).
+
+``σ`` runs from ≈1 (noise) down to 0 (data); ``x_σ = (1 − σ)·x_data + σ·ε`` and the network
+predicts ``v = ε − x_data``.  A :class:`FlowSchedule` holds what a diffusers scheduler holds
+after ``set_timesteps``: the ``N + 1`` sigmas (the last one terminal) and the ``N``
+timesteps the network is conditioned on.  A solver (:class:`FlowSolver`) turns a guided
+prediction at step ``i`` into the next latent; its multistep history, if any, lives in an
+explicit state so that a whole sampling loop is one ``lax.scan``.
+
+:func:`flow_match_euler_schedule` reproduces diffusers' ``FlowMatchEulerDiscreteScheduler``
+(``T = num_train_timesteps``, ``N = num_inference_steps``):
+
+1. Training grid: ``σ_k = k/T`` for ``k = T, …, 1`` in float32, shifted with the static
+   ``shift`` unless dynamic shifting is on; ``σ_max``, ``σ_min`` are its first and last values.
+2. ``N`` sigmas ``linspace(σ_max·T, σ_min·T, N) / T`` (or a custom list, e.g. Flux's).
+3. Shift them: static ``σ' = shift·σ / (1 + (shift − 1)·σ)``, or, with dynamic shifting,
+   the exponential time shift ``σ' = e^μ / (e^μ + (1/σ − 1))`` or the linear one
+   ``σ' = μ / (μ + (1/σ − 1))``.  With static shifting the smallest sigma is shifted twice,
+   because ``σ_min`` comes from the already shifted training grid of step 1.
+4. Optionally stretch to end at ``shift_terminal``: ``σ' = 1 − (1 − σ)/c`` with
+   ``c = (1 − σ_{N−1}) / (1 − shift_terminal)``.
+5. Optionally replace them by a Karras, exponential or beta schedule between their ends.
+6. Cast to the output dtype, ``timesteps = σ·T``, append the terminal ``σ_N = 0``.
+
+Diffusers computes steps 2–5 in float64 NumPy (float32 NumPy for a custom list) and casts
+to float32 torch tensors; here they run in JAX's default float (a custom list in float32).
+Under ``jax_enable_x64`` the result matches diffusers' to ~1e-12 before the cast (a custom
+list to a float32 ulp: XLA's float32 division is not always correctly rounded); in float32
+mode to a few float32 ulps.
+``shift`` and ``μ`` may be traced (``jit``/``vmap``); integer and boolean options are static.
+
+:class:`FlowMatchEuler` is the matching solver: ``x_{i+1} = x_i + (σ_{i+1} − σ_i)·v_i``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+TIME_SHIFT_TYPES = ("exponential", "linear")
+KARRAS_RHO = 7.0
+BETA_ALPHA = BETA_BETA = 0.6
+
+
+class FlowSchedule(NamedTuple):
+    """A σ schedule: ``sigmas`` ``(N + 1,)`` decreasing, ``timesteps`` ``(N,)`` for the network.
+
+    Equal to diffusers' ``scheduler.sigmas`` and ``scheduler.timesteps`` after
+    ``set_timesteps`` for the same configuration.  A NamedTuple, hence a pytree: a jitted
+    loop takes it as a traced argument and recompiles only when ``N`` changes.
+    """
+
+    sigmas: Array
+    timesteps: Array
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+
+class FlowSolver(Protocol):
+    """One solver of the σ-convention ODE ``dx/dσ = v``.
+
+    ``init(x, schedule)`` gives the initial solver state for latents ``x``;
+    ``step(state, schedule, i, x, v)`` takes the guided prediction ``v`` at step ``i``
+    (``σ_i``, ``timesteps[i]``, ``i`` possibly traced) and returns ``(x_next, state')``.
+    Solvers are pytrees whose configuration is static (aux data), so they can be passed
+    to ``jit`` as ordinary arguments.
+    """
+
+    def init(self, x: Array, schedule: FlowSchedule): ...
+
+    def step(self, state, schedule: FlowSchedule, i, x: Array, v: Array): ...
+
+
+# ----------------------------------------------------------------------------- schedules
+def _default_float():
+    """JAX's default float: float64 under ``jax_enable_x64``, float32 otherwise."""
+    return jnp.result_type(float)
+
+
+def _scalar(value, dtype) -> Array:
+    """A host-precision scalar rounded to ``dtype``.
+
+    NumPy and torch round a Python float once into an array's dtype; ``value`` is taken
+    at the default float's precision first, so under x64 the rounding is the same.
+    """
+    return jnp.asarray(value, _default_float()).astype(dtype)
+
+
+def _is_concrete(value) -> bool:
+    return not isinstance(value, jax.core.Tracer)
+
+
+def _positive_int(value, name: str) -> int:
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def _check_scalar(value, name: str, positive: bool) -> None:
+    """``value`` must be a scalar; when it is concrete, also finite (and positive if asked)."""
+    if jnp.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+    if _is_concrete(value):
+        number = float(value)
+        if not np.isfinite(number) or (positive and number <= 0):
+            raise ValueError(f"{name} must be {'positive and ' if positive else ''}finite, got {number!r}")
+
+
+def _linspace(start, stop, num: int) -> Array:
+    """NumPy's ``linspace`` arithmetic: ``start + k·(stop − start)/(num − 1)``, last value ``stop``."""
+    start, stop = jnp.asarray(start), jnp.asarray(stop)
+    if num == 1:
+        return start[None]
+    values = start + jnp.arange(num - 1, dtype=start.dtype) * ((stop - start) / (num - 1))
+    return jnp.append(values, stop)
+
+
+def _static_shift(sigma: Array, shift, shift_minus_one) -> Array:
+    """``shift·σ / (1 + (shift − 1)·σ)`` in ``sigma``'s dtype.
+
+    ``shift − 1`` comes in already formed: diffusers forms it in Python floats and rounds
+    it to ``sigma``'s dtype only then, which matters for float32 sigmas.
+    """
+    dtype = sigma.dtype
+    return _scalar(shift, dtype) * sigma / (1 + _scalar(shift_minus_one, dtype) * sigma)
+
+
+def _time_shift(sigma: Array, mu, kind: str) -> Array:
+    """Dynamic shift: ``e^μ / (e^μ + (1/σ − 1))`` (exponential) or ``μ / (μ + (1/σ − 1))`` (linear)."""
+    dtype = sigma.dtype
+    if kind == "exponential":
+        scale = _scalar(jnp.exp(jnp.asarray(mu, _default_float())), dtype)
+    else:
+        scale = _scalar(mu, dtype)
+    return scale / (scale + (1 / sigma - 1))
+
+
+def _stretch_to_terminal(sigma: Array, shift_terminal: float) -> Array:
+    """``1 − (1 − σ)/c`` with ``c = (1 − σ_last)/(1 − shift_terminal)``: the last σ becomes ``shift_terminal``."""
+    one_minus = 1 - sigma
+    scale = one_minus[-1] / _scalar(1 - shift_terminal, sigma.dtype)
+    return 1 - one_minus / scale
+
+
+def _karras(sigma_min: Array, sigma_max: Array, num: int) -> Array:
+    """Karras et al.: ``(σ_max^{1/ρ} + r·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ``, ``r`` uniform on [0, 1], ``ρ = 7``."""
+    ramp = _linspace(0.0, 1.0, num).astype(sigma_min.dtype)
+    min_inv_rho = sigma_min ** (1 / KARRAS_RHO)
+    max_inv_rho = sigma_max ** (1 / KARRAS_RHO)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** KARRAS_RHO
+
+
+def _exponential(sigma_min: Array, sigma_max: Array, num: int) -> Array:
+    """Log-uniform sigmas from ``σ_max`` down to ``σ_min``."""
+    return jnp.exp(_linspace(jnp.log(sigma_max), jnp.log(sigma_min), num))
+
+
+def _beta(sigma_min: Array, sigma_max: Array, num: int) -> Array:
+    """``σ_min + F⁻¹(1 − r)·(σ_max − σ_min)``, ``F`` the Beta(0.6, 0.6) CDF, ``r`` uniform on [0, 1].
+
+    The quantiles depend on ``num`` only, so SciPy evaluates them on the host; the
+    affine map stays in JAX.
+    """
+    import scipy.stats
+
+    quantiles = scipy.stats.beta.ppf(1 - np.linspace(0, 1, num), BETA_ALPHA, BETA_BETA)
+    return sigma_min + jnp.asarray(quantiles, sigma_min.dtype) * (sigma_max - sigma_min)
+
+
+def flow_match_euler_schedule(
+    num_inference_steps: int,
+    *,
+    num_train_timesteps: int = 1000,
+    shift=1.0,
+    use_dynamic_shifting: bool = False,
+    mu=None,
+    time_shift_type: str = "exponential",
+    shift_terminal: float | None = None,
+    use_karras_sigmas: bool = False,
+    use_exponential_sigmas: bool = False,
+    use_beta_sigmas: bool = False,
+    sigmas=None,
+    invert_sigmas: bool = False,
+    dtype=jnp.float32,
+) -> FlowSchedule:
+    """The schedule of ``FlowMatchEulerDiscreteScheduler(**config).set_timesteps(N, sigmas=, mu=)``.
+
+    The keyword arguments are the scheduler's config (and ``set_timesteps``' ``sigmas`` and
+    ``mu``); the steps are listed in the module docstring.  Behaviour kept from diffusers:
+
+    * static ``shift``: the smallest sigma is shifted twice (``σ_min`` is read from the
+      already shifted training grid), so for ``shift ≠ 1`` it is not ``shift·(1/T)/…``;
+    * ``use_dynamic_shifting`` ignores ``shift`` and needs ``mu``; without dynamic shifting a
+      given ``mu`` is ignored (pipelines such as Flux always pass one);
+    * custom ``sigmas`` (length ``N``) are rounded to float32 first and shifted in float32;
+    * ``shift_terminal`` of ``None`` or ``0`` means no stretch (and needs ``N ≥ 2`` here: with a
+      single σ = 1 the stretch is 0/0, which diffusers returns as NaN);
+    * Karras / exponential / beta schedules span the ends of the shifted sigmas;
+    * ``invert_sigmas`` (Mochi) returns ``1 − σ`` increasing to a terminal ``1``, with
+      ``timesteps = (1 − σ)·T``; it leaves this module's decreasing-σ convention.
+
+    ``shift`` and ``mu`` may be traced scalars; everything else is static.  ``dtype`` is the
+    output dtype (diffusers: float32); ``timesteps`` are ``σ·T`` computed in that dtype.
+    """
+    num_inference_steps = _positive_int(num_inference_steps, "num_inference_steps")
+    num_train_timesteps = _positive_int(num_train_timesteps, "num_train_timesteps")
+    if time_shift_type not in TIME_SHIFT_TYPES:
+        raise ValueError(f"time_shift_type must be one of {TIME_SHIFT_TYPES}, got {time_shift_type!r}")
+    if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
+        raise ValueError("at most one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas may be set")
+    _check_scalar(shift, "shift", positive=True)
+    if use_dynamic_shifting:
+        if mu is None:
+            raise ValueError("mu must be given when use_dynamic_shifting is True")
+        _check_scalar(mu, "mu", positive=time_shift_type == "linear")
+    if shift_terminal is not None:
+        shift_terminal = float(shift_terminal)
+        if not 0 <= shift_terminal < 1:
+            raise ValueError(f"shift_terminal must lie in [0, 1), got {shift_terminal!r}")
+        if shift_terminal and num_inference_steps == 1:
+            # The stretch divides by 1 − σ_last, which is 0 for a single σ = 1 (diffusers returns NaN).
+            raise ValueError("shift_terminal needs num_inference_steps >= 2")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype, got {dtype!r}")
+
+    if sigmas is not None:
+        sigmas = jnp.asarray(sigmas, jnp.float32)
+        if sigmas.shape != (num_inference_steps,):
+            raise ValueError(f"sigmas must have shape ({num_inference_steps},) = (num_inference_steps,), got {sigmas.shape}")
+    convert = _karras if use_karras_sigmas else _exponential if use_exponential_sigmas else _beta if use_beta_sigmas else None
+    return _schedule(
+        shift,
+        shift - 1,  # in Python floats when shift is one, as diffusers forms it
+        mu if use_dynamic_shifting else None,
+        sigmas,
+        num_inference_steps=num_inference_steps,
+        num_train_timesteps=num_train_timesteps,
+        time_shift_type=time_shift_type if use_dynamic_shifting else None,
+        shift_terminal=shift_terminal or None,
+        convert=convert,
+        invert_sigmas=bool(invert_sigmas),
+        dtype=dtype,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "num_inference_steps",
+        "num_train_timesteps",
+        "time_shift_type",
+        "shift_terminal",
+        "convert",
+        "invert_sigmas",
+        "dtype",
+    ),
+)
+def _schedule(
+    shift,
+    shift_minus_one,
+    mu,
+    sigmas,
+    *,
+    num_inference_steps,
+    num_train_timesteps,
+    time_shift_type,
+    shift_terminal,
+    convert,
+    invert_sigmas,
+    dtype,
+) -> FlowSchedule:
+    """Steps 1–6 of the module docstring for validated arguments; ``time_shift_type`` is ``None`` for a static shift."""
+    work = _default_float()
+    if sigmas is None:
+        # Ends of the float32 training grid k/T, k = T … 1, shifted there when shifting is static.
+        ends = jnp.asarray([num_train_timesteps, 1], jnp.float32) / jnp.float32(num_train_timesteps)
+        if time_shift_type is None:
+            ends = _static_shift(ends, shift, shift_minus_one)
+        ends = ends.astype(work) * num_train_timesteps
+        sigma = _linspace(ends[0], ends[1], num_inference_steps) / num_train_timesteps
+    else:
+        sigma = sigmas
+
+    if time_shift_type is None:
+        sigma = _static_shift(sigma, shift, shift_minus_one)
+    else:
+        sigma = _time_shift(sigma, mu, time_shift_type)
+    if shift_terminal is not None:
+        sigma = _stretch_to_terminal(sigma, shift_terminal)
+    if convert is not None:
+        sigma = convert(sigma[-1].astype(work), sigma[0].astype(work), num_inference_steps)
+
+    sigma = sigma.astype(dtype)
+    terminal = 0
+    if invert_sigmas:
+        sigma, terminal = 1 - sigma, 1
+    timesteps = sigma * jnp.asarray(num_train_timesteps, dtype)
+    return FlowSchedule(jnp.append(sigma, jnp.asarray(terminal, dtype)), timesteps)
+
+
+def flux_mu(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
+    """Flux/SD3's resolution-dependent ``μ``, linear in the latent sequence length.
+
+    ``μ = base_shift + (image_seq_len − base_seq_len)·(max_shift − base_shift)/(max_seq_len − base_seq_len)``,
+    evaluated as diffusers' ``calculate_shift`` does (``m·len + b``); works on Python numbers
+    (returning a float) and on JAX arrays alike.
+    """
+    if max_seq_len == base_seq_len:
+        raise ValueError("max_seq_len must differ from base_seq_len")
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    intercept = base_shift - slope * base_seq_len
+    return image_seq_len * slope + intercept
+
+
+def flux_sigmas(num_inference_steps: int) -> np.ndarray:
+    """The custom sigmas the Flux pipeline passes: ``linspace(1, 1/N, N)`` (float64 NumPy).
+
+    They depend only on the static ``N``, so they are built on the host exactly as the
+    pipeline builds them; :func:`flow_match_euler_schedule` rounds them to float32.
+    """
+    num_inference_steps = _positive_int(num_inference_steps, "num_inference_steps")
+    return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+
+
+# ----------------------------------------------------------------------------- solver
+def euler_step(x: Array, v: Array, sigma, sigma_next) -> Array:
+    """``x + (σ_next − σ)·v`` with diffusers' precision: the sample is upcast to float32, the
+    product ``(σ_next − σ)·v`` is formed in ``v``'s dtype, and the result is cast to ``v``'s dtype.
+    """
+    v = jnp.asarray(v)
+    step = (jnp.asarray(sigma_next) - jnp.asarray(sigma)).astype(v.dtype)
+    return (jnp.asarray(x).astype(jnp.float32) + step * v).astype(v.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowMatchEuler:
+    """Euler on ``dx/dσ = v``: ``x_{i+1} = x_i + (σ_{i+1} − σ_i)·v_i`` (diffusers' flow-match Euler step).
+
+    Stateless (``init`` returns ``()``) and without configuration: a pytree with no leaves.
+    """
+
+    def init(self, x: Array, schedule: FlowSchedule):
+        return ()
+
+    def step(self, state, schedule: FlowSchedule, i, x: Array, v: Array):
+        return euler_step(x, v, schedule.sigmas[i], schedule.sigmas[i + 1]), state
+
+
+jax.tree_util.register_pytree_node(FlowMatchEuler, lambda solver: ((), None), lambda _, children: FlowMatchEuler())
