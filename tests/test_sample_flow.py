@@ -105,3 +105,14 @@ def test_presets_are_data_and_reject_bad_choices():
         presets.get("sd3").rule("pag")
     with pytest.raises(ValueError, match="zero_init_steps"):
         presets.get("sd3").rule(zero_init_steps=-1)
+
+
+def test_lumina_rope_factors_switch_at_the_watershed():
+    """The pipeline's rule: ``t < watershed`` → (linear = s, ntk = 1), else (1, s); and t = 1 − τ/1000."""
+    from cfgzero_theory.lumina import lumina_time, rope_scaling_factors
+
+    for tau, watershed in [(1000.0, 0.3), (700.0, 0.3), (650.0, 0.3), (0.0, 1.0), (10.0, 1.0)]:
+        t = float(lumina_time(tau))
+        assert t == pytest.approx(1 - tau / 1000)
+        linear, ntk = (float(f) for f in rope_scaling_factors(t, 2.0, watershed))
+        assert (linear, ntk) == ((2.0, 1.0) if t < watershed else (1.0, 2.0))
