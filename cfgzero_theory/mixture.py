@@ -413,12 +413,9 @@ def _velocity_variance_from_terms(terms: _Terms) -> Array:
     lam, s, t = terms.mix.eigvals, terms.s, terms.t
     resp = terms.resp
     c = (t * lam - (1 - t)) / s
-    cz = c * jnp.sqrt(s) * terms.z_white  # u_k = μ_k + Q_k (c ⊙ z_k)
-    norm_u_k = (
-        jnp.sum(terms.mix.means**2, axis=-1)
-        + 2 * jnp.sum(terms.projected_means * cz, axis=-1)
-        + jnp.sum(cz * cz, axis=-1)
-    )
+    # u_k = μ_k + Q_k (c ⊙ z_k) = Q_k (m_k + c ⊙ z_k) with Q_k orthogonal, so ‖u_k‖ is a norm in the eigenbasis
+    u_k_eig = terms.projected_means + c * jnp.sqrt(s) * terms.z_white
+    norm_u_k = jnp.sum(u_k_eig * u_k_eig, axis=-1)
     trace_cov_k = jnp.sum(lam / s, axis=-1)  # tr(Σ_k S_k⁻¹)
     u = terms.field(1.0, c, resp)
     return jnp.sum(resp * (trace_cov_k + norm_u_k), axis=-1) - jnp.sum(u * u, axis=-1)
