@@ -24,7 +24,9 @@ family              colour               line        marker
 
 Family of a rule (:func:`rule_family`): ``CFG`` with scale 1 is ``conditional`` (conditional
 only) and with scale 0 ``unconditional``; ``ZeroInit(CFGStar)`` is ``cfg_zero_star`` (the
-same rule); ``ZeroInit`` of anything else is ``zero_init``.
+same rule); ``ZeroInit`` of anything else is ``zero_init``; the other wrappers of
+:mod:`cfgzero_theory.guidance_family` (interval, rescale, channel subset, …) take their inner
+rule's family.
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def rule_family(rule) -> str:
         return "cfg_zero_star"
     if isinstance(rule, ZeroInit):
         return "cfg_zero_star" if isinstance(rule.rule, CFGStar) else "zero_init"
-    return "other"
+    inner = getattr(rule, "rule", None)  # wrappers of guidance_family (interval, rescale, channel subset, ...)
+    return rule_family(inner) if inner is not None else "other"
 
 
 def rule_color(rule) -> str:

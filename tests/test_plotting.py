@@ -1,0 +1,32 @@
+"""The figure style's rule families: each rule gets its family's colour, wrappers their inner rule's."""
+
+import pytest
+
+from cfgzero_theory import CFG, CFGStar, CFGZeroStar, ZeroInit, plotting
+from cfgzero_theory.guidance_family import APG, ChannelSubset, GuidanceInterval, GuidanceRescale
+
+
+@pytest.mark.parametrize(
+    "rule, family",
+    [
+        (CFG(4.0), "cfg"),
+        (CFG(1.0), "conditional"),
+        (CFG(0.0), "unconditional"),
+        (CFGStar(4.0), "cfg_star"),
+        (CFGZeroStar(4.0), "cfg_zero_star"),
+        (ZeroInit(CFGStar(4.0), 1), "cfg_zero_star"),
+        (ZeroInit(CFG(4.0), 1), "zero_init"),
+        (GuidanceInterval(CFG(4.0), 0.1, 0.6, 10), "cfg"),
+        (GuidanceRescale(CFGZeroStar(4.0), 0.7), "cfg_zero_star"),
+        (ChannelSubset(CFGStar(4.0), 3), "cfg_star"),
+        (APG(4.0), "other"),
+    ],
+)
+def test_rule_family(rule, family):
+    assert plotting.rule_family(rule) == family
+    assert plotting.rule_color(rule) == plotting.FAMILY_COLORS[family]
+
+
+def test_unknown_family_name_is_rejected():
+    with pytest.raises(ValueError, match="family"):
+        plotting.rule_family("nope")
