@@ -235,6 +235,10 @@ class GuidanceRescale(_Wrapper):
     Space: the prediction it is given (designed for ε; diffusers applies it to the model
     output, the velocity for flow models); not parametrisation-invariant.  Odd: if ``rule``
     is (σ is even).
+
+    Meant for images, where σ is taken over thousands of numbers.  In very low dimension
+    (2-D points: σ of two numbers) σ(ṽ) can come arbitrarily close to 0 and the factor
+    explode: on the 2-D toys it sends samples far off (notebook 04).
     """
 
     rule: GuidanceRule
