@@ -3,12 +3,19 @@
 * :mod:`cfgzero_theory.sd3.transformer` — the MMDiT denoiser (:class:`SD3Transformer`) and its
   configuration (:class:`SD3Config`), matching ``diffusers.SD3Transformer2DModel`` in fp32;
 * :mod:`cfgzero_theory.sd3.weights` — loading a diffusers ``transformer/`` folder
-  (safetensors only) and the ``model_fn`` adapter for :func:`cfgzero_theory.sampling.sample_flow`.
+  (safetensors only) and the ``model_fn`` adapter for :func:`cfgzero_theory.sampling.sample_flow`;
+* :mod:`cfgzero_theory.sd3.vae` — the image autoencoder (:class:`AutoencoderKL`,
+  :class:`VAEConfig`, :func:`sample_latent`) and loading a diffusers ``vae/`` folder;
+* :mod:`cfgzero_theory.sd3.loading` — the folder / safetensors loading machinery both loaders use.
 
-Neither module imports torch or diffusers; those are only the references of the parity tests.
+None of these modules imports torch or diffusers; those are only the references of the parity tests.
 """
 
 from cfgzero_theory.sd3.transformer import SD3Config, SD3Transformer
+from cfgzero_theory.sd3.vae import VAE_WEIGHT_MAP, AutoencoderKL, VAEConfig, load_vae, sample_latent
 from cfgzero_theory.sd3.weights import WEIGHT_MAP, load_sd3_transformer, sd3_model_fn
 
-__all__ = ["SD3Config", "SD3Transformer", "WEIGHT_MAP", "load_sd3_transformer", "sd3_model_fn"]
+__all__ = [
+    "AutoencoderKL", "SD3Config", "SD3Transformer", "VAEConfig", "VAE_WEIGHT_MAP", "WEIGHT_MAP", "load_sd3_transformer",
+    "load_vae", "sample_latent", "sd3_model_fn",
+]

@@ -59,6 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cfgzero_theory.sd3.loading import config_kwargs
+
 Array = jax.Array
 
 __all__ = ["DIFFUSERS_CLASS_NAME", "PosEmbed", "SD3Config", "SD3Transformer", "sincos_pos_embed", "timestep_embedding"]
@@ -149,16 +151,7 @@ class SD3Config:
         this port does not know raises ``ValueError`` naming it; missing keys take
         diffusers' defaults.
         """
-        if not isinstance(config, Mapping):
-            raise ValueError(f"config must be a mapping (a parsed config.json), got {type(config).__name__}")
-        class_name = config.get("_class_name", DIFFUSERS_CLASS_NAME)
-        if class_name != DIFFUSERS_CLASS_NAME:
-            raise ValueError(f"_class_name must be {DIFFUSERS_CLASS_NAME!r}, got {class_name!r}")
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(key for key in config if not str(key).startswith("_") and key not in known)
-        if unknown:
-            raise ValueError(f"unsupported SD3Transformer2DModel config key(s) {unknown}")
-        kwargs = {key: value for key, value in config.items() if key in known}
+        kwargs = config_kwargs(cls, config, DIFFUSERS_CLASS_NAME)
         if isinstance(kwargs.get("dual_attention_layers"), list):
             kwargs["dual_attention_layers"] = tuple(kwargs["dual_attention_layers"])
         return cls(**kwargs)

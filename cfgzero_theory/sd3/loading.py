@@ -1,0 +1,354 @@
+"""Loading a diffusers model folder (``config.json`` + safetensors) into a Flax NNX module.
+
+The one mechanism behind :func:`~cfgzero_theory.sd3.weights.load_sd3_transformer` and
+:func:`~cfgzero_theory.sd3.vae.load_vae`; each of those supplies only its config class, its
+module class and its weight table.
+
+Public API
+----------
+* :class:`Transform` and the generic transforms :data:`IDENTITY`, :data:`LINEAR`,
+  :data:`CONV`; the row helpers :func:`linear_rows`, :func:`norm_rows`, :func:`conv_rows`;
+* :class:`WeightMap` — a declarative table of rows ``(diffusers key template, our state path
+  template, transform name)`` with ``to_ours(key)`` and ``to_diffusers(path)``;
+* :func:`read_diffusers_config` ``(folder, class_name) -> dict`` and :func:`config_kwargs`
+  ``(config_class, config, class_name) -> dict`` (for ``from_diffusers_config``);
+* :func:`weight_files` ``(folder, variant)`` and :func:`open_safetensors` ``(path)``;
+* :func:`load_module` ``(folder, module_class, config_class, weight_map, *, ...)``.
+
+Templates
+---------
+``{name}`` in a template stands for a placeholder whose regular expression the
+:class:`WeightMap` is given (e.g. ``{"i": r"\\d+", "x": "[qkv]"}``); the value matched on one
+side fills the same placeholder on the other.
+
+The folder
+----------
+``config.json`` (a JSON object whose ``_class_name`` is the expected diffusers class; its keys
+go to ``config_class.from_diffusers_config``) and either ``diffusion_pytorch_model.safetensors``
+or a sharded ``diffusion_pytorch_model.safetensors.index.json`` with its shards (a ``variant``
+such as ``"fp16"`` inserts ``.fp16`` before ``.safetensors``, as diffusers does).  Safetensors
+only: a folder holding only pickled ``.bin`` weights is refused.
+
+Checks and errors
+-----------------
+All ``ValueError`` (a nonexistent folder is ``FileNotFoundError``): no ``config.json`` or an
+unreadable one, a wrong ``_class_name``, missing weight files or shards, a file that is not
+readable safetensors (named), and — gathered into one message — keys listed by the index but
+absent from their shard, keys stored twice, missing keys, unexpected keys (no row matches, or
+the row's target does not exist in the model built from the config) and wrongly shaped
+tensors (``key 'x': expected shape (16, 4, 2, 2), found (16, 4, 3, 3)``, shapes in the file's
+layout).  All checks run on the headers before any tensor data is read.
+
+Memory
+------
+Tensors are read one at a time with ``safetensors.safe_open(framework="numpy")``, transformed,
+cast (``dtype``; ``None`` keeps the stored dtype, bf16 included) and placed on the default
+device before the next is read, so the host never holds a second full copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+
+__all__ = [
+    "CONV", "IDENTITY", "LINEAR", "Transform", "WeightMap", "config_kwargs", "conv_rows", "linear_rows", "load_module", "norm_rows",
+    "open_safetensors", "read_diffusers_config", "weight_files",
+]
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+_MAX_LISTED = 12
+
+Row = tuple[str, str, str]
+
+
+class Transform(NamedTuple):
+    """How a stored tensor becomes ours: ``apply(array)`` and the stored shape expected for
+    our parameter shape, ``source_shape(our_shape, config)``."""
+
+    apply: Callable[[np.ndarray], np.ndarray]
+    source_shape: Callable[[tuple, Any], tuple]
+
+
+IDENTITY = Transform(lambda a: a, lambda shape, cfg: tuple(shape))
+"""Stored as is."""
+LINEAR = Transform(lambda a: a.T, lambda shape, cfg: tuple(shape)[::-1])
+"""torch ``Linear.weight`` ``(out, in)`` -> NNX ``kernel`` ``(in, out)``."""
+CONV = Transform(lambda a: a.transpose(2, 3, 1, 0), lambda shape, cfg: (shape[3], shape[2], shape[0], shape[1]))
+"""torch ``Conv2d.weight`` ``(out, in, kh, kw)`` -> HWIO ``(kh, kw, in, out)``."""
+
+
+def _param_rows(diffusers: str, ours: str, weight: str, kind: str) -> tuple[Row, ...]:
+    return ((f"{diffusers}.weight", f"{ours}.{weight}", kind), (f"{diffusers}.bias", f"{ours}.bias", "identity"))
+
+
+def linear_rows(diffusers: str, ours: str) -> tuple[Row, ...]:
+    """Rows for a torch ``Linear`` -> NNX ``Linear`` (``kernel`` transform ``"linear"``, ``bias``)."""
+    return _param_rows(diffusers, ours, "kernel", "linear")
+
+
+def norm_rows(diffusers: str, ours: str) -> tuple[Row, ...]:
+    """Rows for an affine norm (torch ``weight`` -> our ``scale``, ``bias``)."""
+    return _param_rows(diffusers, ours, "scale", "identity")
+
+
+def conv_rows(diffusers: str, ours: str) -> tuple[Row, ...]:
+    """Rows for a torch ``Conv2d`` -> HWIO ``kernel`` (transform ``"conv"``) and ``bias``."""
+    return _param_rows(diffusers, ours, "kernel", "conv")
+
+
+def _template_regex(template: str, placeholders: Mapping[str, str]) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)
+    pattern = "".join(
+        re.escape(part) if k % 2 == 0 else f"(?P<{part}>{placeholders[part]})" for k, part in enumerate(parts)
+    )
+    return re.compile(pattern)
+
+
+class WeightMap:
+    """A declarative mapping between diffusers tensor names and our NNX state paths.
+
+    Args:
+      rows: ``(diffusers key template, our state path template, transform name)`` rows; the
+        first row that matches wins.
+      placeholders: ``{placeholder: regular expression}`` for the ``{name}`` fields of the templates.
+      transforms: ``{transform name: Transform}`` for the third column.
+
+    Raises ``KeyError`` at construction for an unknown placeholder or transform name.
+    """
+
+    def __init__(self, rows: Iterable[Row], placeholders: Mapping[str, str], transforms: Mapping[str, Transform]):
+        self.rows = tuple(rows)
+        self._rules = tuple(
+            (_template_regex(src, placeholders), src, _template_regex(dst, placeholders), dst, transforms[kind])
+            for src, dst, kind in self.rows
+        )
+
+    def to_ours(self, key: str) -> tuple[str, Transform] | None:
+        """``(our state path, transform)`` for a diffusers key, or ``None`` when no row matches."""
+        for src_re, _, _, dst, transform in self._rules:
+            match = src_re.fullmatch(key)
+            if match:
+                return dst.format(**match.groupdict()), transform
+        return None
+
+    def to_diffusers(self, path: str) -> str:
+        """The diffusers key for one of our state paths (for naming missing keys)."""
+        for _, src, dst_re, _, _ in self._rules:
+            match = dst_re.fullmatch(path)
+            if match:
+                return src.format(**match.groupdict())
+        return f"<no diffusers key maps to {path}>"  # pragma: no cover - the tables cover the models
+
+
+def _limited(items) -> str:
+    items = list(items)
+    shown = ", ".join(repr(item) for item in items[:_MAX_LISTED])
+    return f"[{shown}{f', … ({len(items) - _MAX_LISTED} more)' if len(items) > _MAX_LISTED else ''}]"
+
+
+# ----------------------------------------------------------------------------- folder
+
+
+def read_diffusers_config(folder: str, class_name: str, *, what: str | None = None) -> dict:
+    """The parsed ``config.json`` of a diffusers model folder whose ``_class_name`` must be
+    ``class_name``; ``what`` names the folder in the message for a missing file (e.g.
+    ``"vae/"``).  Raises ``ValueError`` for a missing or unreadable file, a non-object, or a
+    wrong ``_class_name``."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} has no config.json: expected a diffusers {what or class_name} folder")
+    try:
+        with open(path, encoding="utf-8") as file:
+            raw = json.load(file)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable JSON config: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    found = raw.get("_class_name")
+    if found != class_name:
+        raise ValueError(f"{path}: _class_name is {found!r}, expected {class_name!r}")
+    return raw
+
+
+def config_kwargs(config_class, config: Mapping, class_name: str) -> dict:
+    """The keyword arguments of the dataclass ``config_class`` found in a diffusers config dict.
+
+    Keys starting with ``_`` are metadata; ``_class_name``, when present, must be
+    ``class_name``.  Any other key that is not a field raises ``ValueError`` naming it;
+    missing keys are left to the dataclass defaults.
+    """
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a mapping (a parsed config.json), got {type(config).__name__}")
+    found = config.get("_class_name", class_name)
+    if found != class_name:
+        raise ValueError(f"_class_name must be {class_name!r}, got {found!r}")
+    known = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(key for key in config if not str(key).startswith("_") and key not in known)
+    if unknown:
+        raise ValueError(f"unsupported {class_name} config key(s) {unknown}")
+    return {key: value for key, value in config.items() if key in known}
+
+
+def weight_files(folder: str, variant: str | None) -> dict[str, set[str] | None]:
+    """``{shard path: keys the index assigns to it (None for a single file)}``."""
+    name = f"{WEIGHTS_NAME}.{variant}.safetensors" if variant else f"{WEIGHTS_NAME}.safetensors"
+    single = os.path.join(folder, name)
+    index = os.path.join(folder, f"{name}.index.json")
+    if os.path.isfile(single):
+        return {single: None}
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as file:
+                weight_map = json.load(file)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map must map tensor names to file names")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{index} is not a readable safetensors index: {err}") from err
+        shards: dict[str, set[str]] = {}
+        for key, shard in weight_map.items():
+            if os.path.basename(shard) != shard:
+                raise ValueError(f"{index}: shard name {shard!r} (for {key!r}) must be a plain file name")
+            shards.setdefault(os.path.join(folder, shard), set()).add(key)
+        absent = sorted(os.path.basename(path) for path in shards if not os.path.isfile(path))
+        if absent:
+            raise ValueError(f"{index} lists shard(s) missing from {folder}: {_limited(absent)}")
+        return shards
+    pickled = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    hint = f" (found {_limited(pickled)}: pickled weights are never loaded)" if pickled else ""
+    raise ValueError(f"{folder} has neither {name} nor {name}.index.json{hint}")
+
+
+def open_safetensors(path: str):
+    """``safe_open(path, framework="numpy")``, a failure raised as ``ValueError`` naming the file."""
+    try:
+        return safe_open(path, framework="numpy")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_module(
+    folder: str | os.PathLike,
+    module_class: Callable[..., nnx.Module],
+    config_class: Any,
+    weight_map: WeightMap,
+    *,
+    class_name: str,
+    what: str,
+    dtype=None,
+    variant: str | None = None,
+    optional: Mapping[str, Callable[[Any], np.ndarray]] | None = None,
+) -> nnx.Module:
+    """Load a diffusers model folder into ``module_class(config, rngs=...)``.
+
+    Args:
+      folder: the folder holding ``config.json`` and the safetensors weights.
+      module_class: called as ``module_class(config, rngs=nnx.Rngs(0))`` (only abstractly:
+        no parameter is initialised).
+      config_class: its ``from_diffusers_config(dict)`` builds the config.
+      weight_map: maps every stored tensor to a state path of the module.
+      class_name: the diffusers ``_class_name`` the config must carry (also used in messages).
+      what: how the folder is named in messages (e.g. ``"vae/"``).
+      dtype: cast every tensor to this floating dtype; ``None`` keeps the stored dtypes.
+      variant: diffusers' weight variant (``"fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``).
+      optional: ``{our path: compute(config) -> array}`` for parameters a checkpoint may
+        omit; when absent from the file they are computed (and cast).
+
+    Returns the populated module.  Raises as the module docstring says.
+    """
+    folder = os.fspath(folder)
+    if not os.path.exists(folder):
+        raise FileNotFoundError(f"no such folder: {folder}")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} is not a folder: expected a diffusers {what} folder")
+    cast = None if dtype is None else np.dtype(dtype)
+    if cast is not None and not np.issubdtype(cast, np.floating) and cast != np.dtype(jnp.bfloat16):
+        raise ValueError(f"dtype must be a floating dtype, got {cast}")
+    optional = dict(optional or {})
+    config = config_class.from_diffusers_config(read_diffusers_config(folder, class_name, what=what))
+    files = weight_files(folder, variant)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: module_class(config, rngs=nnx.Rngs(0))))
+    targets = {".".join(str(part) for part in path): (path, var) for path, var in nnx.to_flat_state(abstract)}
+
+    # pass 1: headers only — match every key, check every shape
+    plan: list[tuple[str, str, str, Transform]] = []  # (file, key, target, transform)
+    seen: set[str] = set()
+    filled: set[str] = set()
+    missing_from_shard, duplicated, unexpected, shape_errors = [], [], [], []
+    for path, listed in files.items():
+        with open_safetensors(path) as f:
+            keys = list(f.keys())
+            if listed is not None:
+                missing_from_shard += [f"{key} (in {os.path.basename(path)})" for key in sorted(listed - set(keys))]
+            for key in keys:
+                if key in seen:
+                    duplicated.append(key)
+                    continue
+                seen.add(key)
+                mapped = weight_map.to_ours(key)
+                if mapped is None or mapped[0] not in targets:
+                    unexpected.append(key)
+                    continue
+                target, transform = mapped
+                try:
+                    shape = tuple(f.get_slice(key).get_shape())
+                except SafetensorError as err:
+                    raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+                want = transform.source_shape(targets[target][1].shape, config)
+                if shape != want:
+                    shape_errors.append(f"key {key!r}: expected shape {want}, found {shape}")
+                    continue
+                filled.add(target)
+                plan.append((path, key, target, transform))
+    missing = sorted(weight_map.to_diffusers(t) for t in targets if t not in filled and t not in optional)
+    problems = []
+    if missing_from_shard:
+        problems.append(f"keys listed in the index but absent from their shard {_limited(missing_from_shard)}")
+    if duplicated:
+        problems.append(f"keys stored in more than one shard {_limited(sorted(set(duplicated)))}")
+    if missing:
+        problems.append(f"missing keys {_limited(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_limited(sorted(unexpected))}")
+    problems += shape_errors
+    if problems:
+        raise ValueError(f"{folder} does not match {class_name} with config {config}: " + "; ".join(problems))
+
+    # pass 2: tensor data, one tensor at a time
+    values: dict[str, jax.Array] = {}
+    for path in files:
+        entries = [entry for entry in plan if entry[0] == path]
+        if not entries:
+            continue
+        with open_safetensors(path) as f:
+            for _, key, target, transform in entries:
+                try:
+                    array = f.get_tensor(key)
+                except (SafetensorError, ValueError, TypeError) as err:
+                    raise ValueError(f"{path} is not a readable safetensors file (tensor {key!r}): {err}") from err
+                array = transform.apply(array)
+                if cast is not None and array.dtype != cast:
+                    array = array.astype(cast)
+                values[target] = jax.device_put(np.ascontiguousarray(array))
+                del array
+    for target, compute in optional.items():
+        if target in targets and target not in values:
+            table = np.asarray(compute(config))
+            values[target] = jax.device_put(table if cast is None else table.astype(cast))
+
+    state = nnx.from_flat_state([(path, var.replace(values[name])) for name, (path, var) in targets.items()])
+    return nnx.merge(graphdef, state)
