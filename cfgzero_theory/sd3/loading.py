@@ -1,8 +1,9 @@
-"""Loading a diffusers model folder (``config.json`` + safetensors) into a Flax NNX module.
+"""Loading a diffusers or transformers model folder (``config.json`` + safetensors) into a Flax NNX module.
 
-The one mechanism behind :func:`~cfgzero_theory.sd3.weights.load_sd3_transformer` and
-:func:`~cfgzero_theory.sd3.vae.load_vae`; each of those supplies only its config class, its
-module class and its weight table.
+The one mechanism behind :func:`~cfgzero_theory.sd3.weights.load_sd3_transformer`,
+:func:`~cfgzero_theory.sd3.vae.load_vae` and :func:`~cfgzero_theory.sd3.clip.load_clip_text_encoder`;
+each of those supplies only its config class, its module class, its weight table and (for a
+transformers folder) ``folder_kind=TRANSFORMERS``.
 
 Public API
 ----------
@@ -12,8 +13,11 @@ Public API
   template, transform name)`` with ``to_ours(key)`` and ``to_diffusers(path)``;
 * :func:`read_diffusers_config` ``(folder, class_name) -> dict`` and :func:`config_kwargs`
   ``(config_class, config, class_name) -> dict`` (for ``from_diffusers_config``);
-* :func:`weight_files` ``(folder, variant)`` and :func:`open_safetensors` ``(path)``;
-* :func:`load_module` ``(folder, module_class, config_class, weight_map, *, ...)``.
+  :func:`check_positive_ints` ``(config, names)`` for config validation;
+* :func:`weight_files` ``(folder, variant, weights_name=...)`` and :func:`open_safetensors` ``(path)``;
+* :class:`FolderKind` and its two values :data:`DIFFUSERS` (the default) and :data:`TRANSFORMERS`;
+  :data:`TRANSFORMERS_METADATA_KEYS` for ``config_kwargs(..., ignore=...)``;
+* :func:`load_module` ``(folder, module_class, config_class, weight_map, *, ..., folder_kind=DIFFUSERS)``.
 
 Templates
 ---------
@@ -23,21 +27,26 @@ side fills the same placeholder on the other.
 
 The folder
 ----------
-``config.json`` (a JSON object whose ``_class_name`` is the expected diffusers class; its keys
-go to ``config_class.from_diffusers_config``) and either ``diffusion_pytorch_model.safetensors``
-or a sharded ``diffusion_pytorch_model.safetensors.index.json`` with its shards (a ``variant``
-such as ``"fp16"`` inserts ``.fp16`` before ``.safetensors``, as diffusers does).  Safetensors
-only: a folder holding only pickled ``.bin`` weights is refused.
+A diffusers folder (:data:`DIFFUSERS`): ``config.json`` (a JSON object whose ``_class_name`` is
+the expected diffusers class; its keys go to ``config_class.from_diffusers_config``) and either
+``diffusion_pytorch_model.safetensors`` or a sharded
+``diffusion_pytorch_model.safetensors.index.json`` with its shards (a ``variant`` such as
+``"fp16"`` inserts ``.fp16`` before ``.safetensors``, as diffusers does).  A transformers
+folder (:data:`TRANSFORMERS`) is the same with ``model`` for ``diffusion_pytorch_model``, a
+``config.json`` whose ``architectures`` list holds the expected class instead of
+``_class_name``, and ``config_class.from_transformers_config`` reading it.  Safetensors only:
+a folder holding only pickled ``.bin`` weights is refused.
 
 Checks and errors
 -----------------
 All ``ValueError`` (a nonexistent folder is ``FileNotFoundError``): no ``config.json`` or an
-unreadable one, a wrong ``_class_name``, missing weight files or shards, a file that is not
-readable safetensors (named), and — gathered into one message — keys listed by the index but
-absent from their shard, keys stored twice, missing keys, unexpected keys (no row matches, or
-the row's target does not exist in the model built from the config) and wrongly shaped
-tensors (``key 'x': expected shape (16, 4, 2, 2), found (16, 4, 3, 3)``, shapes in the file's
-layout).  All checks run on the headers before any tensor data is read.
+unreadable one, a wrong ``_class_name`` (or ``architectures``), missing weight files or
+shards, a file that is not readable safetensors (named), and — gathered into one message —
+keys listed by the index but absent from their shard, keys stored twice, missing keys,
+unexpected keys (no row matches, or the row's target does not exist in the model built from
+the config) and wrongly shaped tensors (``key 'x': expected shape (16, 4, 2, 2), found (16,
+4, 3, 3)``, shapes in the file's layout).  All checks run on the headers before any tensor
+data is read.
 
 Memory
 ------
@@ -62,14 +71,34 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 
 __all__ = [
-    "CONV", "IDENTITY", "LINEAR", "Transform", "WeightMap", "config_kwargs", "conv_rows", "linear_rows", "load_module", "norm_rows",
+    "CONV", "DIFFUSERS", "IDENTITY", "LINEAR", "TRANSFORMERS", "TRANSFORMERS_METADATA_KEYS", "FolderKind", "Transform",
+    "WeightMap", "check_positive_ints", "config_kwargs", "conv_rows", "linear_rows", "load_module", "norm_rows",
     "open_safetensors", "read_diffusers_config", "weight_files",
 ]
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
+TRANSFORMERS_METADATA_KEYS = frozenset({"architectures", "model_type", "transformers_version", "dtype", "torch_dtype"})
+"""Keys every transformers ``config.json`` may carry that say nothing about the numerics."""
 _MAX_LISTED = 12
 
 Row = tuple[str, str, str]
+
+
+class FolderKind(NamedTuple):
+    """Which library wrote a model folder: its name (for messages), the stem of its weight
+    files, the ``config.json`` key naming the model class and the config class's constructor
+    that reads ``config.json``."""
+
+    library: str
+    weights_name: str
+    class_key: str
+    from_config: str
+
+
+DIFFUSERS = FolderKind("diffusers", WEIGHTS_NAME, "_class_name", "from_diffusers_config")
+"""``diffusion_pytorch_model[.variant].safetensors[.index.json]``, ``_class_name`` in ``config.json``."""
+TRANSFORMERS = FolderKind("transformers", "model", "architectures", "from_transformers_config")
+"""``model[.variant].safetensors[.index.json]``, ``architectures`` in ``config.json``."""
 
 
 class Transform(NamedTuple):
@@ -160,14 +189,27 @@ def _limited(items) -> str:
 # ----------------------------------------------------------------------------- folder
 
 
-def read_diffusers_config(folder: str, class_name: str, *, what: str | None = None) -> dict:
+def _class_error(config: Mapping, class_name: str, class_key: str) -> str | None:
+    """Why ``config`` is not a config of ``class_name`` (``None`` when it is): a diffusers
+    ``_class_name`` must equal it, a transformers ``architectures`` list must contain it."""
+    found = config.get(class_key)
+    if class_key == "architectures":
+        ok = isinstance(found, list) and class_name in found
+        return None if ok else f"architectures is {found!r}, expected [{class_name!r}]"
+    return None if found == class_name else f"{class_key} is {found!r}, expected {class_name!r}"
+
+
+def read_diffusers_config(
+    folder: str, class_name: str, *, what: str | None = None, folder_kind: FolderKind = DIFFUSERS,
+) -> dict:
     """The parsed ``config.json`` of a diffusers model folder whose ``_class_name`` must be
-    ``class_name``; ``what`` names the folder in the message for a missing file (e.g.
-    ``"vae/"``).  Raises ``ValueError`` for a missing or unreadable file, a non-object, or a
-    wrong ``_class_name``."""
+    ``class_name`` (of a transformers folder, ``folder_kind=TRANSFORMERS``: whose
+    ``architectures`` must contain it); ``what`` names the folder in the message for a missing
+    file (e.g. ``"vae/"``).  Raises ``ValueError`` for a missing or unreadable file, a
+    non-object, or a wrong ``_class_name`` / ``architectures``."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise ValueError(f"{folder} has no config.json: expected a diffusers {what or class_name} folder")
+        raise ValueError(f"{folder} has no config.json: expected a {folder_kind.library} {what or class_name} folder")
     try:
         with open(path, encoding="utf-8") as file:
             raw = json.load(file)
@@ -175,34 +217,51 @@ def read_diffusers_config(folder: str, class_name: str, *, what: str | None = No
         raise ValueError(f"{path} is not a readable JSON config: {err}") from err
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    found = raw.get("_class_name")
-    if found != class_name:
-        raise ValueError(f"{path}: _class_name is {found!r}, expected {class_name!r}")
+    error = _class_error(raw, class_name, folder_kind.class_key)
+    if error:
+        raise ValueError(f"{path}: {error}")
     return raw
 
 
-def config_kwargs(config_class, config: Mapping, class_name: str) -> dict:
+def config_kwargs(config_class, config: Mapping, class_name: str, *, ignore: Iterable[str] = ()) -> dict:
     """The keyword arguments of the dataclass ``config_class`` found in a diffusers config dict.
 
     Keys starting with ``_`` are metadata; ``_class_name``, when present, must be
-    ``class_name``.  Any other key that is not a field raises ``ValueError`` naming it;
-    missing keys are left to the dataclass defaults.
+    ``class_name``.  Keys in ``ignore`` (for a transformers config: its metadata keys
+    :data:`TRANSFORMERS_METADATA_KEYS` and training-only keys) are dropped — ``architectures``,
+    when ignored and present, must still contain ``class_name``.  Any other key that is not a
+    field raises ``ValueError`` naming it; missing keys are left to the dataclass defaults.
     """
     if not isinstance(config, Mapping):
         raise ValueError(f"config must be a mapping (a parsed config.json), got {type(config).__name__}")
     found = config.get("_class_name", class_name)
     if found != class_name:
         raise ValueError(f"_class_name must be {class_name!r}, got {found!r}")
+    ignore = frozenset(ignore)
+    if "architectures" in ignore and "architectures" in config:
+        error = _class_error(config, class_name, "architectures")
+        if error:
+            raise ValueError(error)
     known = {field.name for field in dataclasses.fields(config_class)}
-    unknown = sorted(key for key in config if not str(key).startswith("_") and key not in known)
+    unknown = sorted(key for key in config if not str(key).startswith("_") and key not in known and key not in ignore)
     if unknown:
         raise ValueError(f"unsupported {class_name} config key(s) {unknown}")
     return {key: value for key, value in config.items() if key in known}
 
 
-def weight_files(folder: str, variant: str | None) -> dict[str, set[str] | None]:
-    """``{shard path: keys the index assigns to it (None for a single file)}``."""
-    name = f"{WEIGHTS_NAME}.{variant}.safetensors" if variant else f"{WEIGHTS_NAME}.safetensors"
+def check_positive_ints(config, names: Iterable[str]) -> None:
+    """Raise ``ValueError`` naming the first of the fields ``names`` of ``config`` that is not
+    a positive ``int`` (``bool`` excluded)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def weight_files(folder: str, variant: str | None, weights_name: str = WEIGHTS_NAME) -> dict[str, set[str] | None]:
+    """``{shard path: keys the index assigns to it (None for a single file)}`` for the weights
+    ``{weights_name}[.{variant}].safetensors`` (or its ``.index.json`` and shards)."""
+    name = f"{weights_name}.{variant}.safetensors" if variant else f"{weights_name}.safetensors"
     single = os.path.join(folder, name)
     index = os.path.join(folder, f"{name}.index.json")
     if os.path.isfile(single):
@@ -251,21 +310,26 @@ def load_module(
     dtype=None,
     variant: str | None = None,
     optional: Mapping[str, Callable[[Any], np.ndarray]] | None = None,
+    folder_kind: FolderKind = DIFFUSERS,
 ) -> nnx.Module:
-    """Load a diffusers model folder into ``module_class(config, rngs=...)``.
+    """Load a diffusers (or transformers) model folder into ``module_class(config, rngs=...)``.
 
     Args:
       folder: the folder holding ``config.json`` and the safetensors weights.
       module_class: called as ``module_class(config, rngs=nnx.Rngs(0))`` (only abstractly:
         no parameter is initialised).
-      config_class: its ``from_diffusers_config(dict)`` builds the config.
+      config_class: its ``from_diffusers_config(dict)`` builds the config (for a transformers
+        folder ``from_transformers_config(dict)``: ``folder_kind.from_config``).
       weight_map: maps every stored tensor to a state path of the module.
-      class_name: the diffusers ``_class_name`` the config must carry (also used in messages).
+      class_name: the diffusers ``_class_name`` the config must carry (a transformers config:
+        one of its ``architectures``); also used in messages.
       what: how the folder is named in messages (e.g. ``"vae/"``).
       dtype: cast every tensor to this floating dtype; ``None`` keeps the stored dtypes.
-      variant: diffusers' weight variant (``"fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``).
+      variant: the weight variant (``"fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``).
       optional: ``{our path: compute(config) -> array}`` for parameters a checkpoint may
         omit; when absent from the file they are computed (and cast).
+      folder_kind: :data:`DIFFUSERS` (default) or :data:`TRANSFORMERS`: the weight file stem,
+        the config constructor and the library named in messages.
 
     Returns the populated module.  Raises as the module docstring says.
     """
@@ -273,13 +337,14 @@ def load_module(
     if not os.path.exists(folder):
         raise FileNotFoundError(f"no such folder: {folder}")
     if not os.path.isdir(folder):
-        raise ValueError(f"{folder} is not a folder: expected a diffusers {what} folder")
+        raise ValueError(f"{folder} is not a folder: expected a {folder_kind.library} {what} folder")
     cast = None if dtype is None else np.dtype(dtype)
     if cast is not None and not np.issubdtype(cast, np.floating) and cast != np.dtype(jnp.bfloat16):
         raise ValueError(f"dtype must be a floating dtype, got {cast}")
     optional = dict(optional or {})
-    config = config_class.from_diffusers_config(read_diffusers_config(folder, class_name, what=what))
-    files = weight_files(folder, variant)
+    raw_config = read_diffusers_config(folder, class_name, what=what, folder_kind=folder_kind)
+    config = getattr(config_class, folder_kind.from_config)(raw_config)
+    files = weight_files(folder, variant, folder_kind.weights_name)
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: module_class(config, rngs=nnx.Rngs(0))))
     targets = {".".join(str(part) for part in path): (path, var) for path, var in nnx.to_flat_state(abstract)}

@@ -208,22 +208,24 @@ def _layer_norm(x: Array, eps: float = NORM_EPS) -> Array:
 
 
 class QKNorm(nnx.Module):
-    """Per-head RMSNorm (learned scale) or LayerNorm (learned scale and bias), eps ``1e-6``."""
+    """Per-head RMSNorm (learned scale) or LayerNorm (learned scale and bias), eps ``1e-6``
+    (another ``eps`` makes it the text encoders' RMS / Layer norms over the features)."""
 
-    def __init__(self, dim: int, kind: str, *, param_dtype=jnp.float32):
+    def __init__(self, dim: int, kind: str, *, param_dtype=jnp.float32, eps: float = NORM_EPS):
         self.kind = kind
+        self.eps = eps
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if kind == "layer_norm" else None
 
     def __call__(self, x: Array) -> Array:
         if self.kind == "rms_norm":
             x32 = x.astype(jnp.float32)
-            normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + NORM_EPS)
+            normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
             scale = self.scale[...]
             if scale.dtype in (jnp.float16, jnp.bfloat16):  # diffusers casts to a half-precision weight
                 return normed.astype(scale.dtype) * scale
             return (normed * scale).astype(jnp.promote_types(x.dtype, scale.dtype))
-        return _layer_norm(x) * self.scale[...] + self.bias[...]
+        return _layer_norm(x, self.eps) * self.scale[...] + self.bias[...]
 
 
 def _qk_norm(dim: int, kind: str | None, param_dtype):

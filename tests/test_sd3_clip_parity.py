@@ -1,0 +1,169 @@
+"""Parity of :mod:`cfgzero_theory.sd3.clip` with ``transformers.CLIPTextModelWithProjection``.
+
+Tiny random text towers in the two SD3 flavours — CLIP-L-like (``quick_gelu``, the legacy
+``eos_token_id=2``: pooled at ``argmax(input_ids)``) and bigG-like (``gelu``, a real
+``eos_token_id``: pooled at its first occurrence) — are built with ``torch.manual_seed``, every
+parameter perturbed by ``0.2·N(0, 1)`` (LayerNorms start at 1 / 0, which would hide mapping
+mistakes), saved with ``save_pretrained(safe_serialization=True)`` and loaded with our loader.
+
+Tolerance (float32, CPU): ``max |ours − transformers| ≤ 1e-4 · max(1, max |transformers|)``
+for every hidden state (the penultimate one being SD3's prompt embeddings) and for
+``text_embeds``; observed ≤ 4.5e-6 absolute on outputs of scale 1–12 (≲ 5e-7 relative).
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from text_encoder_helpers import assert_close as _close
+from text_encoder_helpers import perturbed, saved_tensors, write_folder
+
+from cfgzero_theory.sd3.clip import CLIPTextConfig, CLIPTextEncoder, load_clip_text_encoder
+
+pytestmark = pytest.mark.parity
+
+VOCAB = 99
+TINY = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=3,
+    num_attention_heads=4, max_position_embeddings=16, layer_norm_eps=1e-5,
+)
+VARIANTS = {
+    # SD3's text_encoder/ (CLIP ViT-L): quick_gelu and the legacy eos id 2 (pool at the largest id)
+    "clip_l": dict(hidden_act="quick_gelu", eos_token_id=2, bos_token_id=VOCAB - 2, pad_token_id=VOCAB - 1),
+    # SD3's text_encoder_2/ (OpenCLIP bigG): gelu, pool at the first eos token — here not the
+    # largest id (the bos is larger), so the two pooling rules disagree
+    "clip_g": dict(hidden_act="gelu", eos_token_id=VOCAB - 3, bos_token_id=VOCAB - 2, pad_token_id=0),
+}
+EOS = {"clip_l": VOCAB - 1, "clip_g": VOCAB - 3}  # the end-of-text id the "tokenizer" writes
+
+
+def _reference(torch, variant, seed=0):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.CLIPTextConfig(**TINY, **VARIANTS[variant])
+    return perturbed(torch, transformers.CLIPTextModelWithProjection(config))
+
+
+def _token_ids(variant, batch=3, tokens=12, seed=1):
+    """Random ids below the special ones, a bos first and an eos at a different place in each
+    row, then padding (CLIP-L's tokenizer pads with the eos id itself: a second eos)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, VOCAB - 3, (batch, tokens))
+    ids[:, 0] = VOCAB - 2
+    pad = VARIANTS[variant]["pad_token_id"]
+    for row, end in enumerate([5, tokens - 1, 3][:batch]):
+        ids[row, end] = EOS[variant]
+        ids[row, end + 1:] = pad
+    return ids
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_hidden_states_and_text_embeds_match_transformers(torch, diffusers, tmp_path, variant):
+    model = _reference(torch, variant)
+    model.save_pretrained(tmp_path / "text_encoder", safe_serialization=True)
+    ours = load_clip_text_encoder(tmp_path / "text_encoder")
+    assert isinstance(ours, CLIPTextEncoder)
+    assert ours.config == CLIPTextConfig(
+        **TINY, hidden_act=VARIANTS[variant]["hidden_act"], eos_token_id=VARIANTS[variant]["eos_token_id"],
+    )
+
+    ids = _token_ids(variant)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids), output_hidden_states=True)
+    assert len(ref.hidden_states) == TINY["num_hidden_layers"] + 1
+
+    penultimate, text_embeds = ours(jnp.asarray(ids))
+    _close(penultimate, ref.hidden_states[-2])  # SD3's prompt embeddings (clip_skip=None)
+    _close(text_embeds, ref.text_embeds)  # SD3's pooled embeddings
+    assert np.abs(ref.text_embeds.numpy()).max() > 0.5
+
+    everything, text_embeds_again = ours(jnp.asarray(ids), output_hidden_states=True)
+    assert len(everything) == len(ref.hidden_states)
+    for mine, theirs in zip(everything, ref.hidden_states):
+        _close(mine, theirs)
+    np.testing.assert_array_equal(np.asarray(text_embeds_again), np.asarray(text_embeds))
+    skipped, _ = ours(jnp.asarray(ids), clip_skip=1)
+    _close(skipped, ref.hidden_states[-3])
+
+
+def test_pool_position_follows_eos_rule(torch, diffusers):
+    """Legacy eos id 2: the (first) largest id; otherwise the first eos, not a later one used as padding."""
+    legacy = CLIPTextEncoder(CLIPTextConfig(**TINY, eos_token_id=2), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(legacy.pool_index(jnp.asarray(_token_ids("clip_l")))), [5, 11, 3])
+    np.testing.assert_array_equal(np.asarray(legacy.pool_index(jnp.asarray(_token_ids("clip_g")))), [0, 0, 0])
+    first = CLIPTextEncoder(CLIPTextConfig(**TINY, eos_token_id=VOCAB - 1), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(first.pool_index(jnp.asarray(_token_ids("clip_l")))), [5, 11, 3])
+    first = CLIPTextEncoder(CLIPTextConfig(**TINY, eos_token_id=VOCAB - 3), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(first.pool_index(jnp.asarray(_token_ids("clip_g")))), [5, 11, 3])
+
+
+def test_sharded_and_bfloat16_checkpoints(torch, diffusers, tmp_path):
+    model = _reference(torch, "clip_g")
+    model.save_pretrained(tmp_path / "single", safe_serialization=True)
+    model.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    single = nnx.to_flat_state(nnx.state(load_clip_text_encoder(tmp_path / "single")))
+    sharded = nnx.to_flat_state(nnx.state(load_clip_text_encoder(tmp_path / "sharded")))
+    assert [path for path, _ in single] == [path for path, _ in sharded]
+    for (path, a), (_, b) in zip(single, sharded):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    stored = load_clip_text_encoder(tmp_path / "bf16")
+    assert stored.text_projection.kernel[...].dtype == jnp.bfloat16
+    upcast = load_clip_text_encoder(tmp_path / "bf16", dtype=jnp.float32)
+    ids = _token_ids("clip_g")
+    with torch.no_grad():
+        ref = model.float()(torch.from_numpy(ids), output_hidden_states=True)
+    hidden, text_embeds = upcast(jnp.asarray(ids))
+    _close(hidden, ref.hidden_states[-2])
+    _close(text_embeds, ref.text_embeds)
+
+
+def test_config_rejects_bad_keys():
+    base = {"architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", "dropout": 0.0, **TINY}
+    assert CLIPTextConfig.from_transformers_config(base) == CLIPTextConfig(**TINY)
+    with pytest.raises(ValueError, match="hidden_act"):
+        CLIPTextConfig.from_transformers_config({**base, "hidden_act": "gelu_10"})
+    with pytest.raises(ValueError, match="bogus"):
+        CLIPTextConfig.from_transformers_config({**base, "bogus": 1})
+    with pytest.raises(ValueError, match="architectures"):
+        CLIPTextConfig.from_transformers_config({**base, "architectures": ["CLIPTextModel"]})
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        CLIPTextConfig.from_transformers_config({**base, "num_attention_heads": 5})
+
+
+def test_call_rejects_bad_inputs():
+    encoder = CLIPTextEncoder(CLIPTextConfig(**TINY), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        encoder(jnp.zeros((1, 17), jnp.int32))
+    with pytest.raises(ValueError, match="clip_skip"):
+        encoder(jnp.zeros((1, 4), jnp.int32), clip_skip=3)
+    with pytest.raises(ValueError, match="integer array"):
+        encoder(jnp.zeros((1, 4), jnp.float32))
+
+
+def test_loader_errors(torch, diffusers, tmp_path):
+    weights, config = saved_tensors(_reference(torch, "clip_l"), tmp_path / "good")
+
+    def variant(name, tensors, cfg=config):
+        return write_folder(tmp_path / name, tensors, cfg)
+
+    key = "text_model.encoder.layers.1.self_attn.q_proj.weight"
+    with pytest.raises(ValueError, match=rf"missing keys \['{key}'\]"):
+        load_clip_text_encoder(variant("missing", {k: v for k, v in weights.items() if k != key}))
+    with pytest.raises(ValueError, match=r"key 'text_projection.weight': expected shape \(24, 32\), found \(32, 32\)"):
+        load_clip_text_encoder(variant("shape", {**weights, "text_projection.weight": np.zeros((32, 32), np.float32)}))
+    extra = "text_model.encoder.layers.3.mlp.fc1.bias"  # a layer this config does not have
+    with pytest.raises(ValueError, match=f"unexpected keys.*{extra}"):
+        load_clip_text_encoder(variant("extra", {**weights, extra: np.zeros((37,), np.float32)}))
+    with pytest.raises(ValueError, match=r"architectures is \['CLIPTextModel'\], expected \['CLIPTextModelWithProjection'\]"):
+        load_clip_text_encoder(variant("arch", weights, {**config, "architectures": ["CLIPTextModel"]}))
+    with pytest.raises(ValueError, match=r"architectures is None, expected \['CLIPTextModelWithProjection'\]"):
+        load_clip_text_encoder(variant("noarch", weights, {k: v for k, v in config.items() if k != "architectures"}))
+    with pytest.raises(ValueError, match="neither model.safetensors nor model.safetensors.index.json"):
+        load_clip_text_encoder(variant("noweights", None))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json: expected a transformers CLIP text_encoder/ folder"):
+        load_clip_text_encoder(tmp_path / "empty")

@@ -1,0 +1,133 @@
+"""Parity of :mod:`cfgzero_theory.sd3.t5` with ``transformers.T5EncoderModel``.
+
+Tiny random encoders — T5 v1.1-like (``gated-gelu``, as SD3's ``text_encoder_3/``) and T5
+v1.0-like (``relu``) — with few relative-position buckets and a short ``max_distance`` so that
+the sequences reach the logarithmic and the capped buckets, built with ``torch.manual_seed``,
+every parameter perturbed by ``0.2·N(0, 1)`` (the RMS norms start at 1), saved with
+``save_pretrained(safe_serialization=True)`` and loaded with our loader.
+
+Tolerance (float32, CPU): ``max |ours − transformers| ≤ 1e-4 · max(1, max |transformers|)``
+on the last hidden state (observed ≤ 1e-5 absolute on outputs of scale ~3, ≈ 3e-6
+relative).  The bucket table equals transformers' exactly, up to 700 tokens for SD3's 32
+buckets / distance 128.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from text_encoder_helpers import assert_close, perturbed, saved_tensors, write_folder
+
+from cfgzero_theory.sd3.t5 import T5Config, T5Encoder, load_t5_encoder, relative_position_buckets
+
+pytestmark = pytest.mark.parity
+
+TINY = dict(
+    vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=3, num_heads=4, relative_attention_num_buckets=8,
+    relative_attention_max_distance=12, layer_norm_epsilon=1e-6,
+)
+VARIANTS = ["gated-gelu", "relu"]
+
+
+def _reference(torch, feed_forward_proj, seed=0):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.T5Config(**TINY, feed_forward_proj=feed_forward_proj)
+    return perturbed(torch, transformers.T5EncoderModel(config))
+
+
+def _token_ids(batch=2, tokens=24, seed=1):
+    """Random ids, an eos (1) and padding (0) after two thirds of the first row."""
+    ids = np.random.default_rng(seed).integers(2, TINY["vocab_size"], (batch, tokens))
+    end = 2 * tokens // 3
+    ids[0, end], ids[0, end + 1:] = 1, 0
+    return ids
+
+
+def _close(ours, ref):
+    assert np.abs(ref.numpy()).max() > 0.5  # a non-degenerate output
+    assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("feed_forward_proj", VARIANTS)
+def test_last_hidden_state_matches_transformers(torch, diffusers, tmp_path, feed_forward_proj):
+    model = _reference(torch, feed_forward_proj)
+    model.save_pretrained(tmp_path / "text_encoder_3", safe_serialization=True)
+    ours = load_t5_encoder(tmp_path / "text_encoder_3")
+    assert isinstance(ours, T5Encoder)
+    assert ours.config == T5Config(**TINY, feed_forward_proj=feed_forward_proj)
+    for tokens in (24, 5):
+        ids = _token_ids(tokens=tokens)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(ids)).last_hidden_state
+        _close(ours(jnp.asarray(ids)), ref)
+
+
+def test_relative_position_buckets_match_transformers(torch, diffusers):
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    for buckets, distance, length in [(32, 128, 700), (8, 12, 40), (16, 20, 64)]:
+        relative = torch.arange(length)[None, :] - torch.arange(length)[:, None]
+        ref = T5Attention._relative_position_bucket(relative, bidirectional=True, num_buckets=buckets,
+                                                    max_distance=distance)
+        np.testing.assert_array_equal(relative_position_buckets(length, buckets, distance), ref.numpy())
+
+
+def test_embed_tokens_key_and_bfloat16(torch, diffusers, tmp_path):
+    """A checkpoint storing the embedding as encoder.embed_tokens.weight (or both names) loads the same."""
+    model = _reference(torch, "gated-gelu")
+    weights, config = saved_tensors(model, tmp_path / "good")
+    ids = _token_ids()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).last_hidden_state
+    embedding = weights["shared.weight"]
+    for name, tensors in [
+        ("renamed", {**{k: v for k, v in weights.items() if k != "shared.weight"}, "encoder.embed_tokens.weight": embedding}),
+        ("both", {**weights, "encoder.embed_tokens.weight": embedding}),
+    ]:
+        _close(load_t5_encoder(write_folder(tmp_path / name, tensors, config))(jnp.asarray(ids)), ref)
+
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    assert load_t5_encoder(tmp_path / "bf16").layers[0].attn.q.kernel[...].dtype == jnp.bfloat16
+    upcast = load_t5_encoder(tmp_path / "bf16", dtype=jnp.float32)
+    with torch.no_grad():
+        ref = model.float()(torch.from_numpy(ids)).last_hidden_state
+    _close(upcast(jnp.asarray(ids)), ref)
+
+
+def test_config_rejects_bad_keys():
+    base = {"architectures": ["T5EncoderModel"], "dropout_rate": 0.1, "is_gated_act": True, **TINY,
+            "feed_forward_proj": "gated-gelu"}
+    assert T5Config.from_transformers_config(base) == T5Config(**TINY, feed_forward_proj="gated-gelu")
+    assert T5Config.from_transformers_config(base).activation == "gelu_new"
+    with pytest.raises(ValueError, match="feed_forward_proj"):
+        T5Config.from_transformers_config({**base, "feed_forward_proj": "gated-swish"})
+    with pytest.raises(ValueError, match="bogus"):
+        T5Config.from_transformers_config({**base, "bogus": 1})
+    with pytest.raises(ValueError, match="architectures"):
+        T5Config.from_transformers_config({**base, "architectures": ["T5ForConditionalGeneration"]})
+    encoder = T5Encoder(T5Config(**TINY), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="integer array"):
+        encoder(jnp.zeros((1, 4), jnp.float32))
+
+
+def test_loader_errors(torch, diffusers, tmp_path):
+    weights, config = saved_tensors(_reference(torch, "gated-gelu"), tmp_path / "good")
+
+    def variant(name, tensors, cfg=config):
+        return write_folder(tmp_path / name, tensors, cfg)
+
+    key = "encoder.block.2.layer.1.DenseReluDense.wi_1.weight"
+    with pytest.raises(ValueError, match=rf"missing keys \['{key}'\]"):
+        load_t5_encoder(variant("missing", {k: v for k, v in weights.items() if k != key}))
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    with pytest.raises(ValueError, match=rf"key '{bias}': expected shape \(8, 4\), found \(32, 4\)"):
+        load_t5_encoder(variant("shape", {**weights, bias: np.zeros((32, 4), np.float32)}))
+    extra = "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"  # only block 0 has one
+    with pytest.raises(ValueError, match=f"unexpected keys.*{extra}"):
+        load_t5_encoder(variant("extra", {**weights, extra: np.zeros((8, 4), np.float32)}))
+    with pytest.raises(ValueError, match=r"missing keys.*DenseReluDense\.wi\.weight.*unexpected keys.*wi_0"):
+        load_t5_encoder(variant("ungated", weights, {**config, "feed_forward_proj": "relu"}))
+    with pytest.raises(ValueError, match=r"architectures is \['T5Model'\], expected \['T5EncoderModel'\]"):
+        load_t5_encoder(variant("arch", weights, {**config, "architectures": ["T5Model"]}))
