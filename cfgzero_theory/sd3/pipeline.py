@@ -1,0 +1,302 @@
+"""Text-to-image with a diffusers Stable Diffusion 3 / 3.5 folder, the sampling loop in JAX.
+
+Public API
+----------
+* :func:`load_tokenizer` ``(folder)`` — a checkpoint's own tokenizer (transformers'
+  ``AutoTokenizer``; the only non-JAX dependency, imported lazily: ``pip install -e ".[sd3]"``);
+* :func:`encode_prompt` ``(components, prompts, negative_prompts=None, max_sequence_length=256)
+  -> (prompt_embeds, pooled, negative_prompt_embeds, negative_pooled)``;
+* :class:`SD3Pipeline` — ``SD3Pipeline.from_pretrained(folder, dtype=None)`` and
+  ``pipeline(prompts, ...) -> (latents, images)`` (also ``pipeline.generate``);
+* :func:`save_png` ``(images, path)``.
+
+Prompt encoding (the conditioning of ``StableDiffusion3Pipeline``)
+-------------------------------------------------------------------
+Each prompt is tokenised three times, padded to a fixed length and truncated: by
+``tokenizer/`` and ``tokenizer_2/`` to their ``model_max_length`` (77 for SD3), by
+``tokenizer_3/`` to ``max_sequence_length`` (special tokens added: T5's ``</s>``).  The two
+CLIP towers give their penultimate hidden states ``(B, 77, 768)`` and ``(B, 77, 1280)``,
+joined on the feature axis and zero-padded on it to the T5 width ``J`` (4096); the T5 states
+``(B, max_sequence_length, J)`` follow on the sequence axis, giving ``(B, 77 +
+max_sequence_length, J)``.  The pooled embedding is both towers' projected ``text_embeds``
+joined, ``(B, 768 + 1280)``.  The negative prompt defaults to ``""``.  Without a T5 encoder
+(``text_encoder_3`` null in ``model_index.json``) its part is zeros of width
+``joint_attention_dim``.
+
+Sampling
+--------
+``latents ~ N(0, I)`` of shape ``(B, in_channels, H / f, W / f)`` (``f`` the VAE's
+downsampling factor; or the caller's ``latents``), the scheduler's σ schedule
+(:func:`~cfgzero_theory.schedules.flow_match_euler_schedule` with the ``shift`` of
+``scheduler/scheduler_config.json``), the guidance rule of
+:meth:`cfgzero_theory.presets.SamplerPreset.rule` (``"cfg"``, ``"cfg-star"``, ``"zero-init"``,
+``"cfg-zero-star"``, ``"conditional"``), and the whole loop one compiled
+:func:`~cfgzero_theory.sampling.sample_flow`.  Then the decoder receives ``latents /
+scaling_factor + shift_factor`` and the images are ``clip(x / 2 + 1/2, 0, 1)`` in NHWC.
+
+Not supported: per-encoder prompts (``prompt_2`` / ``prompt_3``), ``clip_skip``, LoRA,
+skip-layer guidance, IP-adapters, dynamic shifting, and schedulers other than
+``FlowMatchEulerDiscreteScheduler``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cfgzero_theory import presets
+from cfgzero_theory.sampling import sample_flow
+from cfgzero_theory.schedules import flow_match_euler_schedule
+from cfgzero_theory.sd3.clip import load_clip_text_encoder
+from cfgzero_theory.sd3.t5 import load_t5_encoder
+from cfgzero_theory.sd3.vae import load_vae
+from cfgzero_theory.sd3.weights import load_sd3_transformer, sd3_model_fn
+
+__all__ = ["GUIDANCE_KINDS", "SD3Pipeline", "encode_prompt", "load_tokenizer", "save_png"]
+
+GUIDANCE_KINDS = presets.GUIDANCE_KINDS
+PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
+REQUIRED = ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+OPTIONAL = ("text_encoder_3", "tokenizer_3")
+SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
+SCHEDULE_KEYS = ("num_train_timesteps", "shift", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                 "use_beta_sigmas")
+"""Keys of ``scheduler_config.json`` handed to :func:`flow_match_euler_schedule` when present."""
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The tokenizer saved in ``folder`` (``AutoTokenizer.from_pretrained``; no torch needed)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            'the SD3 pipeline tokenises with transformers: install it with pip install -e ".[sd3]"'
+        ) from err
+    return AutoTokenizer.from_pretrained(os.fspath(folder))
+
+
+def _token_ids(tokenizer, prompts: list[str], length: int) -> jax.Array:
+    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np")
+    return jnp.asarray(np.asarray(ids["input_ids"]), jnp.int32)
+
+
+def _as_list(prompts, what: str) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{what} must be a string or a non-empty list of strings, got {prompts!r}")
+    return prompts
+
+
+def _encode(components, prompts: list[str], max_sequence_length: int) -> tuple[jax.Array, jax.Array]:
+    clip_states, pooled = [], []
+    for tokenizer, encoder in ((components.tokenizer, components.text_encoder),
+                               (components.tokenizer_2, components.text_encoder_2)):
+        hidden, text_embeds = encoder(_token_ids(tokenizer, prompts, tokenizer.model_max_length))
+        clip_states.append(hidden)
+        pooled.append(text_embeds)
+    clip = jnp.concatenate(clip_states, axis=-1)
+    if components.text_encoder_3 is None:
+        t5 = jnp.zeros((len(prompts), max_sequence_length, components.joint_attention_dim), clip.dtype)
+    else:
+        t5 = components.text_encoder_3(_token_ids(components.tokenizer_3, prompts, max_sequence_length))
+    width = t5.shape[-1]
+    if clip.shape[-1] > width:
+        raise ValueError(f"the CLIP states ({clip.shape[-1]} features) are wider than the T5 states ({width})")
+    clip = jnp.pad(clip, ((0, 0), (0, 0), (0, width - clip.shape[-1])))
+    return jnp.concatenate([clip, t5.astype(clip.dtype)], axis=1), jnp.concatenate(pooled, axis=-1)
+
+
+def encode_prompt(components, prompts, negative_prompts=None, max_sequence_length: int = 256):
+    """SD3's text conditioning of ``prompts`` and ``negative_prompts`` (default ``""``).
+
+    ``components`` is an :class:`SD3Pipeline` (anything with its ``tokenizer*`` /
+    ``text_encoder*`` attributes and ``joint_attention_dim``).  A single negative prompt is
+    used for every prompt.  Returns ``(prompt_embeds (B, L_clip + max_sequence_length, J),
+    pooled (B, P), negative_prompt_embeds, negative_pooled)``.
+    """
+    prompts = _as_list(prompts, "prompts")
+    negative = _as_list("" if negative_prompts is None else negative_prompts, "negative_prompts")
+    if len(negative) == 1:
+        negative = negative * len(prompts)
+    if len(negative) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(negative)} negative prompts")
+    if not (isinstance(max_sequence_length, int) and max_sequence_length > 0):
+        raise ValueError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}")
+    return (*_encode(components, prompts, max_sequence_length), *_encode(components, negative, max_sequence_length))
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {what} {path}: {err}") from None
+
+
+class SD3Pipeline:
+    """A loaded SD3 / SD3.5 text-to-image pipeline (see the module docstring)."""
+
+    def __init__(self, *, transformer, vae, text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_2,
+                 tokenizer_3, scheduler_config: dict):
+        if scheduler_config.get("_class_name", SCHEDULER_CLASS) != SCHEDULER_CLASS:
+            raise ValueError(f"the scheduler must be {SCHEDULER_CLASS}, got {scheduler_config.get('_class_name')!r}")
+        if scheduler_config.get("use_dynamic_shifting", False):
+            raise ValueError("schedulers with use_dynamic_shifting are not supported")
+        if (text_encoder_3 is None) != (tokenizer_3 is None):
+            raise ValueError("text_encoder_3 and tokenizer_3 must be given together")
+        self.transformer, self.vae = transformer, vae
+        self.text_encoder, self.text_encoder_2, self.text_encoder_3 = text_encoder, text_encoder_2, text_encoder_3
+        self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
+        self.scheduler_config = dict(scheduler_config)
+        self._model_fn = sd3_model_fn(transformer)
+        vae_graph = nnx.graphdef(vae)
+        self._decode = jax.jit(lambda state, z: nnx.merge(vae_graph, state).decode(z))
+
+    @property
+    def joint_attention_dim(self) -> int:
+        return self.transformer.config.joint_attention_dim
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    @property
+    def shift(self) -> float:
+        return float(self.scheduler_config.get("shift", 1.0))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, dtype=None) -> SD3Pipeline:
+        """Load a diffusers ``StableDiffusion3Pipeline`` folder (``model_index.json`` and subfolders).
+
+        ``dtype`` casts every weight (``None`` keeps the stored dtypes).  Raises ``ValueError``
+        when the folder is not an SD3 pipeline or a subfolder it lists is missing.
+        """
+        root = Path(folder)
+        if not root.is_dir():
+            raise ValueError(f"{root} is not a folder")
+        index = _read_json(root / "model_index.json", "the pipeline index")
+        if index.get("_class_name") not in PIPELINE_CLASSES:
+            raise ValueError(f"{root} is not an SD3 pipeline: model_index.json names {index.get('_class_name')!r}, "
+                             f"expected one of {PIPELINE_CLASSES}")
+        present = {}
+        for name in REQUIRED + OPTIONAL:
+            entry = index.get(name)
+            if entry is None or entry == [None, None]:
+                if name in REQUIRED:
+                    raise ValueError(f"{root}: model_index.json lists no {name!r} component")
+                present[name] = None
+                continue
+            if not (root / name).is_dir():
+                raise ValueError(f"{root}: the {name}/ subfolder is missing")
+            present[name] = root / name
+        scheduler = _read_json(root / "scheduler" / "scheduler_config.json", "the scheduler config")
+        t5_folder = present["text_encoder_3"]
+        tok3_folder = present["tokenizer_3"]
+        return cls(
+            transformer=load_sd3_transformer(present["transformer"], dtype=dtype),
+            vae=load_vae(present["vae"], dtype=dtype),
+            text_encoder=load_clip_text_encoder(present["text_encoder"], dtype=dtype),
+            text_encoder_2=load_clip_text_encoder(present["text_encoder_2"], dtype=dtype),
+            text_encoder_3=None if t5_folder is None else load_t5_encoder(t5_folder, dtype=dtype),
+            tokenizer=load_tokenizer(present["tokenizer"]),
+            tokenizer_2=load_tokenizer(present["tokenizer_2"]),
+            tokenizer_3=None if tok3_folder is None else load_tokenizer(tok3_folder),
+            scheduler_config=scheduler,
+        )
+
+    def schedule(self, num_steps: int):
+        """The σ schedule of ``scheduler_config.json`` for ``num_steps`` steps."""
+        options = {key: self.scheduler_config[key] for key in SCHEDULE_KEYS if key in self.scheduler_config}
+        return flow_match_euler_schedule(num_steps, **options)
+
+    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length: int = 256):
+        """:func:`encode_prompt` with this pipeline's components."""
+        return encode_prompt(self, prompts, negative_prompts, max_sequence_length)
+
+    def decode(self, latents) -> jax.Array:
+        """Denoiser latents ``(B, C, h, w)`` → images ``(B, H, W, 3)`` in ``[0, 1]`` (float32)."""
+        z = self.vae.latents_to_vae(jnp.asarray(latents))
+        image = self._decode(nnx.state(self.vae), z).astype(jnp.float32)
+        return jnp.clip(jnp.transpose(image, (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
+
+    def __call__(self, prompts, *, negative_prompts=None, guidance: str = "cfg", scale: float = 7.0,
+                 zero_init_steps: int = 1, num_steps: int = 28, height: int | None = None, width: int | None = None,
+                 seed: int = 0, latents=None, max_sequence_length: int = 256):
+        """Generate images; returns ``(latents (B, C, h, w), images (B, H, W, 3) float in [0, 1])``.
+
+        ``guidance`` is a rule kind of :mod:`cfgzero_theory.presets` (``scale``,
+        ``zero_init_steps`` as there).  ``latents`` (the initial noise at ``σ_0``) overrides
+        ``seed``, ``height`` and ``width``; otherwise the noise is ``jax.random.normal`` of
+        ``PRNGKey(seed)``, and the size defaults to the transformer's ``sample_size`` times the
+        VAE factor.
+        """
+        if guidance not in GUIDANCE_KINDS:
+            raise ValueError(f"guidance must be one of {GUIDANCE_KINDS}, got {guidance!r}")
+        if not (isinstance(num_steps, int) and num_steps >= 1):
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        cond, pooled, uncond, uncond_pooled = self.encode_prompt(prompts, negative_prompts, max_sequence_length)
+        batch = cond.shape[0]
+        config = self.transformer.config
+        factor = self.vae_scale_factor
+        if latents is None:
+            height = config.sample_size * factor if height is None else height
+            width = config.sample_size * factor if width is None else width
+            multiple = factor * config.patch_size
+            if height % multiple or width % multiple or height <= 0 or width <= 0:
+                raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}×{width}")
+            shape = (batch, config.in_channels, height // factor, width // factor)
+            latents = jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+        latents = jnp.asarray(latents)
+        if latents.ndim != 4 or latents.shape[:2] != (batch, config.in_channels):
+            raise ValueError(f"latents must have shape ({batch}, {config.in_channels}, h, w), got {latents.shape}")
+        rule = presets.get("sd3").rule(guidance, scale=scale, zero_init_steps=zero_init_steps)
+        result = sample_flow(self._model_fn, nnx.state(self.transformer), latents, self.schedule(num_steps),
+                             (cond, pooled), (uncond, uncond_pooled), rule)
+        return result.samples, self.decode(result.samples)
+
+    generate = __call__
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def to_uint8(images) -> np.ndarray:
+    """Images in ``[0, 1]`` → ``uint8`` (``round(255·x)``)."""
+    return np.round(np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def save_png(images, path: str | os.PathLike) -> str:
+    """Write ``images`` (``(H, W, 3)``, or ``(B, H, W, 3)`` tiled left to right) as one PNG, atomically."""
+    from PIL import Image
+
+    array = np.asarray(images)
+    if array.ndim == 4:
+        array = np.concatenate(list(array), axis=1)
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"images must have shape (H, W, C) or (B, H, W, C) with C in 1, 3, 4; got {np.shape(images)}")
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    pixels = to_uint8(array)
+    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
