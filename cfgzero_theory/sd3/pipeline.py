@@ -41,6 +41,7 @@ skip-layer guidance, IP-adapters, dynamic shifting, and schedulers other than
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -97,18 +98,29 @@ def _as_list(prompts, what: str) -> list[str]:
     return prompts
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_jit(graphdef, state, token_ids):
+    return nnx.merge(graphdef, state)(token_ids)
+
+
+def _apply(encoder, token_ids):
+    """``encoder(token_ids)`` as a compiled program (once per encoder structure and token shape)."""
+    graphdef, state = nnx.split(encoder)
+    return _apply_jit(graphdef, state, token_ids)
+
+
 def _encode(components, prompts: list[str], max_sequence_length: int) -> tuple[jax.Array, jax.Array]:
     clip_states, pooled = [], []
     for tokenizer, encoder in ((components.tokenizer, components.text_encoder),
                                (components.tokenizer_2, components.text_encoder_2)):
-        hidden, text_embeds = encoder(_token_ids(tokenizer, prompts, tokenizer.model_max_length))
+        hidden, text_embeds = _apply(encoder, _token_ids(tokenizer, prompts, tokenizer.model_max_length))
         clip_states.append(hidden)
         pooled.append(text_embeds)
     clip = jnp.concatenate(clip_states, axis=-1)
     if components.text_encoder_3 is None:
         t5 = jnp.zeros((len(prompts), max_sequence_length, components.joint_attention_dim), clip.dtype)
     else:
-        t5 = components.text_encoder_3(_token_ids(components.tokenizer_3, prompts, max_sequence_length))
+        t5 = _apply(components.text_encoder_3, _token_ids(components.tokenizer_3, prompts, max_sequence_length))
     width = t5.shape[-1]
     if clip.shape[-1] > width:
         raise ValueError(f"the CLIP states ({clip.shape[-1]} features) are wider than the T5 states ({width})")
