@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import time
 
 
 def strict_json(value):
@@ -25,6 +26,16 @@ def write_json(path: str, payload: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(strict_json(payload), f, indent=1, allow_nan=False)
     os.replace(tmp, path)
+
+
+def publishable(payload: dict, figures: list[str], verdict, started: float) -> dict:
+    """A study's payload ready for its JSON: private (``_``) keys dropped, the figure file
+    names, ``verdict(payload)`` and the total runtime since ``started`` (``time.perf_counter``)."""
+    payload = {k: v for k, v in payload.items() if not k.startswith("_")}
+    payload["figures"] = [os.path.basename(f) for f in figures]
+    payload["verdict"] = verdict(payload)
+    payload["runtime_s"]["total"] = time.perf_counter() - started
+    return payload
 
 
 def run_or_exit(run, args):

@@ -317,7 +317,7 @@ def main(argv=None) -> dict:
 
     matplotlib.use("Agg")
     from cfgzero_theory import plotting
-    from experiments._common import run_or_exit, write_json
+    from experiments._common import publishable, run_or_exit, write_json
     from experiments._figures import plot_first_step_errors, plot_training_loss
 
     payload = run_or_exit(run, args)
@@ -337,10 +337,7 @@ def main(argv=None) -> dict:
         figures += plot_jsd(payload, os.path.join(args.out, "jsd"))
         figures += plot_trajectories(payload, os.path.join(args.out, "trajectories"))
         figures += plot_training_loss(payload["training_loss"], payload["loss_floor"], os.path.join(args.out, "training_loss"))
-    payload = {k: v for k, v in payload.items() if not k.startswith("_")}
-    payload["figures"] = [os.path.basename(f) for f in figures]
-    payload["verdict"] = verdict(payload)
-    payload["runtime_s"]["total"] = time.perf_counter() - start
+    payload = publishable(payload, figures, verdict, start)
     path = os.path.join(args.out, "crossover.json")
     write_json(path, payload)
     print(format_table(payload))

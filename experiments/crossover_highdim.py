@@ -559,7 +559,7 @@ def main(argv=None) -> dict:
 
     matplotlib.use("Agg")
     from cfgzero_theory import plotting
-    from experiments._common import run_or_exit, write_json
+    from experiments._common import publishable, run_or_exit, write_json
     from experiments._figures import plot_first_step_errors, plot_training_loss
 
     payload = run_or_exit(run, args)
@@ -584,10 +584,7 @@ def main(argv=None) -> dict:
             payload["training_loss"], payload["loss_floor"], os.path.join(args.out, "training_loss"),
             evaluated_epochs=payload["epochs"][1:], log_epochs=len(payload["training_loss"]) > 8,
         )
-    payload = {k: v for k, v in payload.items() if not k.startswith("_")}
-    payload["figures"] = [os.path.basename(f) for f in figures]
-    payload["verdict"] = verdict(payload)
-    payload["runtime_s"]["total"] = time.perf_counter() - start
+    payload = publishable(payload, figures, verdict, start)
     path = os.path.join(args.out, "crossover_highdim.json")
     write_json(path, payload)
     print(format_table(payload))
