@@ -30,7 +30,9 @@ context)`` whose conditional and unconditional contexts are batched into one cal
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -180,6 +182,49 @@ def _sample_jit(velocity_fn, params, x0, times, labels, rule, solver, return_tra
 ModelFn = Callable[..., Array]
 
 
+@dataclasses.dataclass(frozen=True)
+class PerturbedGuidance:
+    """A guidance term from a perturbed conditional prediction, added to the rule's output.
+
+    At step ``i`` of ``N``, when ``N·start < i < N·stop`` (the comparison of diffusers'
+    ``StableDiffusion3Pipeline``; ``start``/``stop`` are fractions of the steps)::
+
+        ṽ ← ṽ + scale·(v_c − v_p),    v_p = model_fn(params, x, σ_i, τ_i, context)
+
+    with ``ṽ`` the guidance rule's output (CFG, CFG-Zero*, …), ``v_c`` the conditional
+    prediction and ``v_p`` a prediction of the same network made worse on purpose, evaluated on
+    the conditional batch only and only inside the interval (a ``lax.cond``).  Skip-layer
+    guidance (SD3.5-medium: ``model_fn = sd3_model_fn(transformer, skip_layers=(7, 8, 9))``,
+    ``scale=2.8``, ``start=0.01``, ``stop=0.2``) is this term; perturbed-attention guidance has
+    the same shape.  ``model_fn`` is static under ``jit`` (reuse one function object);
+    ``scale``, ``start`` and ``stop`` are traced.  Note that diffusers' modular
+    ``SkipLayerGuidance`` guider compares with ``int(N·start) < i < int(N·stop)`` instead, which
+    can differ by a step.  A zero-init step inside the interval receives the term too.
+    """
+
+    model_fn: ModelFn
+    scale: float = 2.8
+    start: float = 0.01
+    stop: float = 0.2
+
+    def __post_init__(self):
+        if not callable(self.model_fn):
+            raise ValueError(f"model_fn must be callable, got {type(self.model_fn).__name__}")
+        values = {name: getattr(self, name) for name in ("scale", "start", "stop")}
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+            if not all(math.isfinite(v) for v in values.values()):
+                raise ValueError(f"scale, start and stop must be finite, got {values}")
+            if not 0 <= values["start"] <= values["stop"] <= 1:
+                raise ValueError(f"need 0 <= start <= stop <= 1, got start={values['start']}, stop={values['stop']}")
+
+    def active(self, i, num_steps: int):
+        """Whether the term is applied at step ``i`` (``N·start < i < N·stop``; traceable)."""
+        return (i > num_steps * self.start) & (i < num_steps * self.stop)
+
+
+jax.tree_util.register_dataclass(PerturbedGuidance, data_fields=["scale", "start", "stop"], meta_fields=["model_fn"])
+
+
 class FlowSampleResult(NamedTuple):
     """Output of :func:`sample_flow` (σ convention).
 
@@ -208,6 +253,7 @@ def sample_flow(
     rule: GuidanceRule,
     *,
     solver: FlowSolver = FlowMatchEuler(),
+    perturbed: PerturbedGuidance | None = None,
     return_trajectory: bool = False,
 ) -> FlowSampleResult:
     """Guided sampling in diffusers' σ convention, the whole loop one compiled ``lax.scan``.
@@ -217,7 +263,9 @@ def sample_flow(
     uncond_context])``, giving ``(v_c, v_u)``; the rule (with its state, e.g. APG's momentum,
     in the scan carry) gives ``ṽ``; the solver (with its multistep history in the carry)
     gives the next latents.  Zero-init, guidance intervals and truncation are traced
-    conditions on ``i``.  Works for any latent shape ``(B, ...)``: points, images
+    conditions on ``i``.  The guided prediction is cast to the model's output dtype and the
+    next latents to the initial latents' dtype (as diffusers keeps bf16 latents bf16).  Works
+    for any latent shape ``(B, ...)``: points, images
     ``(B, C, H, W)``, packed tokens ``(B, N, C)``, videos ``(B, C, F, H, W)``; sharding the
     batch axis of ``latents`` and contexts over a device mesh shards the whole loop.
 
@@ -232,6 +280,7 @@ def sample_flow(
       rule: any guidance rule of :mod:`cfgzero_theory.guidance` or
         :mod:`cfgzero_theory.guidance_family` (traced: scales can be vmapped).
       solver: a :class:`~cfgzero_theory.schedules.FlowSolver` (default Euler).
+      perturbed: an optional :class:`PerturbedGuidance` term (skip-layer guidance).
       return_trajectory: also return latents, predictions and ``s*`` of every step.
     """
     latents = jnp.asarray(latents)
@@ -251,21 +300,32 @@ def sample_flow(
                 raise ValueError(f"every leaf of {name} needs a leading batch axis of {batch}, got shape {jnp.shape(leaf)}")
     if jax.tree_util.tree_structure(context) != jax.tree_util.tree_structure(uncond_context):
         raise ValueError("context and uncond_context must have the same tree structure")
+    if perturbed is not None and not isinstance(perturbed, PerturbedGuidance):
+        raise ValueError(f"perturbed must be a PerturbedGuidance or None, got {type(perturbed).__name__}")
     return _sample_flow_jit(model_fn, params, latents, FlowSchedule(sigmas, timesteps), context, uncond_context,
-                            rule, solver, return_trajectory)
+                            rule, solver, perturbed, return_trajectory)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8))
-def _sample_flow_jit(model_fn, params, latents, schedule, context, uncond_context, rule, solver, return_trajectory):
+@functools.partial(jax.jit, static_argnums=(0, 9))
+def _sample_flow_jit(model_fn, params, latents, schedule, context, uncond_context, rule, solver, perturbed,
+                     return_trajectory):
     both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), context, uncond_context)
     batch = latents.shape[0]
+    num_steps = schedule.timesteps.shape[0]
 
     def step(carry, i):
         x, rule_state, solver_state = carry
-        v = model_fn(params, jnp.concatenate([x, x]), schedule.sigmas[i], schedule.timesteps[i], both)
+        sigma, timestep = schedule.sigmas[i], schedule.timesteps[i]
+        v = model_fn(params, jnp.concatenate([x, x]), sigma, timestep, both)
         v_c, v_u = v[:batch], v[batch:]
         guided, rule_state = apply_rule(rule, rule_state, v_c, v_u, i)
+        if perturbed is not None:
+            v_p = jax.lax.cond(perturbed.active(i, num_steps),
+                               lambda: perturbed.model_fn(params, x, sigma, timestep, context), lambda: v_c)
+            guided = guided + perturbed.scale * (v_c - v_p)
+        guided = guided.astype(v_c.dtype)
         x_next, solver_state = solver.step(solver_state, schedule, i, x, guided)
+        x_next = x_next.astype(x.dtype)
         record = None
         if return_trajectory:
             record = (x_next, guided, v_c, v_u, optimized_scale(v_c, v_u).reshape(batch))

@@ -9,15 +9,18 @@ prompt embeddings (observed ≈ 2e-6 absolute on values of scale ≈ 3), the lat
 guided steps and the decoded images in ``[0, 1]``.
 """
 
+import copy
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from cfgzero_theory.sd3.pipeline import SD3Pipeline, save_png
 
@@ -118,6 +121,92 @@ def test_cfg_zero_star_matches_diffusers_guider_loop(torch, diffusers, tiny):
                            num_steps=STEPS, latents=jnp.asarray(init.numpy()), max_sequence_length=SEQ)
     _close(latents, x)
     _close(images, ref_images)
+
+
+def test_per_encoder_prompts_and_clip_skip_match_diffusers(torch, tiny):
+    reference, _, ours = tiny
+    texts = dict(prompt_2=["a blue cat", ""], prompt_3=["the dog", "a cat"], negative_prompt="red",
+                 negative_prompt_3=["blue", "beach"])
+    with torch.no_grad():
+        ref = reference.encode_prompt(PROMPTS, texts["prompt_2"], texts["prompt_3"], device="cpu",
+                                      negative_prompt=texts["negative_prompt"],
+                                      negative_prompt_3=texts["negative_prompt_3"], clip_skip=1,
+                                      max_sequence_length=SEQ)
+    got = ours.encode_prompt(PROMPTS, "red", max_sequence_length=SEQ, prompts_2=texts["prompt_2"],
+                             prompts_3=texts["prompt_3"], negative_prompts_3=texts["negative_prompt_3"], clip_skip=1)
+    for mine, theirs in zip(got, (ref[0], ref[2], ref[1], ref[3])):
+        _close(mine, theirs)
+    plain = ours.encode_prompt(PROMPTS, "red", max_sequence_length=SEQ)
+    assert not np.allclose(np.asarray(plain[0]), np.asarray(got[0]))  # prompts_2/3 and clip_skip changed something
+    with pytest.raises(ValueError, match="clip_skip"):
+        ours.encode_prompt(PROMPTS, clip_skip=2)  # the tiny CLIP towers have 2 layers
+    with pytest.raises(ValueError, match="prompts_2 and prompts_3|same number"):
+        ours.encode_prompt(PROMPTS, prompts_2=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("guidance", ["cfg", "cfg-zero-star"])
+def test_skip_layer_guidance_matches_diffusers(torch, tiny, guidance):
+    """SD3.5-medium's skip-layer guidance: diffusers' pipeline (CFG) or the pipeline's SLG
+    lines written around the official CFG-Zero* guider (CFG-Zero*)."""
+    from diffusers.guiders import ClassifierFreeZeroStarGuidance
+
+    reference, _, ours = tiny
+    steps, layers, slg = 6, [1], dict(skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.1,
+                                      skip_layer_guidance_stop=0.7)  # active at steps 1 … 4
+    init = _initial_latents(torch, batch=1)
+    with torch.no_grad():
+        if guidance == "cfg":
+            x = reference(prompt=PROMPTS[:1], num_inference_steps=steps, guidance_scale=5.0, max_sequence_length=SEQ,
+                          latents=init.clone(), output_type="latent", skip_guidance_layers=layers, **slg).images
+        else:
+            cond, uncond, pooled, uncond_pooled = reference.encode_prompt(
+                PROMPTS[:1], None, None, device="cpu", max_sequence_length=SEQ)
+            scheduler = type(reference.scheduler).from_config(reference.scheduler.config)
+            scheduler.set_timesteps(steps)
+            guider = ClassifierFreeZeroStarGuidance(guidance_scale=5.0, zero_init_steps=1)
+            x = init.clone()
+            for i, t in enumerate(scheduler.timesteps):
+                guider.set_state(step=i, num_inference_steps=steps, timestep=t)
+                v = reference.transformer(hidden_states=torch.cat([x, x]), timestep=t.expand(2),
+                                          encoder_hidden_states=torch.cat([cond, uncond]),
+                                          pooled_projections=torch.cat([pooled, uncond_pooled]), return_dict=False)[0]
+                pred = guider.forward(v[:1], v[1:]).pred
+                if steps * slg["skip_layer_guidance_start"] < i < steps * slg["skip_layer_guidance_stop"]:
+                    v_skip = reference.transformer(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=cond,
+                                                   pooled_projections=pooled, return_dict=False,
+                                                   skip_layers=layers)[0]
+                    pred = pred + (v[:1] - v_skip) * slg["skip_layer_guidance_scale"]
+                x = scheduler.step(pred, t, x, return_dict=False)[0]
+    latents, _ = ours(PROMPTS[0], guidance=guidance, scale=5.0, num_steps=steps, latents=jnp.asarray(init.numpy()),
+                      max_sequence_length=SEQ, skip_guidance_layers=layers, **slg)
+    _close(latents, x)
+    plain, _ = ours(PROMPTS[0], guidance=guidance, scale=5.0, num_steps=steps, latents=jnp.asarray(init.numpy()),
+                    max_sequence_length=SEQ)
+    assert float(np.max(np.abs(np.asarray(plain) - np.asarray(latents)))) > 1e-3  # the term did something
+    with pytest.raises(ValueError, match="skip_guidance_layers"):
+        ours(PROMPTS[0], num_steps=2, max_sequence_length=SEQ, skip_guidance_layers=[2])
+
+
+def test_bfloat16_end_to_end(torch, tiny):
+    """bf16 weights: latents stay bf16 through the loop (as in diffusers), the result is finite
+    and close to float32 (bf16 rounding, relative ≤ 5e-2), and equals diffusers' bf16 pipeline
+    to bf16 precision."""
+    reference, folder, ours = tiny
+    half = SD3Pipeline.from_pretrained(folder, dtype=jnp.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(nnx.state(half.transformer))} == {jnp.dtype(jnp.bfloat16)}
+    init = _initial_latents(torch, batch=1)
+    common = dict(guidance="cfg", scale=5.0, num_steps=STEPS, max_sequence_length=SEQ)
+    latents16, images16 = half(PROMPTS[0], latents=jnp.asarray(init.numpy()), **common)
+    latents32, images32 = ours(PROMPTS[0], latents=jnp.asarray(init.numpy()), **common)
+    assert latents16.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(images16)))
+    scale = float(np.max(np.abs(np.asarray(latents32))))
+    assert float(np.max(np.abs(np.asarray(latents16, np.float32) - np.asarray(latents32)))) <= 5e-2 * scale
+    assert float(np.max(np.abs(np.asarray(images16) - np.asarray(images32)))) <= 5e-2
+    ref16 = copy.deepcopy(reference).to(dtype=torch.bfloat16)
+    with torch.no_grad():
+        theirs = ref16(prompt=PROMPTS[:1], latents=init.to(torch.bfloat16), num_inference_steps=STEPS,
+                       guidance_scale=5.0, max_sequence_length=SEQ, output_type="latent").images
+    assert float(np.max(np.abs(np.asarray(latents16, np.float32) - theirs.float().numpy()))) <= 5e-2 * scale
 
 
 def test_seeded_noise_and_default_size(tiny):

@@ -11,7 +11,7 @@ Public API
   -> (hidden, text_embeds)`` — the per-token embeddings SD3 uses (the penultimate layer, or
   every hidden state) and the pooled, projected ``text_embeds``;
 * :data:`CLIP_WEIGHT_MAP` and :func:`load_clip_text_encoder` ``(folder, *, dtype=None,
-  variant=None)`` for a transformers ``text_encoder/`` or ``text_encoder_2/`` folder.
+  variant=None, sharding=None)`` for a transformers ``text_encoder/`` or ``text_encoder_2/`` folder.
 
 Architecture (``D = hidden_size``, ``H = num_attention_heads``, LayerNorm eps ``layer_norm_eps``
 with float32 statistics and the biased variance)
@@ -56,6 +56,7 @@ from cfgzero_theory.sd3.loading import (
     IDENTITY, LINEAR, TRANSFORMERS, TRANSFORMERS_METADATA_KEYS, WeightMap, check_positive_ints, config_kwargs,
     linear_rows, load_module, norm_rows,
 )
+from cfgzero_theory.sd3.sharding import ParamSharding
 from cfgzero_theory.sd3.transformer import QKNorm
 
 Array = jax.Array
@@ -260,7 +261,9 @@ _CLIP_WEIGHT_MAP = WeightMap(
 )
 
 
-def load_clip_text_encoder(folder: str | os.PathLike, *, dtype=None, variant: str | None = None) -> CLIPTextEncoder:
+def load_clip_text_encoder(
+    folder: str | os.PathLike, *, dtype=None, variant: str | None = None, sharding: ParamSharding | None = None,
+) -> CLIPTextEncoder:
     """Load a transformers ``CLIPTextModelWithProjection`` folder (SD3's ``text_encoder/`` or
     ``text_encoder_2/``) into an NNX :class:`CLIPTextEncoder`.
 
@@ -270,10 +273,12 @@ def load_clip_text_encoder(folder: str | os.PathLike, *, dtype=None, variant: st
     Same checks as the other loaders (all are :func:`cfgzero_theory.sd3.loading.load_module`):
     every problem in the headers — missing, unexpected or wrongly shaped keys — reported in one
     ``ValueError`` before any tensor data is read; tensors are then read, transformed, cast
-    (``dtype``; ``None`` keeps the stored dtype) and placed one at a time.
+    (``dtype``; ``None`` keeps the stored dtype) and placed one at a time — on the default
+    device, or split over a device mesh as ``sharding`` (a
+    :class:`~cfgzero_theory.sd3.sharding.ParamSharding`) says.
     """
     return load_module(
         folder, CLIPTextEncoder, CLIPTextConfig, _CLIP_WEIGHT_MAP,
         class_name=CLIP_ARCHITECTURE, what="CLIP text_encoder/", dtype=dtype, variant=variant,
-        folder_kind=TRANSFORMERS,
+        folder_kind=TRANSFORMERS, sharding=sharding,
     )

@@ -17,7 +17,8 @@ Public API
 * :func:`weight_files` ``(folder, variant, weights_name=...)`` and :func:`open_safetensors` ``(path)``;
 * :class:`FolderKind` and its two values :data:`DIFFUSERS` (the default) and :data:`TRANSFORMERS`;
   :data:`TRANSFORMERS_METADATA_KEYS` for ``config_kwargs(..., ignore=...)``;
-* :func:`load_module` ``(folder, module_class, config_class, weight_map, *, ..., folder_kind=DIFFUSERS)``.
+* :func:`load_module` ``(folder, module_class, config_class, weight_map, *, ..., folder_kind=DIFFUSERS,
+  sharding=None)``.
 
 Templates
 ---------
@@ -51,8 +52,12 @@ data is read.
 Memory
 ------
 Tensors are read one at a time with ``safetensors.safe_open(framework="numpy")``, transformed,
-cast (``dtype``; ``None`` keeps the stored dtype, bf16 included) and placed on the default
-device before the next is read, so the host never holds a second full copy.
+cast (``dtype``; ``None`` keeps the stored dtype, bf16 included) and placed before the next is
+read, so the host never holds a second full copy.  They are placed on the default device, or,
+given ``sharding`` (a :class:`~cfgzero_theory.sd3.sharding.ParamSharding`), put from the host
+array straight onto the mesh with ``jax.device_put(array, sharding.sharding_for(path,
+shape))``: each device receives only its slice of a split tensor (and the whole of a small,
+replicated one), so no device ever holds the full set of weights.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
+
+from cfgzero_theory.sd3.sharding import ParamSharding
 
 __all__ = [
     "CONV", "DIFFUSERS", "IDENTITY", "LINEAR", "TRANSFORMERS", "TRANSFORMERS_METADATA_KEYS", "FolderKind", "Transform",
@@ -311,12 +318,13 @@ def load_module(
     variant: str | None = None,
     optional: Mapping[str, Callable[[Any], np.ndarray]] | None = None,
     folder_kind: FolderKind = DIFFUSERS,
+    sharding: ParamSharding | None = None,
 ) -> nnx.Module:
     """Load a diffusers (or transformers) model folder into ``module_class(config, rngs=...)``.
 
     Args:
       folder: the folder holding ``config.json`` and the safetensors weights.
-      module_class: called as ``module_class(config, rngs=nnx.Rngs(0))`` (only abstractly:
+      module_class: called as ``module_class(config, rngs=nnx.Rngs(0), param_dtype=...)`` (only abstractly:
         no parameter is initialised).
       config_class: its ``from_diffusers_config(dict)`` builds the config (for a transformers
         folder ``from_transformers_config(dict)``: ``folder_kind.from_config``).
@@ -330,9 +338,13 @@ def load_module(
         omit; when absent from the file they are computed (and cast).
       folder_kind: :data:`DIFFUSERS` (default) or :data:`TRANSFORMERS`: the weight file stem,
         the config constructor and the library named in messages.
+      sharding: a :class:`~cfgzero_theory.sd3.sharding.ParamSharding` to lay every parameter
+        out on its mesh as it is read; ``None`` places everything on the default device.
 
     Returns the populated module.  Raises as the module docstring says.
     """
+    if sharding is not None and not isinstance(sharding, ParamSharding):
+        raise ValueError(f"sharding must be a cfgzero_theory.sd3.sharding.ParamSharding or None, got {sharding!r}")
     folder = os.fspath(folder)
     if not os.path.exists(folder):
         raise FileNotFoundError(f"no such folder: {folder}")
@@ -393,6 +405,12 @@ def load_module(
     if problems:
         raise ValueError(f"{folder} does not match {class_name} with config {config}: " + "; ".join(problems))
 
+    def place(target: str, array: np.ndarray) -> jax.Array:
+        if cast is not None and array.dtype != cast:
+            array = array.astype(cast)
+        array = np.ascontiguousarray(array)
+        return jax.device_put(array, None if sharding is None else sharding.sharding_for(target, array.shape))
+
     # pass 2: tensor data, one tensor at a time
     values: dict[str, jax.Array] = {}
     for path in files:
@@ -405,15 +423,25 @@ def load_module(
                     array = f.get_tensor(key)
                 except (SafetensorError, ValueError, TypeError) as err:
                     raise ValueError(f"{path} is not a readable safetensors file (tensor {key!r}): {err}") from err
-                array = transform.apply(array)
-                if cast is not None and array.dtype != cast:
-                    array = array.astype(cast)
-                values[target] = jax.device_put(np.ascontiguousarray(array))
+                values[target] = place(target, transform.apply(array))
                 del array
     for target, compute in optional.items():
         if target in targets and target not in values:
-            table = np.asarray(compute(config))
-            values[target] = jax.device_put(table if cast is None else table.astype(cast))
+            values[target] = place(target, np.asarray(compute(config)))
 
+    # rebuild the structure in the weights' dtype: modules keep static dtypes (nnx.Embed's output
+    # dtype is fixed at construction), which must not silently upcast bf16 weights to float32
+    param_dtype = _dominant_float_dtype(values.values())
+    if param_dtype is not None and param_dtype != jnp.float32:
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: module_class(config, rngs=nnx.Rngs(0), param_dtype=param_dtype)))
     state = nnx.from_flat_state([(path, var.replace(values[name])) for name, (path, var) in targets.items()])
     return nnx.merge(graphdef, state)
+
+
+def _dominant_float_dtype(arrays) -> np.dtype | None:
+    """The floating dtype holding the most elements among ``arrays`` (``None`` if none is floating)."""
+    counts: dict[np.dtype, int] = {}
+    for array in arrays:
+        if jnp.issubdtype(array.dtype, jnp.floating):
+            counts[array.dtype] = counts.get(array.dtype, 0) + array.size
+    return max(counts, key=counts.get) if counts else None

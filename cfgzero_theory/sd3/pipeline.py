@@ -4,10 +4,13 @@ Public API
 ----------
 * :func:`load_tokenizer` ``(folder)`` — a checkpoint's own tokenizer (transformers'
   ``AutoTokenizer``; the only non-JAX dependency, imported lazily: ``pip install -e ".[sd3]"``);
-* :func:`encode_prompt` ``(components, prompts, negative_prompts=None, max_sequence_length=256)
+* :func:`encode_prompt` ``(components, prompts, negative_prompts=None, max_sequence_length=256, *,
+  prompts_2=None, prompts_3=None, negative_prompts_2=None, negative_prompts_3=None, clip_skip=None)
   -> (prompt_embeds, pooled, negative_prompt_embeds, negative_pooled)``;
-* :class:`SD3Pipeline` — ``SD3Pipeline.from_pretrained(folder, dtype=None)`` and
-  ``pipeline(prompts, ...) -> (latents, images)`` (also ``pipeline.generate``);
+* :class:`SD3Pipeline` — ``SD3Pipeline.from_pretrained(folder, dtype=None, sharding=None)``,
+  ``pipeline(prompts or embeddings=..., ...) -> (latents, images)`` (also ``pipeline.generate``),
+  and its stages ``encode_prompt``, ``initial_latents``, ``sample`` (the loop alone, with
+  ``return_trajectory``), ``decode``, ``skip_layer_guidance`` and the ``model_fn`` property;
 * :func:`save_png` ``(images, path)``.
 
 Prompt encoding (the conditioning of ``StableDiffusion3Pipeline``)
@@ -34,8 +37,11 @@ downsampling factor; or the caller's ``latents``), the scheduler's σ schedule
 :func:`~cfgzero_theory.sampling.sample_flow`.  Then the decoder receives ``latents /
 scaling_factor + shift_factor`` and the images are ``clip(x / 2 + 1/2, 0, 1)`` in NHWC.
 
-Not supported: per-encoder prompts (``prompt_2`` / ``prompt_3``), ``clip_skip``, LoRA,
-skip-layer guidance, IP-adapters, dynamic shifting, and schedulers other than
+Per-encoder prompts (``prompts_2`` → CLIP-bigG, ``prompts_3`` → T5) and ``clip_skip`` are
+diffusers' ``prompt_2`` / ``prompt_3`` / ``clip_skip``; skip-layer guidance (SD3.5-medium)
+is a :class:`~cfgzero_theory.sampling.PerturbedGuidance` term on top of any rule.
+
+Not supported: LoRA, IP-adapters, dynamic shifting, and schedulers other than
 ``FlowMatchEulerDiscreteScheduler``.
 """
 
@@ -53,9 +59,10 @@ import numpy as np
 from flax import nnx
 
 from cfgzero_theory import presets
-from cfgzero_theory.sampling import sample_flow
+from cfgzero_theory.sampling import FlowSampleResult, PerturbedGuidance, sample_flow
 from cfgzero_theory.schedules import flow_match_euler_schedule
 from cfgzero_theory.sd3.clip import load_clip_text_encoder
+from cfgzero_theory.sd3.sharding import ParamSharding
 from cfgzero_theory.sd3.t5 import load_t5_encoder
 from cfgzero_theory.sd3.vae import load_vae
 from cfgzero_theory.sd3.weights import load_sd3_transformer, sd3_model_fn
@@ -98,29 +105,32 @@ def _as_list(prompts, what: str) -> list[str]:
     return prompts
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _apply_jit(graphdef, state, token_ids):
-    return nnx.merge(graphdef, state)(token_ids)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _apply_jit(graphdef, state, token_ids, clip_skip):
+    encoder = nnx.merge(graphdef, state)
+    return encoder(token_ids) if clip_skip is None else encoder(token_ids, clip_skip=clip_skip)
 
 
-def _apply(encoder, token_ids):
-    """``encoder(token_ids)`` as a compiled program (once per encoder structure and token shape)."""
+def _apply(encoder, token_ids, clip_skip=None):
+    """``encoder(token_ids)`` as a compiled program (once per encoder structure, token shape and ``clip_skip``)."""
     graphdef, state = nnx.split(encoder)
-    return _apply_jit(graphdef, state, token_ids)
+    return _apply_jit(graphdef, state, token_ids, clip_skip)
 
 
-def _encode(components, prompts: list[str], max_sequence_length: int) -> tuple[jax.Array, jax.Array]:
+def _encode(components, prompts: tuple[list[str], list[str], list[str]], max_sequence_length: int,
+            clip_skip: int | None) -> tuple[jax.Array, jax.Array]:
     clip_states, pooled = [], []
-    for tokenizer, encoder in ((components.tokenizer, components.text_encoder),
-                               (components.tokenizer_2, components.text_encoder_2)):
-        hidden, text_embeds = _apply(encoder, _token_ids(tokenizer, prompts, tokenizer.model_max_length))
+    for texts, tokenizer, encoder in ((prompts[0], components.tokenizer, components.text_encoder),
+                                      (prompts[1], components.tokenizer_2, components.text_encoder_2)):
+        ids = _token_ids(tokenizer, texts, tokenizer.model_max_length)
+        hidden, text_embeds = _apply(encoder, ids, clip_skip)
         clip_states.append(hidden)
         pooled.append(text_embeds)
     clip = jnp.concatenate(clip_states, axis=-1)
     if components.text_encoder_3 is None:
-        t5 = jnp.zeros((len(prompts), max_sequence_length, components.joint_attention_dim), clip.dtype)
+        t5 = jnp.zeros((len(prompts[2]), max_sequence_length, components.joint_attention_dim), clip.dtype)
     else:
-        t5 = _apply(components.text_encoder_3, _token_ids(components.tokenizer_3, prompts, max_sequence_length))
+        t5 = _apply(components.text_encoder_3, _token_ids(components.tokenizer_3, prompts[2], max_sequence_length))
     width = t5.shape[-1]
     if clip.shape[-1] > width:
         raise ValueError(f"the CLIP states ({clip.shape[-1]} features) are wider than the T5 states ({width})")
@@ -128,23 +138,46 @@ def _encode(components, prompts: list[str], max_sequence_length: int) -> tuple[j
     return jnp.concatenate([clip, t5.astype(clip.dtype)], axis=1), jnp.concatenate(pooled, axis=-1)
 
 
-def encode_prompt(components, prompts, negative_prompts=None, max_sequence_length: int = 256):
+def _per_encoder(first, second, third, what: str, batch: int | None = None) -> tuple[list[str], ...]:
+    """The three encoders' prompt lists: ``second``/``third`` fall back to ``first`` when empty
+    (diffusers' ``prompt_2 or prompt``); a single string is repeated ``batch`` times."""
+    lists = []
+    for suffix, texts in (("", first), ("_2", second or first), ("_3", third or first)):
+        texts = _as_list(texts, what + suffix)
+        if batch is not None and len(texts) == 1:
+            texts = texts * batch
+        lists.append(texts)
+    sizes = {len(texts) for texts in lists}
+    if len(sizes) != 1 or (batch is not None and sizes != {batch}):
+        raise ValueError(f"{what}, {what}_2 and {what}_3 must hold the same number of prompts"
+                         f"{'' if batch is None else f' as prompts ({batch})'}, got {[len(t) for t in lists]}")
+    return tuple(lists)
+
+
+def encode_prompt(components, prompts, negative_prompts=None, max_sequence_length: int = 256, *,
+                  prompts_2=None, prompts_3=None, negative_prompts_2=None, negative_prompts_3=None,
+                  clip_skip: int | None = None):
     """SD3's text conditioning of ``prompts`` and ``negative_prompts`` (default ``""``).
 
     ``components`` is an :class:`SD3Pipeline` (anything with its ``tokenizer*`` /
-    ``text_encoder*`` attributes and ``joint_attention_dim``).  A single negative prompt is
-    used for every prompt.  Returns ``(prompt_embeds (B, L_clip + max_sequence_length, J),
-    pooled (B, P), negative_prompt_embeds, negative_pooled)``.
+    ``text_encoder*`` attributes and ``joint_attention_dim``).  ``prompts_2`` / ``prompts_3``
+    go to CLIP-bigG / T5 instead of ``prompts`` (each defaults to ``prompts``), likewise the
+    negative ones (defaulting to ``negative_prompts``); a single negative prompt is used for
+    every prompt.  ``clip_skip`` takes both CLIP towers' ``hidden_states[-(clip_skip + 2)]``
+    for the prompts; as in diffusers, the negative prompts always use the penultimate layer.
+    Returns ``(prompt_embeds (B, L_clip + max_sequence_length, J), pooled (B, P),
+    negative_prompt_embeds, negative_pooled)``.
     """
-    prompts = _as_list(prompts, "prompts")
-    negative = _as_list("" if negative_prompts is None else negative_prompts, "negative_prompts")
-    if len(negative) == 1:
-        negative = negative * len(prompts)
-    if len(negative) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {len(negative)} negative prompts")
+    positive = _per_encoder(prompts, prompts_2, prompts_3, "prompts")
+    batch = len(positive[0])
+    negative = _per_encoder("" if negative_prompts is None else negative_prompts, negative_prompts_2,
+                            negative_prompts_3, "negative_prompts", batch)
     if not (isinstance(max_sequence_length, int) and max_sequence_length > 0):
         raise ValueError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}")
-    return (*_encode(components, prompts, max_sequence_length), *_encode(components, negative, max_sequence_length))
+    if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
+        raise ValueError(f"clip_skip must be None or a non-negative integer, got {clip_skip!r}")
+    return (*_encode(components, positive, max_sequence_length, clip_skip),
+            *_encode(components, negative, max_sequence_length, None))
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -173,8 +206,15 @@ class SD3Pipeline:
         self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
         self.scheduler_config = dict(scheduler_config)
         self._model_fn = sd3_model_fn(transformer)
+        self._skip_model_fns = {}
         vae_graph = nnx.graphdef(vae)
         self._decode = jax.jit(lambda state, z: nnx.merge(vae_graph, state).decode(z))
+
+    @property
+    def model_fn(self):
+        """The transformer as a :func:`~cfgzero_theory.sampling.sample_flow` model (one function
+        object per pipeline, so the loop compiles once); its params are ``nnx.state(self.transformer)``."""
+        return self._model_fn
 
     @property
     def joint_attention_dim(self) -> int:
@@ -189,10 +229,13 @@ class SD3Pipeline:
         return float(self.scheduler_config.get("shift", 1.0))
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, dtype=None) -> SD3Pipeline:
+    def from_pretrained(cls, folder: str | os.PathLike, dtype=None, sharding: ParamSharding | None = None
+                        ) -> SD3Pipeline:
         """Load a diffusers ``StableDiffusion3Pipeline`` folder (``model_index.json`` and subfolders).
 
-        ``dtype`` casts every weight (``None`` keeps the stored dtypes).  Raises ``ValueError``
+        ``dtype`` casts every weight (``None`` keeps the stored dtypes); ``sharding`` (e.g.
+        :func:`~cfgzero_theory.sd3.sharding.mesh_sharding` ``()``) splits every model's weights
+        over a device mesh as they are read, for models that do not fit one device.  Raises ``ValueError``
         when the folder is not an SD3 pipeline or a subfolder it lists is missing.
         """
         root = Path(folder)
@@ -217,11 +260,11 @@ class SD3Pipeline:
         t5_folder = present["text_encoder_3"]
         tok3_folder = present["tokenizer_3"]
         return cls(
-            transformer=load_sd3_transformer(present["transformer"], dtype=dtype),
-            vae=load_vae(present["vae"], dtype=dtype),
-            text_encoder=load_clip_text_encoder(present["text_encoder"], dtype=dtype),
-            text_encoder_2=load_clip_text_encoder(present["text_encoder_2"], dtype=dtype),
-            text_encoder_3=None if t5_folder is None else load_t5_encoder(t5_folder, dtype=dtype),
+            transformer=load_sd3_transformer(present["transformer"], dtype=dtype, sharding=sharding),
+            vae=load_vae(present["vae"], dtype=dtype, sharding=sharding),
+            text_encoder=load_clip_text_encoder(present["text_encoder"], dtype=dtype, sharding=sharding),
+            text_encoder_2=load_clip_text_encoder(present["text_encoder_2"], dtype=dtype, sharding=sharding),
+            text_encoder_3=None if t5_folder is None else load_t5_encoder(t5_folder, dtype=dtype, sharding=sharding),
             tokenizer=load_tokenizer(present["tokenizer"]),
             tokenizer_2=load_tokenizer(present["tokenizer_2"]),
             tokenizer_3=None if tok3_folder is None else load_tokenizer(tok3_folder),
@@ -233,9 +276,24 @@ class SD3Pipeline:
         options = {key: self.scheduler_config[key] for key in SCHEDULE_KEYS if key in self.scheduler_config}
         return flow_match_euler_schedule(num_steps, **options)
 
-    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length: int = 256):
-        """:func:`encode_prompt` with this pipeline's components."""
-        return encode_prompt(self, prompts, negative_prompts, max_sequence_length)
+    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length: int = 256, **options):
+        """:func:`encode_prompt` with this pipeline's components (``options``: ``prompts_2``, …, ``clip_skip``)."""
+        return encode_prompt(self, prompts, negative_prompts, max_sequence_length, **options)
+
+    def skip_layer_guidance(self, layers, scale: float = 2.8, start: float = 0.01, stop: float = 0.2):
+        """Skip-layer guidance as a :class:`~cfgzero_theory.sampling.PerturbedGuidance` term.
+
+        The perturbed prediction is the transformer with the blocks ``layers`` skipped
+        (SD3.5-medium's model card: ``(7, 8, 9)``); one model function per ``layers`` tuple is
+        kept, so repeated calls reuse the compiled loop.
+        """
+        layers = tuple(sorted({int(i) for i in layers}))
+        if not layers or not all(0 <= i < self.transformer.config.num_layers for i in layers):
+            raise ValueError(f"skip_guidance_layers must be block indices in [0, {self.transformer.config.num_layers})"
+                             f", got {layers!r}")
+        if layers not in self._skip_model_fns:
+            self._skip_model_fns[layers] = sd3_model_fn(self.transformer, skip_layers=layers)
+        return PerturbedGuidance(self._skip_model_fns[layers], scale, start, stop)
 
     def decode(self, latents) -> jax.Array:
         """Denoiser latents ``(B, C, h, w)`` → images ``(B, H, W, 3)`` in ``[0, 1]`` (float32)."""
@@ -243,39 +301,83 @@ class SD3Pipeline:
         image = self._decode(nnx.state(self.vae), z).astype(jnp.float32)
         return jnp.clip(jnp.transpose(image, (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
 
-    def __call__(self, prompts, *, negative_prompts=None, guidance: str = "cfg", scale: float = 7.0,
-                 zero_init_steps: int = 1, num_steps: int = 28, height: int | None = None, width: int | None = None,
-                 seed: int = 0, latents=None, max_sequence_length: int = 256):
-        """Generate images; returns ``(latents (B, C, h, w), images (B, H, W, 3) float in [0, 1])``.
+    def initial_latents(self, batch: int, height: int | None = None, width: int | None = None, seed: int = 0,
+                        dtype=jnp.float32) -> jax.Array:
+        """The pipeline's initial noise ``(batch, in_channels, height / f, width / f)``:
+        ``jax.random.normal(PRNGKey(seed))``; the size defaults to the transformer's
+        ``sample_size`` times the VAE factor ``f``."""
+        config = self.transformer.config
+        factor = self.vae_scale_factor
+        height = config.sample_size * factor if height is None else height
+        width = config.sample_size * factor if width is None else width
+        multiple = factor * config.patch_size
+        if not all(isinstance(n, int) and n > 0 and n % multiple == 0 for n in (height, width)):
+            raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}×{width}")
+        if not (isinstance(batch, int) and batch >= 1):
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        shape = (batch, config.in_channels, height // factor, width // factor)
+        return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32).astype(dtype)
 
-        ``guidance`` is a rule kind of :mod:`cfgzero_theory.presets` (``scale``,
-        ``zero_init_steps`` as there).  ``latents`` (the initial noise at ``σ_0``) overrides
-        ``seed``, ``height`` and ``width``; otherwise the noise is ``jax.random.normal`` of
-        ``PRNGKey(seed)``, and the size defaults to the transformer's ``sample_size`` times the
-        VAE factor.
+    def sample(self, embeddings, latents, *, guidance: str = "cfg", scale: float = 7.0, zero_init_steps: int = 1,
+               num_steps: int = 28, skip_guidance_layers=None, skip_layer_guidance_scale: float = 2.8,
+               skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2,
+               return_trajectory: bool = False) -> FlowSampleResult:
+        """The denoising loop alone, one compiled :func:`~cfgzero_theory.sampling.sample_flow`.
+
+        ``embeddings`` is :meth:`encode_prompt`'s ``(cond, pooled, uncond, uncond_pooled)``
+        (precomputed embeddings are fine); ``latents`` the initial noise ``(B, C, h, w)``, cast
+        to the embeddings' dtype as diffusers does (bf16 weights sample bf16 latents).
+        ``guidance`` is a rule kind of :mod:`cfgzero_theory.presets`; ``skip_guidance_layers``
+        adds skip-layer guidance (:meth:`skip_layer_guidance`, diffusers' names and defaults).
+        Returns the :class:`~cfgzero_theory.sampling.FlowSampleResult` (per-step predictions
+        and ``s*`` with ``return_trajectory``).
         """
         if guidance not in GUIDANCE_KINDS:
             raise ValueError(f"guidance must be one of {GUIDANCE_KINDS}, got {guidance!r}")
         if not (isinstance(num_steps, int) and num_steps >= 1):
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        cond, pooled, uncond, uncond_pooled = self.encode_prompt(prompts, negative_prompts, max_sequence_length)
-        batch = cond.shape[0]
-        config = self.transformer.config
-        factor = self.vae_scale_factor
-        if latents is None:
-            height = config.sample_size * factor if height is None else height
-            width = config.sample_size * factor if width is None else width
-            multiple = factor * config.patch_size
-            if height % multiple or width % multiple or height <= 0 or width <= 0:
-                raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}×{width}")
-            shape = (batch, config.in_channels, height // factor, width // factor)
-            latents = jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+        if not (isinstance(embeddings, (tuple, list)) and len(embeddings) == 4):
+            raise ValueError("embeddings must be (cond, pooled, uncond, uncond_pooled) as encode_prompt returns")
+        cond, pooled, uncond, uncond_pooled = (jnp.asarray(e) for e in embeddings)
+        batch, config = cond.shape[0], self.transformer.config
         latents = jnp.asarray(latents)
         if latents.ndim != 4 or latents.shape[:2] != (batch, config.in_channels):
             raise ValueError(f"latents must have shape ({batch}, {config.in_channels}, h, w), got {latents.shape}")
+        perturbed = None if skip_guidance_layers is None else self.skip_layer_guidance(
+            skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop)
         rule = presets.get("sd3").rule(guidance, scale=scale, zero_init_steps=zero_init_steps)
-        result = sample_flow(self._model_fn, nnx.state(self.transformer), latents, self.schedule(num_steps),
-                             (cond, pooled), (uncond, uncond_pooled), rule)
+        return sample_flow(self._model_fn, nnx.state(self.transformer), latents.astype(cond.dtype),
+                           self.schedule(num_steps), (cond, pooled), (uncond, uncond_pooled), rule,
+                           perturbed=perturbed, return_trajectory=return_trajectory)
+
+    def __call__(self, prompts=None, *, negative_prompts=None, embeddings=None, guidance: str = "cfg",
+                 scale: float = 7.0, zero_init_steps: int = 1, num_steps: int = 28, height: int | None = None,
+                 width: int | None = None, seed: int = 0, latents=None, max_sequence_length: int = 256,
+                 prompts_2=None, prompts_3=None, negative_prompts_2=None, negative_prompts_3=None,
+                 clip_skip: int | None = None, skip_guidance_layers=None, skip_layer_guidance_scale: float = 2.8,
+                 skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2):
+        """Generate images; returns ``(latents (B, C, h, w), images (B, H, W, 3) float in [0, 1])``.
+
+        Either ``prompts`` (encoded by :meth:`encode_prompt` with the negative and per-encoder
+        prompts and ``clip_skip``) or precomputed ``embeddings``.  ``latents`` (the initial
+        noise at ``σ_0``) overrides ``seed``, ``height`` and ``width``
+        (:meth:`initial_latents`).  The remaining options (``guidance``, ``scale``,
+        ``zero_init_steps``, ``num_steps`` and the ``skip_*`` skip-layer guidance options) are
+        :meth:`sample`'s; the result goes through :meth:`decode`.
+        """
+        if (prompts is None) == (embeddings is None):
+            raise ValueError("give exactly one of prompts and embeddings")
+        if embeddings is None:
+            embeddings = self.encode_prompt(
+                prompts, negative_prompts, max_sequence_length, prompts_2=prompts_2, prompts_3=prompts_3,
+                negative_prompts_2=negative_prompts_2, negative_prompts_3=negative_prompts_3, clip_skip=clip_skip)
+        if latents is None:
+            latents = self.initial_latents(jnp.shape(embeddings[0])[0], height, width, seed)
+        result = self.sample(embeddings, latents, guidance=guidance, scale=scale, zero_init_steps=zero_init_steps,
+                             num_steps=num_steps, skip_guidance_layers=skip_guidance_layers,
+                             skip_layer_guidance_scale=skip_layer_guidance_scale,
+                             skip_layer_guidance_start=skip_layer_guidance_start,
+                             skip_layer_guidance_stop=skip_layer_guidance_stop)
         return result.samples, self.decode(result.samples)
 
     generate = __call__
@@ -304,6 +406,9 @@ def save_png(images, path: str | os.PathLike) -> str:
     pixels = to_uint8(array)
     fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file owner-only; give it a normal file's mode
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(f, format="PNG")
         os.replace(tmp, path)

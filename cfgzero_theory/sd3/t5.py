@@ -9,8 +9,8 @@ Public API
 * :class:`T5Encoder`: ``encoder(input_ids) -> (B, T, d_model)`` (transformers'
   ``last_hidden_state``); :func:`relative_position_buckets` ``(length, num_buckets,
   max_distance)``;
-* :data:`T5_WEIGHT_MAP` and :func:`load_t5_encoder` ``(folder, *, dtype=None, variant=None)``
-  for a transformers ``text_encoder_3/`` folder.
+* :data:`T5_WEIGHT_MAP` and :func:`load_t5_encoder` ``(folder, *, dtype=None, variant=None,
+  sharding=None)`` for a transformers ``text_encoder_3/`` folder.
 
 Architecture (``H = num_heads``, ``d_kv`` per head; every norm is T5's RMS norm — no mean, no
 bias, learned scale, ``layer_norm_epsilon``, statistics in float32)
@@ -53,6 +53,7 @@ from cfgzero_theory.sd3.loading import (
     IDENTITY, LINEAR, TRANSFORMERS, TRANSFORMERS_METADATA_KEYS, WeightMap, check_positive_ints, config_kwargs,
     load_module,
 )
+from cfgzero_theory.sd3.sharding import ParamSharding
 from cfgzero_theory.sd3.transformer import QKNorm
 
 Array = jax.Array
@@ -252,7 +253,9 @@ _T5_WEIGHT_MAP = WeightMap(
 )
 
 
-def load_t5_encoder(folder: str | os.PathLike, *, dtype=None, variant: str | None = None) -> T5Encoder:
+def load_t5_encoder(
+    folder: str | os.PathLike, *, dtype=None, variant: str | None = None, sharding: ParamSharding | None = None,
+) -> T5Encoder:
     """Load a transformers ``T5EncoderModel`` folder (SD3's ``text_encoder_3/``) into an NNX
     :class:`T5Encoder`.
 
@@ -261,9 +264,12 @@ def load_t5_encoder(folder: str | os.PathLike, *, dtype=None, variant: str | Non
     reads ``model.fp16.safetensors``).  Same checks as the other loaders (all are
     :func:`cfgzero_theory.sd3.loading.load_module`): missing, unexpected or wrongly shaped keys
     reported in one ``ValueError`` before any tensor data is read; tensors are then read,
-    transformed, cast (``dtype``; ``None`` keeps the stored dtype) and placed one at a time.
+    transformed, cast (``dtype``; ``None`` keeps the stored dtype) and placed one at a time — on
+    the default device, or split over a device mesh as ``sharding`` (a
+    :class:`~cfgzero_theory.sd3.sharding.ParamSharding`) says.
     """
     return load_module(
         folder, T5Encoder, T5Config, _T5_WEIGHT_MAP,
         class_name=T5_ARCHITECTURE, what="T5 text_encoder_3/", dtype=dtype, variant=variant, folder_kind=TRANSFORMERS,
+        sharding=sharding,
     )

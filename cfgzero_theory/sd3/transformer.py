@@ -41,7 +41,8 @@ Skip-layer guidance: ``skip_layers`` (static tuple of block indices) skips whole
 diffusers' ``skip_layers`` does.
 
 Numerics: norms compute their statistics in float32; matmuls and attention use the
-parameters' and inputs' promoted dtype.  On accelerators whose default float32 matmul
+parameters' and inputs' promoted dtype; bf16/fp16 attention on a GPU is cuDNN's fused kernel
+(:func:`attention_implementation`).  On accelerators whose default float32 matmul
 precision is reduced (TF32/bf16 passes), wrap calls in ``jax.default_matmul_precision("highest")``
 for fp32 parity.  ``pos_embed_max_size=None`` (uncropped, interpolated embeddings) is not
 supported; every released SD3/SD3.5 checkpoint sets it.
@@ -236,9 +237,19 @@ def _apply(norm, x: Array) -> Array:
     return x if norm is None else norm(x)
 
 
+def attention_implementation(q: Array) -> str | None:
+    """``"cudnn"`` (fused flash attention, the score matrix never materialised) for half-precision
+    queries on a GPU with a head size cuDNN supports (a multiple of 8, at most 128); otherwise
+    ``None`` (XLA's attention, which materialises the ``T × S`` scores: fine on CPU and in
+    float32, where it is also the exact reference)."""
+    fused = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+    return "cudnn" if fused else None
+
+
 def _attention(q: Array, k: Array, v: Array) -> Array:
     """Softmax attention, ``(B, T, H, Dh) × (B, S, H, Dh) -> (B, T, H·Dh)``, scale ``Dh^-1/2``."""
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=attention_implementation(q))
     return out.reshape(*out.shape[:2], -1)
 
 

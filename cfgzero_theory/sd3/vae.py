@@ -6,8 +6,8 @@ Public API
 * :class:`AutoencoderKL`: ``encode(x) -> (mean, logvar)``, ``decode(z) -> image``,
   ``latents_to_vae`` / ``vae_to_latents`` (SD3's latent scaling), all arrays NCHW;
 * :func:`sample_latent` ``(mean, logvar, key)`` — a draw from the diagonal Gaussian;
-* :data:`VAE_WEIGHT_MAP` and :func:`load_vae` ``(folder, *, dtype=None, variant=None)`` for a
-  diffusers ``vae/`` folder.
+* :data:`VAE_WEIGHT_MAP` and :func:`load_vae` ``(folder, *, dtype=None, variant=None,
+  sharding=None)`` for a diffusers ``vae/`` folder.
 
 Architecture (``C_k = block_out_channels[k]``, ``L = layers_per_block``; all group norms
 have ``norm_num_groups`` groups, eps ``1e-6``, statistics in float32 with the biased variance)
@@ -56,6 +56,7 @@ from flax import nnx
 from cfgzero_theory.sd3.loading import (
     CONV, IDENTITY, LINEAR, WeightMap, config_kwargs, conv_rows, linear_rows, load_module, norm_rows,
 )
+from cfgzero_theory.sd3.sharding import ParamSharding
 
 Array = jax.Array
 
@@ -444,7 +445,9 @@ _VAE_WEIGHT_MAP = WeightMap(
 )
 
 
-def load_vae(folder: str | os.PathLike, *, dtype=None, variant: str | None = None) -> AutoencoderKL:
+def load_vae(
+    folder: str | os.PathLike, *, dtype=None, variant: str | None = None, sharding: ParamSharding | None = None,
+) -> AutoencoderKL:
     """Load a diffusers ``AutoencoderKL`` folder (``.../vae``) into an NNX :class:`AutoencoderKL`.
 
     Same folder rules and checks as :func:`~cfgzero_theory.sd3.weights.load_sd3_transformer`
@@ -452,9 +455,10 @@ def load_vae(folder: str | os.PathLike, *, dtype=None, variant: str | None = Non
     ``_class_name`` ``"AutoencoderKL"``, safetensors only (single or sharded), every problem in
     the headers (missing / unexpected / wrongly shaped keys) reported in one ``ValueError``
     before any tensor data is read; tensors are then read, transformed, cast (``dtype``;
-    ``None`` keeps the stored dtype) and placed one at a time.
+    ``None`` keeps the stored dtype) and placed one at a time — on the default device, or split
+    over a device mesh as ``sharding`` (a :class:`~cfgzero_theory.sd3.sharding.ParamSharding`) says.
     """
     return load_module(
         folder, AutoencoderKL, VAEConfig, _VAE_WEIGHT_MAP,
-        class_name=VAE_DIFFUSERS_CLASS_NAME, what="vae/", dtype=dtype, variant=variant,
+        class_name=VAE_DIFFUSERS_CLASS_NAME, what="vae/", dtype=dtype, variant=variant, sharding=sharding,
     )

@@ -4,7 +4,7 @@ Public API
 ----------
 * :data:`WEIGHT_MAP` — the one declarative table ``(diffusers key, our state path,
   transform)`` applied to every stored tensor;
-* :func:`load_sd3_transformer` ``(folder, *, dtype=None, variant=None) -> SD3Transformer``;
+* :func:`load_sd3_transformer` ``(folder, *, dtype=None, variant=None, sharding=None) -> SD3Transformer``;
 * :func:`sd3_model_fn` ``(model, *, skip_layers=()) -> model_fn`` for
   :func:`cfgzero_theory.sampling.sample_flow`, called with ``params = nnx.state(model)``.
 
@@ -46,7 +46,9 @@ Memory
 ------
 Tensors are read one at a time with ``safetensors.safe_open(framework="numpy")``,
 transformed, cast (``dtype``; ``None`` keeps the stored dtype, bf16 included) and placed on
-the default device before the next is read, so the host never holds a second full copy.
+the default device — or, with ``sharding``, split straight from the host onto a device mesh
+(:mod:`cfgzero_theory.sd3.sharding`) — before the next is read, so the host never holds a
+second full copy and, sharded, no device holds the full set of weights.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cfgzero_theory.sd3.loading import IDENTITY, LINEAR, Transform, WeightMap, linear_rows, load_module, norm_rows
+from cfgzero_theory.sd3.sharding import ParamSharding
 from cfgzero_theory.sd3.transformer import DIFFUSERS_CLASS_NAME, SD3Config, SD3Transformer, sincos_pos_embed
 
 __all__ = ["OPTIONAL_TARGETS", "TRANSFORMS", "WEIGHT_MAP", "load_sd3_transformer", "sd3_model_fn"]
@@ -110,7 +113,9 @@ _WEIGHT_MAP = WeightMap(WEIGHT_MAP, {"i": r"\d+", "x": "[qkv]", "n": "[12]"}, TR
 # ----------------------------------------------------------------------------- loading
 
 
-def load_sd3_transformer(folder: str | os.PathLike, *, dtype=None, variant: str | None = None) -> SD3Transformer:
+def load_sd3_transformer(
+    folder: str | os.PathLike, *, dtype=None, variant: str | None = None, sharding: ParamSharding | None = None,
+) -> SD3Transformer:
     """Load a diffusers ``SD3Transformer2DModel`` folder (``.../transformer``) into an NNX module.
 
     Args:
@@ -118,6 +123,9 @@ def load_sd3_transformer(folder: str | os.PathLike, *, dtype=None, variant: str 
       dtype: cast every floating tensor to this dtype (e.g. ``jnp.float32``); ``None`` keeps
         the stored dtypes.
       variant: diffusers' weight variant (``"fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``).
+      sharding: a :class:`~cfgzero_theory.sd3.sharding.ParamSharding` (e.g.
+        ``mesh_sharding()``) to split the weights over a device mesh as they are read;
+        ``None`` puts them on the default device.
 
     Returns the module, ready to call; ``nnx.split(module)`` gives ``(graphdef, state)``.
     Raises ``ValueError`` naming every problem (see the module docstring).  The loading itself
@@ -126,7 +134,7 @@ def load_sd3_transformer(folder: str | os.PathLike, *, dtype=None, variant: str 
     return load_module(
         folder, SD3Transformer, SD3Config, _WEIGHT_MAP,
         class_name=DIFFUSERS_CLASS_NAME, what="SD3 transformer/", dtype=dtype, variant=variant,
-        optional={target: sincos_pos_embed for target in OPTIONAL_TARGETS},
+        optional={target: sincos_pos_embed for target in OPTIONAL_TARGETS}, sharding=sharding,
     )
 
 

@@ -1,0 +1,535 @@
+"""Our JAX SD3 pipeline against diffusers' PyTorch ``StableDiffusion3Pipeline``, same weights.
+
+    python -m experiments.bench_pipeline                         # tiny,mid on CPU; tiny,mid,medium on a GPU
+    python -m experiments.bench_pipeline --config mid --steps 4 --repeats 1
+    python -m experiments.bench_pipeline --config medium --device gpu --dtype bfloat16
+    python -m experiments.bench_pipeline --quick --out /tmp/bench.json   # tiny, 2 steps, 1 repeat (tests)
+
+For each ``--config`` (sizes: :data:`experiments.sample_image.PIPELINE_SIZES`) a random
+pipeline is built with diffusers / transformers classes
+(:func:`experiments.sample_image.build_random_pipeline`, hand-written tiny tokenizers, nothing
+downloaded), saved with safetensors to a temporary folder and loaded by
+:meth:`SD3Pipeline.from_pretrained`; the diffusers pipeline is the built object itself, moved
+with ``.to(device, dtype)``.  Both sides get the same prompt (repeated ``--batch`` times), the
+same initial latents (``torch.randn`` of ``--seed``, cast to ``--dtype``), the same number of
+steps and plain CFG at guidance scale 4 with the empty negative prompt (like for like); our
+CFG-Zero* (``guidance="cfg-zero-star"``, zero-init 1) is timed as well, reported apart.
+
+Timed (medians over ``--repeats`` for whole-pipeline sections, ``--step-repeats`` for one
+transformer call; every section warmed up first; JAX results ``block_until_ready``, torch
+``cuda.synchronize`` on a GPU, results copied to the host as NumPy where the pipeline
+returns images):
+
+* ``step``: one transformer evaluation on the doubled CFG batch ``2B`` — ours the jitted
+  ``pipe.model_fn(nnx.state(transformer), ...)``, diffusers ``pipe.transformer(...)`` under
+  ``torch.no_grad()``;
+* ``encode``: the prompt and negative prompt through the three text encoders (ours
+  ``pipe.encode_prompt``, diffusers ``pipe.encode_prompt``);
+* ``denoise``: the whole sampling loop given the embeddings — ours ``sample_flow`` (one
+  compiled ``lax.scan``), diffusers the loop of ``StableDiffusion3Pipeline.__call__``
+  replicated step for step (``set_timesteps``; per step ``cat``, ``t.expand``, transformer,
+  ``chunk``, CFG combine, ``scheduler.step``); ``loop_per_step = denoise / steps``;
+* ``decode``: latents to ``[0, 1]`` images (VAE decoder and post-processing);
+* ``end_to_end``: prompt to NumPy images — ours ``pipe(prompts, guidance="cfg", scale=4,
+  latents=...)`` after its first call, whose time (tracing + compilation of encoders, loop
+  and decoder + one run) is ``compile_s``; diffusers ``pipe(prompts, latents=...,
+  num_inference_steps=N, guidance_scale=4, output_type="np")`` (its first call is reported
+  as ``first_call_s``).
+
+Ratios are diffusers / ours (> 1: ours faster).  Agreement: our final CFG latents against
+``pipe(..., output_type="latent")`` and our images against diffusers' (``max |ours − diffusers|
+/ max(1, max |diffusers|)``) — a sanity number (≈1e-5 in float32 on a CPU; looser in bfloat16
+or with TF32), not a test.  With ``--fp32-matmul highest`` (default) float32 matmuls are full
+precision on both sides (``jax_default_matmul_precision="highest"``, torch TF32 off);
+``tf32`` allows TF32 on both.  ``medium`` needs ~20 GB and is refused on a CPU unless
+``--allow-cpu-medium``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# Both frameworks share the GPU: JAX must not grab 75% of its memory up front (read when JAX
+# first initialises its backends, which this module does not do at import).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from experiments._common import run_or_exit, strict_json, write_json  # noqa: E402
+from experiments.bench_exact import _loadavg  # noqa: E402
+
+CONFIGS = ("tiny", "mid", "medium")
+PROMPT = "a photo of a cat"
+GUIDANCE_SCALE = 4.0
+ZERO_INIT_STEPS = 1
+TEXT_ENCODERS_NOTE = {
+    "tiny": "tiny text encoders (CLIP widths 8/16, T5 width 32, 2 layers each)",
+    "mid": "small text encoders (CLIP widths 64/128, T5 width 256, 2 layers each)",
+    "medium": ("text encoders SHRUNK: SD3 widths (CLIP-L 768, CLIP-bigG 1280, T5 4096) but 1 layer each, T5 d_ff "
+               "1024 and 4 heads, tiny hand-written tokenizers; the transformer and VAE are SD3-medium's"),
+}
+
+
+# --------------------------------------------------------------------------- timing
+def _summary(times) -> dict:
+    a = np.asarray(times, np.float64)
+    return {"median_s": float(np.median(a)), "min_s": float(a.min()), "max_s": float(a.max()), "n": int(a.size)}
+
+
+def _time(fn, repeats: int, sync=None, warmup: int = 1) -> dict:
+    """``fn()`` ``warmup`` times untimed, then ``repeats`` times timed (``sync()`` inside the span)."""
+    for _ in range(warmup):
+        fn()
+        if sync is not None:
+            sync()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        out.append(time.perf_counter() - start)
+    return _summary(out)
+
+
+def _ratio(peer: dict, ours: dict) -> float:
+    return peer["median_s"] / ours["median_s"]
+
+
+def _rel_diff(ours, ref) -> dict:
+    ours = np.asarray(ours, np.float64)
+    ref = np.asarray(ref, np.float64)
+    scale = max(1.0, float(np.max(np.abs(ref))))
+    err = float(np.max(np.abs(ours - ref)))
+    return {"max_abs": err, "scale": scale, "relative": err / scale,
+            "finite": bool(np.all(np.isfinite(ours)) and np.all(np.isfinite(ref)))}
+
+
+def _count(tree) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _flops(compiled):
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else None
+        flops = None if cost is None else cost.get("flops")
+        return float(flops) if flops is not None and flops > 0 else None
+    except Exception:  # noqa: BLE001 - optional; not every backend reports costs
+        return None
+
+
+# --------------------------------------------------------------------------- device / dtype
+def resolve_device(requested: str, torch) -> tuple[str, str, object]:
+    """``(device, torch_device, jax_device)``: ``cpu`` or ``gpu`` on both sides."""
+    jax_gpu = [d for d in jax.devices() if d.platform != "cpu"]
+    torch_gpu = bool(torch.cuda.is_available())
+    if requested == "auto":
+        requested = "gpu" if (jax_gpu and torch_gpu) else "cpu"
+    if requested == "gpu":
+        if not (jax_gpu and torch_gpu):
+            raise ValueError(f"--device gpu needs a GPU for both JAX (backend {jax.default_backend()!r}) and torch "
+                             f"(cuda available: {torch_gpu})")
+        return "gpu", "cuda", jax_gpu[0]
+    return "cpu", "cpu", jax.devices("cpu")[0]
+
+
+def set_fp32_matmul(mode: str, torch, dtype: str) -> None:
+    """float32 matmul precision on both sides (``highest``: full float32; ``tf32``: TF32 allowed)."""
+    if dtype != "float32":
+        return
+    jax.config.update("jax_default_matmul_precision", "highest" if mode == "highest" else "tensorfloat32")
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+        torch.backends.cudnn.allow_tf32 = mode == "tf32"
+
+
+def environment(torch, diffusers, device: str, jax_device) -> dict:
+    from experiments.bench_exact import environment as base
+
+    env = base()
+    env.pop("dtype", None)
+    env.update(
+        platform=platform.platform(),
+        jax_backend=jax.default_backend(),
+        jax_device=str(jax_device),
+        jax_device_kind=getattr(jax_device, "device_kind", None),
+        torch_version=torch.__version__,
+        diffusers_version=diffusers.__version__,
+        torch_num_threads=torch.get_num_threads(),
+        torch_interop_threads=torch.get_num_interop_threads(),
+        torch_device_name=torch.cuda.get_device_name(0) if device == "gpu" else env.get("cpu_model"),
+        torch_cuda_version=torch.version.cuda,
+        torch_matmul_allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
+        torch_cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32),
+        jax_default_matmul_precision=str(jax.config.jax_default_matmul_precision),
+        xla_python_client_preallocate=os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
+    )
+    try:
+        import transformers
+
+        env["transformers_version"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        env["transformers_version"] = None
+    return env
+
+
+# --------------------------------------------------------------------------- one configuration
+def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_device) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cfgzero_theory import presets
+    from cfgzero_theory.sampling import sample_flow
+    from cfgzero_theory.sd3.pipeline import SD3Pipeline
+    from experiments.sample_image import PIPELINE_SIZES, build_random_pipeline
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    jax_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    size = PIPELINE_SIZES[name]
+    steps = args.steps
+    batch = args.batch
+    prompts = [PROMPT] * batch
+    seq = args.max_sequence_length
+    gpu = device == "gpu"
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
+    result = {"config": name, "steps": steps, "batch": batch, "model_batch": 2 * batch, "dtype": args.dtype,
+              "max_sequence_length": seq, "guidance_scale": GUIDANCE_SCALE, "prompt": PROMPT,
+              "sizes": {k: (dict(v) if isinstance(v, dict) else v) for k, v in size.items()},
+              "text_encoders": TEXT_ENCODERS_NOTE[name],
+              "weights": ("default initialisation + 0.1·N(0,1) on every parameter" if size["perturb"] is not None
+                          else "default initialisation of the diffusers/transformers classes (not perturbed)")}
+    print(f"[{name}] building the random pipeline ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix=f"bench_pipeline_{name}_") as folder:
+        start = time.perf_counter()
+        peer = build_random_pipeline(folder, name, seed=args.seed, torch_dtype=torch_dtype)
+        result["build_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        with jax.default_device(jax_device):
+            ours = SD3Pipeline.from_pretrained(folder, dtype=jax_dtype)
+            jax.block_until_ready(nnx.state(ours.transformer))
+        result["load_ours_s"] = time.perf_counter() - start
+    peer.set_progress_bar_config(disable=True)
+    peer.to(torch_device)  # already in torch_dtype (cast before saving)
+    tcfg = ours.transformer.config
+    factor = ours.vae_scale_factor
+    latent_hw = tcfg.sample_size
+    result.update(
+        latent_shape=[batch, tcfg.in_channels, latent_hw, latent_hw],
+        image_size=[latent_hw * factor, latent_hw * factor],
+        transformer_params_ours=_count(nnx.state(ours.transformer)),
+        transformer_params_diffusers=int(sum(p.numel() for p in peer.transformer.parameters())),
+        vae_params=int(sum(p.numel() for p in peer.vae.parameters())),
+        text_encoder_params=int(sum(p.numel() for enc in (peer.text_encoder, peer.text_encoder_2, peer.text_encoder_3)
+                                    for p in enc.parameters())),
+        transformer_params_note="ours also counts the fixed positional table pos_embed (a buffer in diffusers)",
+        image_tokens=(latent_hw // tcfg.patch_size) ** 2,
+        text_tokens=77 + seq,
+    )
+    print(f"[{name}] built in {result['build_s']:.1f}s, loaded ours in {result['load_ours_s']:.1f}s; transformer "
+          f"{result['transformer_params_ours'] / 1e6:.1f}M params, latents {result['latent_shape']}, images "
+          f"{result['image_size']}", flush=True)
+
+    generator = torch.Generator().manual_seed(args.seed)
+    init_t = torch.randn(tuple(result["latent_shape"]), generator=generator).to(torch_dtype)
+    init_np = init_t.float().numpy()
+    init_j = jax.device_put(jnp.asarray(init_np).astype(jax_dtype), jax_device)
+    init_dev = init_t.to(torch_device)
+    e2e_common = dict(num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, max_sequence_length=seq)
+    ours_sec, peer_sec = {}, {}
+
+    with jax.default_device(jax_device), torch.no_grad():
+        # ---- end to end, first (compiling) calls of ours
+        def ours_e2e(guidance):
+            latents, images = ours(prompts, guidance=guidance, scale=GUIDANCE_SCALE, zero_init_steps=ZERO_INIT_STEPS,
+                                   num_steps=steps, latents=init_j, max_sequence_length=seq)
+            return np.asarray(latents.astype(jnp.float32)), np.asarray(images)
+
+        print(f"[{name}] ours: first calls (compilation) ...", flush=True)
+        start = time.perf_counter()
+        ours_latents, ours_images = ours_e2e("cfg")
+        compile_cfg = time.perf_counter() - start
+        start = time.perf_counter()
+        zero_latents, _ = ours_e2e("cfg-zero-star")
+        compile_zero = time.perf_counter() - start
+
+        def peer_e2e(output_type="np"):
+            out = peer(prompts, latents=init_dev.clone(), output_type=output_type, **e2e_common).images
+            sync()
+            return out
+
+        print(f"[{name}] diffusers: first calls ...", flush=True)
+        start = time.perf_counter()
+        peer_images = peer_e2e()
+        peer_first = time.perf_counter() - start
+        peer_latents = peer_e2e("latent").float().cpu().numpy()
+        result["agreement"] = {
+            "final_latents": _rel_diff(ours_latents, peer_latents),
+            "images": _rel_diff(ours_images, peer_images),
+            "ours_cfg_zero_star_latents_finite": bool(np.all(np.isfinite(zero_latents))),
+            "note": "max |ours - diffusers| / max(1, max |diffusers|); a sanity number, not a test",
+        }
+
+        # ---- encode
+        cond, pooled, uncond, uncond_pooled = ours.encode_prompt(prompts, None, seq)
+        ours_sec["encode"] = _time(lambda: jax.block_until_ready(ours.encode_prompt(prompts, None, seq)),
+                                   args.repeats)
+        peer_sec["encode"] = _time(lambda: peer.encode_prompt(prompts, None, None, device=torch_device,
+                                                              max_sequence_length=seq), args.repeats, sync)
+        pe, npe, pp, npp = peer.encode_prompt(prompts, None, None, device=torch_device, max_sequence_length=seq)
+        pe2, pp2 = torch.cat([npe, pe]), torch.cat([npp, pp])
+
+        # ---- one transformer step on the doubled batch
+        schedule = ours.schedule(steps)
+        params = nnx.state(ours.transformer)
+        both = (jnp.concatenate([cond, uncond]), jnp.concatenate([pooled, uncond_pooled]))
+        x2 = jnp.concatenate([init_j, init_j])
+        step_fn = jax.jit(ours.model_fn)
+        step_args = (params, x2, schedule.sigmas[0], schedule.timesteps[0], both)
+        try:
+            flops = _flops(step_fn.lower(*step_args).compile())
+        except Exception:  # noqa: BLE001
+            flops = None
+        out = step_fn(*step_args)
+        result["ours_step_output_dtype"] = str(out.dtype)
+        ours_sec["step"] = _time(lambda: step_fn(*step_args).block_until_ready(), args.step_repeats)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(peer.scheduler.config)
+        scheduler.set_timesteps(steps, device=torch_device)
+        t0 = scheduler.timesteps[0]
+        x2_t = torch.cat([init_dev, init_dev])
+
+        def peer_step():
+            return peer.transformer(hidden_states=x2_t, timestep=t0.expand(x2_t.shape[0]), encoder_hidden_states=pe2,
+                                    pooled_projections=pp2, return_dict=False)[0]
+
+        peer_sec["step"] = _time(peer_step, args.step_repeats, sync)
+        result["transformer_step_flops_xla"] = flops
+        del out
+
+        # ---- the denoising loop alone
+        rule_cfg = presets.get("sd3").rule("cfg", scale=GUIDANCE_SCALE)
+        rule_zero = presets.get("sd3").rule("cfg-zero-star", scale=GUIDANCE_SCALE, zero_init_steps=ZERO_INIT_STEPS)
+        x0 = init_j.astype(cond.dtype)
+
+        def ours_denoise(rule):
+            return sample_flow(ours.model_fn, params, x0, schedule, (cond, pooled), (uncond, uncond_pooled),
+                               rule).samples.block_until_ready()
+
+        ours_sec["denoise"] = _time(lambda: ours_denoise(rule_cfg), args.repeats)
+        ours_sec["denoise_cfg_zero_star"] = _time(lambda: ours_denoise(rule_zero), args.repeats)
+
+        def peer_denoise():  # StableDiffusion3Pipeline.__call__'s loop, step for step
+            scheduler.set_timesteps(steps, device=torch_device)
+            x = init_dev.clone()
+            for t in scheduler.timesteps:
+                inp = torch.cat([x, x])
+                v = peer.transformer(hidden_states=inp, timestep=t.expand(inp.shape[0]), encoder_hidden_states=pe2,
+                                     pooled_projections=pp2, return_dict=False)[0]
+                v_u, v_c = v.chunk(2)
+                x = scheduler.step(v_u + GUIDANCE_SCALE * (v_c - v_u), t, x, return_dict=False)[0]
+            return x
+
+        peer_sec["denoise"] = _time(peer_denoise, args.repeats, sync)
+        final_ours = ours_denoise(rule_cfg)
+
+        # ---- decode
+        ours_sec["decode"] = _time(lambda: np.asarray(ours.decode(final_ours)), args.repeats)
+        final_peer = peer_denoise()
+        vae_cfg = peer.vae.config
+
+        def peer_decode():
+            z = final_peer / vae_cfg.scaling_factor + vae_cfg.shift_factor
+            image = peer.vae.decode(z, return_dict=False)[0]
+            return peer.image_processor.postprocess(image, output_type="np")
+
+        peer_sec["decode"] = _time(peer_decode, args.repeats, sync)
+
+        # ---- end to end, compiled / warmed
+        ours_sec["end_to_end"] = _time(lambda: ours_e2e("cfg"), args.repeats, warmup=0)
+        ours_sec["end_to_end_cfg_zero_star"] = _time(lambda: ours_e2e("cfg-zero-star"), args.repeats, warmup=0)
+        peer_sec["end_to_end"] = _time(peer_e2e, args.repeats, warmup=0)  # first call above was the warm-up
+
+    for sec in (ours_sec, peer_sec):
+        sec["loop_per_step"] = {k: v / steps for k, v in sec["denoise"].items() if k != "n"}
+        sec["loop_per_step"]["n"] = sec["denoise"]["n"]
+    ours_sec["loop_per_step_cfg_zero_star"] = {k: (v / steps if k != "n" else v)
+                                               for k, v in ours_sec["denoise_cfg_zero_star"].items()}
+    ours_sec["compile_s"] = compile_cfg
+    ours_sec["compile_cfg_zero_star_s"] = compile_zero
+    peer_sec["first_call_s"] = peer_first
+    result["ours"], result["diffusers"] = ours_sec, peer_sec
+    result["ratios_diffusers_over_ours"] = {
+        key: _ratio(peer_sec[key], ours_sec[key])
+        for key in ("step", "loop_per_step", "denoise", "encode", "decode", "end_to_end")
+    }
+    result["ratios_diffusers_over_ours"]["end_to_end_vs_ours_cfg_zero_star"] = _ratio(
+        peer_sec["end_to_end"], ours_sec["end_to_end_cfg_zero_star"])
+    if flops is not None:
+        result["achieved_tflops"] = {
+            "ours": flops / ours_sec["step"]["median_s"] / 1e12,
+            "diffusers": flops / peer_sec["step"]["median_s"] / 1e12,
+        }
+
+    return result
+
+
+def bench_config(name: str, args, torch, device: str, torch_device: str, jax_device) -> dict:
+    """:func:`_bench_config`, then free both pipelines and the compiled programs (all locals of
+    the measurement are gone once it returns) before the next configuration."""
+    try:
+        return _bench_config(name, args, torch, device, torch_device, jax_device)
+    finally:
+        gc.collect()
+        if device == "gpu":
+            torch.cuda.empty_cache()
+        jax.clear_caches()
+        gc.collect()
+
+
+# --------------------------------------------------------------------------- CLI
+def _fmt_s(seconds) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    return f"{seconds * 1e3:.1f}ms" if seconds < 1 else f"{seconds:.2f}s"
+
+
+def table(results: list[dict]) -> str:
+    rows = [f"{'config':8s} {'section':22s} {'ours':>10s} {'diffusers':>10s} {'diff/ours':>9s}"]
+    for r in results:
+        for key in ("step", "loop_per_step", "encode", "denoise", "decode", "end_to_end"):
+            o, p = r["ours"][key]["median_s"], r["diffusers"][key]["median_s"]
+            rows.append(f"{r['config']:8s} {key:22s} {_fmt_s(o):>10s} {_fmt_s(p):>10s} {p / o:8.2f}x")
+        rows.append(f"{r['config']:8s} {'end_to_end cfg-zero*':22s} "
+                    f"{_fmt_s(r['ours']['end_to_end_cfg_zero_star']['median_s']):>10s} {'':>10s}")
+        rows.append(f"{r['config']:8s} {'first call':22s} {_fmt_s(r['ours']['compile_s']):>10s} "
+                    f"{_fmt_s(r['diffusers']['first_call_s']):>10s}")
+        agree = r["agreement"]["final_latents"]
+        rows.append(f"{r['config']:8s} latents max|diff|/scale {agree['relative']:.1e}; config runtime "
+                    f"{_fmt_s(r['runtime_s'])}")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.bench_pipeline",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", action="append", default=None,
+                   help=f"pipeline size(s) from {CONFIGS}; repeat or comma-separate "
+                   "(default tiny,mid on a CPU, tiny,mid,medium on a GPU)")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
+    p.add_argument("--batch", type=int, default=1, help="prompts per call, B (the transformer sees 2B)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of whole-pipeline sections (default 3)")
+    p.add_argument("--step-repeats", type=int, default=10, help="timed single transformer calls (default 10)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--fp32-matmul", choices=("highest", "tf32"), default="highest",
+                   help="float32 matmul precision on both sides (GPU only matters; default highest)")
+    p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256, as SD3)")
+    p.add_argument("--seed", type=int, default=0, help="weights and initial latents seed")
+    p.add_argument("--allow-cpu-medium", action="store_true", help="allow --config medium on a CPU (~20 GB)")
+    p.add_argument("--out", default=None, help="JSON path (default figures/bench/pipeline_<device>.json)")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny only, 2 steps, 1 repeat, 2 step repeats")
+    return p
+
+
+def parse_configs(values, device: str) -> list[str]:
+    if not values:
+        return ["tiny", "mid"] + (["medium"] if device == "gpu" else [])
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    bad = [n for n in names if n not in CONFIGS]
+    if bad or not names:
+        raise ValueError(f"--config must name some of {CONFIGS}, got {values!r}")
+    return list(dict.fromkeys(names))
+
+
+def run(args) -> dict:
+    started = time.perf_counter()
+    try:
+        import diffusers
+        import torch
+    except ImportError as err:
+        raise ValueError(f"bench_pipeline needs torch and diffusers: {err}") from None
+    if args.quick:
+        args.config, args.steps, args.repeats, args.step_repeats = ["tiny"], 2, 1, 2
+    for name in ("steps", "batch", "repeats", "step_repeats", "max_sequence_length"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
+    device, torch_device, jax_device = resolve_device(args.device, torch)
+    configs = parse_configs(args.config, device)
+    if "medium" in configs and device == "cpu" and not args.allow_cpu_medium:
+        raise ValueError("--config medium needs ~20 GB and hours on a CPU; use a GPU or pass --allow-cpu-medium")
+    set_fp32_matmul(args.fp32_matmul, torch, args.dtype)
+    env = environment(torch, diffusers, device, jax_device)
+    out = args.out or os.path.join("figures", "bench", f"pipeline_{device}.json")
+    print(f"jax {env['jax_version']} on {env['jax_device_kind']} ({env['jax_backend']}); torch {env['torch_version']} "
+          f"({torch_device}, {env['torch_num_threads']} threads), diffusers {env['diffusers_version']}; "
+          f"{args.dtype}; configs {configs}, {args.steps} steps, batch {args.batch}", flush=True)
+
+    results = []
+    for name in configs:
+        start = time.perf_counter()
+        result = bench_config(name, args, torch, device, torch_device, jax_device)
+        result["runtime_s"] = time.perf_counter() - start
+        results.append(result)
+        r = result["ratios_diffusers_over_ours"]
+        print(f"[{name}] done in {result['runtime_s']:.1f}s: step {r['step']:.2f}x, loop/step "
+              f"{r['loop_per_step']:.2f}x, end-to-end {r['end_to_end']:.2f}x (diffusers/ours)", flush=True)
+
+    report = {
+        "benchmark": "bench_pipeline",
+        **env,
+        "device": device,
+        "torch_device": torch_device,
+        "dtype": args.dtype,
+        "settings": {
+            "configs": configs, "steps": args.steps, "batch": args.batch, "repeats": args.repeats,
+            "step_repeats": args.step_repeats, "max_sequence_length": args.max_sequence_length, "seed": args.seed,
+            "guidance_scale": GUIDANCE_SCALE, "zero_init_steps": ZERO_INIT_STEPS, "fp32_matmul": args.fp32_matmul,
+            "quick": bool(args.quick),
+        },
+        "definitions": {
+            "step": "one transformer call on the doubled CFG batch 2B (ours: jitted model_fn; diffusers: "
+                    "pipe.transformer under no_grad)",
+            "encode": "prompt + empty negative prompt through CLIP-L, CLIP-bigG, T5",
+            "denoise": "the sampling loop given embeddings (ours: sample_flow, one lax.scan; diffusers: the loop "
+                       "of StableDiffusion3Pipeline.__call__, replicated)",
+            "loop_per_step": "denoise / steps",
+            "decode": "VAE decode + post-processing to [0, 1] NumPy images",
+            "end_to_end": "prompt -> NumPy images, plain CFG scale 4 (ours after compilation)",
+            "compile_s": "ours' first end-to-end call (tracing + XLA compilation + one run)",
+            "first_call_s": "diffusers' first end-to-end call",
+            "ratios": "diffusers median / ours median (> 1: ours faster)",
+            "timing": "medians; whole-pipeline sections over --repeats, step over --step-repeats; one warm-up "
+                      "call each; JAX block_until_ready, torch cuda.synchronize on GPU",
+        },
+        "configs": results,
+        "loadavg_at_end": _loadavg(),
+        "runtime_s": time.perf_counter() - started,
+    }
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    write_json(out, report)
+    print(table(results), flush=True)
+    print(f"wrote {out}", flush=True)
+    return strict_json(report)
+
+
+def main(argv=None):
+    return run_or_exit(run, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,86 @@
+"""Smoke test of ``python -m experiments.bench_pipeline --quick``: it runs, reports, and agrees.
+
+No timing thresholds: only the report's structure, the signs of the timings, the ratios'
+definition (diffusers / ours) and the agreement of the two pipelines' final latents (tiny
+config, float32, CPU) are checked.
+"""
+
+import json
+import math
+
+import pytest
+
+
+def _positive(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def _strict(text):
+    def reject(constant):
+        raise ValueError(f"non-strict JSON constant {constant}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+SECTIONS = ("step", "loop_per_step", "encode", "denoise", "decode", "end_to_end")
+
+
+def test_bench_pipeline_quick_reports_and_agrees(torch, diffusers, tmp_path):
+    from experiments import bench_pipeline
+
+    out = tmp_path / "sub" / "pipeline.json"
+    returned = bench_pipeline.main(["--quick", "--device", "cpu", "--out", str(out)])
+    report = _strict(out.read_text())
+    assert report == returned
+
+    for key in ("benchmark", "jax_version", "jax_backend", "jax_device_kind", "torch_version", "diffusers_version",
+                "torch_num_threads", "cpu_cores", "platform", "device", "dtype", "settings", "definitions", "configs",
+                "runtime_s"):
+        assert key in report, key
+    assert report["benchmark"] == "bench_pipeline" and report["device"] == "cpu" and report["dtype"] == "float32"
+    assert report["settings"]["quick"] is True and report["settings"]["configs"] == ["tiny"]
+    assert report["settings"]["steps"] == 2 and report["settings"]["repeats"] == 1
+
+    [tiny] = report["configs"]
+    assert tiny["config"] == "tiny" and tiny["steps"] == 2 and tiny["batch"] == 1 and tiny["model_batch"] == 2
+    assert tiny["latent_shape"] == [1, 16, 16, 16] and tiny["image_size"] == [32, 32]
+    # ours also counts the fixed positional table (a buffer in diffusers): 16 positions² × width 16
+    assert tiny["transformer_params_ours"] == tiny["transformer_params_diffusers"] + 16 * 16 * 16 > 16 * 16 * 16
+    for side in ("ours", "diffusers"):
+        for section in SECTIONS:
+            timing = tiny[side][section]
+            for stat in ("median_s", "min_s", "max_s"):
+                assert _positive(timing[stat]), (side, section, stat, timing)
+            assert timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+        assert math.isclose(tiny[side]["loop_per_step"]["median_s"], tiny[side]["denoise"]["median_s"] / 2)
+    for key in ("compile_s", "compile_cfg_zero_star_s"):
+        assert _positive(tiny["ours"][key])
+    assert _positive(tiny["ours"]["end_to_end_cfg_zero_star"]["median_s"])
+    assert _positive(tiny["diffusers"]["first_call_s"])
+
+    ratios = tiny["ratios_diffusers_over_ours"]
+    for section in SECTIONS:
+        assert math.isclose(ratios[section],
+                            tiny["diffusers"][section]["median_s"] / tiny["ours"][section]["median_s"])
+    assert math.isclose(ratios["end_to_end_vs_ours_cfg_zero_star"],
+                        tiny["diffusers"]["end_to_end"]["median_s"] / tiny["ours"]["end_to_end_cfg_zero_star"]["median_s"])
+
+    agree = tiny["agreement"]
+    assert agree["final_latents"]["finite"] and agree["images"]["finite"]
+    assert agree["ours_cfg_zero_star_latents_finite"] is True
+    # same weights, latents, schedule and CFG on both sides, float32 on a CPU
+    assert agree["final_latents"]["relative"] <= 1e-3, agree
+    assert agree["images"]["relative"] <= 1e-3, agree
+
+
+def test_bench_pipeline_refuses_medium_on_cpu_and_bad_configs(torch, diffusers):
+    from experiments import bench_pipeline
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_pipeline.main(["--config", "medium", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    with pytest.raises(ValueError, match="--config must name"):
+        bench_pipeline.parse_configs(["tiny,huge"], "cpu")
+    assert bench_pipeline.parse_configs(["tiny,mid", "tiny"], "cpu") == ["tiny", "mid"]
+    assert bench_pipeline.parse_configs(None, "cpu") == ["tiny", "mid"]
+    assert bench_pipeline.parse_configs(None, "gpu") == ["tiny", "mid", "medium"]
