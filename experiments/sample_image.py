@@ -182,14 +182,15 @@ def run(args):
             build_tiny_random_pipeline(tmp, seed=args.seed)
         pipe = SD3Pipeline.from_pretrained(tmp if args.tiny_random else args.checkpoint, dtype=dtype)
     steps = args.steps if args.steps is not None else (4 if args.tiny_random else 28)
-    options = dict(negative_prompts=args.negative_prompt, scale=args.scale, zero_init_steps=args.zero_init_steps,
-                   num_steps=steps, height=args.height, width=args.width, seed=args.seed,
-                   max_sequence_length=args.max_sequence_length)
+    embeddings = pipe.encode_prompt(args.prompt, args.negative_prompt, args.max_sequence_length)
+    options = dict(embeddings=embeddings, scale=args.scale, zero_init_steps=args.zero_init_steps,
+                   skip_guidance_layers=args.skip_guidance_layers or None, num_steps=steps, height=args.height,
+                   width=args.width, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
-    _, images = pipe(args.prompt, guidance=args.guidance, **options)
+    _, images = pipe(guidance=args.guidance, **options)
     written = [save_png(images, os.path.join(args.out, f"{args.guidance}.png"))]
     if args.compare or args.tiny_random:
-        pair = [images if args.guidance == kind else pipe(args.prompt, guidance=kind, **options)[1]
+        pair = [images if args.guidance == kind else pipe(guidance=kind, **options)[1]
                 for kind in ("cfg", "cfg-zero-star")]
         written.append(save_png(np.concatenate([pair[0], pair[1]], axis=2),
                                 os.path.join(args.out, "cfg_vs_cfg-zero-star.png")))
@@ -215,6 +216,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-sequence-length", type=int, default=256)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: stored dtypes")
+    parser.add_argument("--skip-guidance-layers", type=int, nargs="+", default=None, metavar="I",
+                        help="skip-layer guidance on these blocks (SD3.5-medium: 7 8 9), diffusers' defaults otherwise")
     parser.add_argument("--compare", action="store_true", help="also write CFG vs CFG-Zero* side by side")
     parser.add_argument("--out", default="figures/sample_image")
     return run_or_exit(run, parser.parse_args(argv))

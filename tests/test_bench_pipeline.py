@@ -84,3 +84,30 @@ def test_bench_pipeline_refuses_medium_on_cpu_and_bad_configs(torch, diffusers):
     assert bench_pipeline.parse_configs(["tiny,mid", "tiny"], "cpu") == ["tiny", "mid"]
     assert bench_pipeline.parse_configs(None, "cpu") == ["tiny", "mid"]
     assert bench_pipeline.parse_configs(None, "gpu") == ["tiny", "mid", "medium"]
+
+
+@pytest.mark.parametrize("dual", [(), (0,)])
+def test_analytic_flops_agree_with_xla_cost_analysis(dual):
+    """The benchmark's FLOP count, written from the architecture, against XLA's own count of
+    the compiled program (on CPU XLA's attention is plain matmuls, so it sees everything; its
+    count also includes the elementwise work the analytic one leaves out)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cfgzero_theory.sd3.transformer import SD3Config, SD3Transformer
+    from cfgzero_theory.sd3.weights import sd3_model_fn
+    from experiments.bench_pipeline import _flops, mmdit_step_flops
+
+    config = SD3Config(sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=32,
+                       num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=128,
+                       pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16, dual_attention_layers=dual)
+    model = SD3Transformer(config, rngs=nnx.Rngs(0))
+    context = (jnp.zeros((2, 40, 96)), jnp.zeros((2, 64)))
+    compiled = jax.jit(sd3_model_fn(model)).lower(nnx.state(model), jnp.zeros((2, 16, 16, 16)), 1.0, 1000.0,
+                                                  context).compile()
+    xla = _flops(compiled)
+    if xla is None:
+        pytest.skip("this XLA backend reports no cost analysis")
+    analytic = mmdit_step_flops(config, image_tokens=64, text_tokens=40, batch=2)
+    assert 0.9 * xla <= analytic <= xla, (analytic, xla)

@@ -196,6 +196,11 @@ def test_bfloat16_end_to_end(torch, tiny):
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(nnx.state(half.transformer))} == {jnp.dtype(jnp.bfloat16)}
     init = _initial_latents(torch, batch=1)
     common = dict(guidance="cfg", scale=5.0, num_steps=STEPS, max_sequence_length=SEQ)
+    cond, pooled, uncond, uncond_pooled = half.encode_prompt(PROMPTS[0], max_sequence_length=SEQ)
+    assert cond.dtype == pooled.dtype == jnp.bfloat16  # the encoders compute in bf16 too
+    step = half.model_fn(nnx.state(half.transformer), jnp.asarray(init.numpy(), jnp.bfloat16), 1.0, 1000.0,
+                         (cond, pooled))
+    assert step.dtype == jnp.bfloat16  # no silent promotion to float32 inside the transformer
     latents16, images16 = half(PROMPTS[0], latents=jnp.asarray(init.numpy()), **common)
     latents32, images32 = ours(PROMPTS[0], latents=jnp.asarray(init.numpy()), **common)
     assert latents16.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(images16)))
@@ -215,6 +220,17 @@ def test_seeded_noise_and_default_size(tiny):
     b, _ = ours("a cat", num_steps=2, seed=5, max_sequence_length=SEQ)
     assert a.shape == (1, 16, 16, 16) and images.shape == (1, 32, 32, 3)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the stages: precomputed embeddings and the loop alone give the same latents
+    embeddings = ours.encode_prompt("a cat", max_sequence_length=SEQ)
+    c, _ = ours(embeddings=embeddings, num_steps=2, seed=5)
+    result = ours.sample(embeddings, ours.initial_latents(1, seed=5), num_steps=2, return_trajectory=True)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(result.samples))
+    assert result.trajectory.shape == (3, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match="exactly one of prompts and embeddings"):
+        ours("a cat", embeddings=embeddings)
+    with pytest.raises(ValueError, match="embeddings must be"):
+        ours.sample(embeddings[:2], ours.initial_latents(1))
     with pytest.raises(ValueError, match="multiples of 4"):
         ours("a cat", height=30, max_sequence_length=SEQ)
     with pytest.raises(ValueError, match="guidance must be one of"):

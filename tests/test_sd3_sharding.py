@@ -125,7 +125,7 @@ FOUR_DEVICES = textwrap.dedent(
     from cfgzero_theory.sd3.sharding import describe_sharding, mesh_sharding, shard_axis, shard_state
 
     assert len(jax.devices()) == 4
-    transformer_dir, vae_dir, clip_dir = sys.argv[1:]
+    transformer_dir, vae_dir, clip_dir, pipeline_dir = sys.argv[1:]
     sharding = mesh_sharding(min_size=1024)
 
     def close(a, b):
@@ -186,13 +186,23 @@ FOUR_DEVICES = textwrap.dedent(
     check_layout(split)
     same_values(split, plain)
     assert split.layers[0].mlp.fc1.kernel[...].sharding.spec == jax.sharding.PartitionSpec("model", None)
+
+    # the whole pipeline loaded sharded (min_size 256: most of the tiny tensors split) samples the same images
+    from cfgzero_theory.sd3.pipeline import SD3Pipeline
+    pipes = [SD3Pipeline.from_pretrained(pipeline_dir, sharding=s) for s in (mesh_sharding(min_size=256), None)]
+    assert describe_sharding(nnx.state(pipes[0].vae))["sharded"] > 0
+    (lat_split, img_split), (lat_plain, img_plain) = (
+        p("a photo of a cat", guidance="cfg-zero-star", scale=4.0, num_steps=2, max_sequence_length=8) for p in pipes)
+    close(lat_split, lat_plain)
+    close(img_split, img_plain)
     print("ok", summary["max_device_bytes"], summary["total_bytes"])
     """
 )
 
 
 def test_loaders_shard_over_four_devices(torch, diffusers, tmp_path):
-    """Tiny folders saved here, loaded sharded and unsharded in a subprocess with four CPU devices."""
+    """Tiny folders (and a tiny pipeline) saved here, loaded sharded and unsharded in a subprocess
+    with four CPU devices."""
     import transformers
 
     torch.manual_seed(0)
@@ -202,8 +212,11 @@ def test_loaders_shard_over_four_devices(torch, diffusers, tmp_path):
             perturbed(torch, model).save_pretrained(tmp_path / folder, safe_serialization=True)
         clip = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**CLIP))
         perturbed(torch, clip).save_pretrained(tmp_path / "text_encoder", safe_serialization=True)
+    from experiments.sample_image import build_tiny_random_pipeline
+
+    build_tiny_random_pipeline(tmp_path / "pipeline")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    folders = [str(tmp_path / name) for name in ("transformer", "vae", "text_encoder")]
+    folders = [str(tmp_path / name) for name in ("transformer", "vae", "text_encoder", "pipeline")]
     done = subprocess.run([sys.executable, "-c", FOUR_DEVICES, *folders], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

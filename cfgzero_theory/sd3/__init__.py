@@ -11,6 +11,8 @@
 * :mod:`cfgzero_theory.sd3.t5` — the T5 text encoder (:class:`T5Encoder`, :class:`T5Config`)
   and loading a transformers ``text_encoder_3/`` folder;
 * :mod:`cfgzero_theory.sd3.loading` — the folder / safetensors loading machinery all loaders use;
+* :mod:`cfgzero_theory.sd3.sharding` — how weights are split over a device mesh as they load
+  (:class:`ParamSharding`, :func:`mesh_sharding`; every loader's ``sharding=`` argument);
 * :mod:`cfgzero_theory.sd3.pipeline` — text-to-image with a whole ``StableDiffusion3Pipeline``
   folder (:class:`SD3Pipeline`, :func:`encode_prompt`, :func:`save_png`).
 
@@ -21,13 +23,15 @@ imported only when a pipeline is loaded (``pip install -e ".[sd3]"``).
 
 from cfgzero_theory.sd3.clip import CLIPTextConfig, CLIPTextEncoder, load_clip_text_encoder
 from cfgzero_theory.sd3.pipeline import SD3Pipeline, encode_prompt, save_png
+from cfgzero_theory.sd3.sharding import ParamSharding, mesh_sharding
 from cfgzero_theory.sd3.t5 import T5Config, T5Encoder, load_t5_encoder
 from cfgzero_theory.sd3.transformer import SD3Config, SD3Transformer
 from cfgzero_theory.sd3.vae import VAE_WEIGHT_MAP, AutoencoderKL, VAEConfig, load_vae, sample_latent
 from cfgzero_theory.sd3.weights import WEIGHT_MAP, load_sd3_transformer, sd3_model_fn
 
 __all__ = [
-    "AutoencoderKL", "CLIPTextConfig", "CLIPTextEncoder", "SD3Config", "SD3Pipeline", "SD3Transformer", "T5Config",
-    "T5Encoder", "VAEConfig", "VAE_WEIGHT_MAP", "WEIGHT_MAP", "encode_prompt", "load_clip_text_encoder",
-    "load_sd3_transformer", "load_t5_encoder", "load_vae", "sample_latent", "save_png", "sd3_model_fn",
+    "AutoencoderKL", "CLIPTextConfig", "CLIPTextEncoder", "ParamSharding", "SD3Config", "SD3Pipeline",
+    "SD3Transformer", "T5Config", "T5Encoder", "VAEConfig", "VAE_WEIGHT_MAP", "WEIGHT_MAP", "encode_prompt",
+    "load_clip_text_encoder", "load_sd3_transformer", "load_t5_encoder", "load_vae", "mesh_sharding",
+    "sample_latent", "save_png", "sd3_model_fn",
 ]
