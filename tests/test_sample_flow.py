@@ -116,3 +116,34 @@ def test_lumina_rope_factors_switch_at_the_watershed():
         assert t == pytest.approx(1 - tau / 1000)
         linear, ntk = (float(f) for f in rope_scaling_factors(t, 2.0, watershed))
         assert (linear, ntk) == ((2.0, 1.0) if t < watershed else (1.0, 2.0))
+
+
+def _half_model(mixture, x, sigma, timestep, labels):
+    """A deliberately worse prediction: half the exact conditional field."""
+    return 0.5 * mixture_flow_model(mixture, x, sigma, timestep, labels)
+
+
+def test_perturbed_guidance_adds_its_term_inside_its_interval_only():
+    from cfgzero_theory import CFG
+    from cfgzero_theory.sampling import PerturbedGuidance
+    from cfgzero_theory.schedules import flow_match_euler_schedule
+
+    gm = mixtures.class_conditional_2d()
+    x = jax.random.normal(jax.random.key(1), (64, 2))
+    labels = jnp.ones((64,), jnp.int32)
+    schedule, steps = flow_match_euler_schedule(10, shift=3.0), 10
+    term = PerturbedGuidance(_half_model, scale=2.0, start=0.15, stop=0.55)  # active at steps 2 … 5
+    out = sample_flow(mixture_flow_model, gm, x, schedule, labels, jnp.full_like(labels, NULL_LABEL), CFG(3.0),
+                      perturbed=term, return_trajectory=True)
+    plain = out.v_uncond + 3.0 * (out.v_cond - out.v_uncond)
+    extra = np.asarray(out.guided - plain)
+    for i in range(steps):
+        expected = 2.0 * (out.v_cond[i] - 0.5 * out.v_cond[i]) if 2 <= i <= 5 else jnp.zeros_like(out.v_cond[i])
+        np.testing.assert_allclose(extra[i], np.asarray(expected), atol=1e-5, err_msg=f"step {i}")
+    assert bool(term.active(2, steps)) and not bool(term.active(1, steps)) and not bool(term.active(6, steps))
+    with pytest.raises(ValueError, match="start <= stop"):
+        PerturbedGuidance(_half_model, start=0.5, stop=0.2)
+    with pytest.raises(ValueError, match="model_fn must be callable"):
+        PerturbedGuidance("skip")
+    with pytest.raises(ValueError, match="perturbed must be a PerturbedGuidance"):
+        sample_flow(mixture_flow_model, gm, x, schedule, labels, labels, CFG(3.0), perturbed=2.0)
