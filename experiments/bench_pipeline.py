@@ -25,8 +25,8 @@ returns images):
   ``torch.no_grad()``;
 * ``encode``: the prompt and negative prompt through the three text encoders (ours
   ``pipe.encode_prompt``, diffusers ``pipe.encode_prompt``);
-* ``denoise``: the whole sampling loop given the embeddings — ours ``sample_flow`` (one
-  compiled ``lax.scan``), diffusers the loop of ``StableDiffusion3Pipeline.__call__``
+* ``denoise``: the whole sampling loop given the embeddings — ours ``pipe.sample`` (one
+  compiled ``sample_flow`` ``lax.scan``), diffusers the loop of ``StableDiffusion3Pipeline.__call__``
   replicated step for step (``set_timesteps``; per step ``cat``, ``t.expand``, transformer,
   ``chunk``, CFG combine, ``scheduler.step``); ``loop_per_step = denoise / steps``;
 * ``decode``: latents to ``[0, 1]`` images (VAE decoder and post-processing);
@@ -220,8 +220,6 @@ def environment(torch, diffusers, device: str, jax_device) -> dict:
 def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_device) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from cfgzero_theory import presets
-    from cfgzero_theory.sampling import sample_flow
     from cfgzero_theory.sd3.pipeline import SD3Pipeline
     from experiments.sample_image import PIPELINE_SIZES, build_random_pipeline
 
@@ -355,16 +353,13 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
         del out
 
         # ---- the denoising loop alone
-        rule_cfg = presets.get("sd3").rule("cfg", scale=GUIDANCE_SCALE)
-        rule_zero = presets.get("sd3").rule("cfg-zero-star", scale=GUIDANCE_SCALE, zero_init_steps=ZERO_INIT_STEPS)
-        x0 = init_j.astype(cond.dtype)
+        def ours_denoise(guidance):
+            return ours.sample((cond, pooled, uncond, uncond_pooled), init_j, guidance=guidance,
+                               scale=GUIDANCE_SCALE, zero_init_steps=ZERO_INIT_STEPS,
+                               num_steps=steps).samples.block_until_ready()
 
-        def ours_denoise(rule):
-            return sample_flow(ours.model_fn, params, x0, schedule, (cond, pooled), (uncond, uncond_pooled),
-                               rule).samples.block_until_ready()
-
-        ours_sec["denoise"] = _time(lambda: ours_denoise(rule_cfg), args.repeats)
-        ours_sec["denoise_cfg_zero_star"] = _time(lambda: ours_denoise(rule_zero), args.repeats)
+        ours_sec["denoise"] = _time(lambda: ours_denoise("cfg"), args.repeats)
+        ours_sec["denoise_cfg_zero_star"] = _time(lambda: ours_denoise("cfg-zero-star"), args.repeats)
 
         def peer_denoise():  # StableDiffusion3Pipeline.__call__'s loop, step for step
             scheduler.set_timesteps(steps, device=torch_device)
@@ -378,7 +373,7 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
             return x
 
         peer_sec["denoise"] = _time(peer_denoise, args.repeats, sync)
-        final_ours = ours_denoise(rule_cfg)
+        final_ours = ours_denoise("cfg")
 
         # ---- decode
         ours_sec["decode"] = _time(lambda: np.asarray(ours.decode(final_ours)), args.repeats)

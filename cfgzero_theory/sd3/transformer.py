@@ -41,8 +41,8 @@ Skip-layer guidance: ``skip_layers`` (static tuple of block indices) skips whole
 diffusers' ``skip_layers`` does.
 
 Numerics: norms compute their statistics in float32; matmuls and attention use the
-parameters' and inputs' promoted dtype; bf16/fp16 attention on a GPU is cuDNN's fused kernel
-(:func:`attention_implementation`).  On accelerators whose default float32 matmul
+parameters' and inputs' promoted dtype; the attention program depends on the backend
+(:func:`attention_implementation`: cuDNN's fused kernel for bf16/fp16 on a GPU).  On accelerators whose default float32 matmul
 precision is reduced (TF32/bf16 passes), wrap calls in ``jax.default_matmul_precision("highest")``
 for fp32 parity.  ``pos_embed_max_size=None`` (uncropped, interpolated embeddings) is not
 supported; every released SD3/SD3.5 checkpoint sets it.
@@ -237,19 +237,33 @@ def _apply(norm, x: Array) -> Array:
     return x if norm is None else norm(x)
 
 
-def attention_implementation(q: Array) -> str | None:
-    """``"cudnn"`` (fused flash attention, the score matrix never materialised) for half-precision
-    queries on a GPU with a head size cuDNN supports (a multiple of 8, at most 128); otherwise
-    ``None`` (XLA's attention, which materialises the ``T × S`` scores: fine on CPU and in
-    float32, where it is also the exact reference)."""
-    fused = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
-    return "cudnn" if fused else None
+def attention_implementation(q: Array) -> str:
+    """Which attention program :func:`_attention` builds for queries ``q`` on this backend.
+
+    * ``"cudnn"`` — half-precision queries on a GPU with a head size cuDNN supports (a multiple
+      of 8, at most 128): cuDNN's fused flash attention, the score matrix never materialised;
+    * ``"head_major"`` — on a CPU: the two products written as einsums in ``(B, H, T, D)``
+      layout with a float32-statistics softmax between them, which XLA's CPU backend runs about
+      twice as fast as :func:`jax.nn.dot_product_attention` (measured 140 vs 307 ms for
+      2 × 1357 tokens × 8 heads of 64 on 2 cores);
+    * ``"xla"`` — :func:`jax.nn.dot_product_attention`'s XLA program otherwise (float32 on a GPU).
+    """
+    backend = jax.default_backend()
+    if (backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128):
+        return "cudnn"
+    return "head_major" if backend == "cpu" else "xla"
 
 
 def _attention(q: Array, k: Array, v: Array) -> Array:
     """Softmax attention, ``(B, T, H, Dh) × (B, S, H, Dh) -> (B, T, H·Dh)``, scale ``Dh^-1/2``."""
-    out = jax.nn.dot_product_attention(q, k, v, implementation=attention_implementation(q))
+    implementation = attention_implementation(q)
+    if implementation == "head_major":
+        scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhts,bshd->bthd", weights, v)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     return out.reshape(*out.shape[:2], -1)
 
 
