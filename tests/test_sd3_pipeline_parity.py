@@ -268,7 +268,7 @@ def test_cli_tiny_random(torch, diffusers, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.sample_image", "--tiny-random", "--steps", "2",
-         "--max-sequence-length", "8", "--out", str(out)],
+         "--max-sequence-length", "8", "--compilation-cache", "", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["cfg-zero-star.png", "cfg_vs_cfg-zero-star.png"]
