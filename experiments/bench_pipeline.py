@@ -392,11 +392,11 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
         ours_sec["end_to_end_cfg_zero_star"] = _time(lambda: ours_e2e("cfg-zero-star"), args.repeats, warmup=0)
         peer_sec["end_to_end"] = _time(peer_e2e, args.repeats, warmup=0)  # first call above was the warm-up
 
-    for sec in (ours_sec, peer_sec):
-        sec["loop_per_step"] = {k: v / steps for k, v in sec["denoise"].items() if k != "n"}
-        sec["loop_per_step"]["n"] = sec["denoise"]["n"]
-    ours_sec["loop_per_step_cfg_zero_star"] = {k: (v / steps if k != "n" else v)
-                                               for k, v in ours_sec["denoise_cfg_zero_star"].items()}
+    def per_step(summary: dict) -> dict:
+        return {k: (v if k == "n" else v / steps) for k, v in summary.items()}
+
+    ours_sec["loop_per_step"], peer_sec["loop_per_step"] = per_step(ours_sec["denoise"]), per_step(peer_sec["denoise"])
+    ours_sec["loop_per_step_cfg_zero_star"] = per_step(ours_sec["denoise_cfg_zero_star"])
     ours_sec["compile_s"] = compile_cfg
     ours_sec["compile_cfg_zero_star_s"] = compile_zero
     peer_sec["first_call_s"] = peer_first
