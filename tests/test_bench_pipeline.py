@@ -5,21 +5,10 @@ definition (diffusers / ours) and the agreement of the two pipelines' final late
 config, float32, CPU) are checked.
 """
 
-import json
 import math
 
 import pytest
-
-
-def _positive(value):
-    return isinstance(value, float) and math.isfinite(value) and value > 0
-
-
-def _strict(text):
-    def reject(constant):
-        raise ValueError(f"non-strict JSON constant {constant}")
-
-    return json.loads(text, parse_constant=reject)
+from bench_helpers import positive, strict_loads
 
 
 SECTIONS = ("step", "loop_per_step", "encode", "denoise", "decode", "end_to_end")
@@ -30,7 +19,7 @@ def test_bench_pipeline_quick_reports_and_agrees(torch, diffusers, tmp_path):
 
     out = tmp_path / "sub" / "pipeline.json"
     returned = bench_pipeline.main(["--quick", "--device", "cpu", "--out", str(out)])
-    report = _strict(out.read_text())
+    report = strict_loads(out.read_text())
     assert report == returned
 
     for key in ("benchmark", "jax_version", "jax_backend", "jax_device_kind", "torch_version", "diffusers_version",
@@ -50,13 +39,13 @@ def test_bench_pipeline_quick_reports_and_agrees(torch, diffusers, tmp_path):
         for section in SECTIONS:
             timing = tiny[side][section]
             for stat in ("median_s", "min_s", "max_s"):
-                assert _positive(timing[stat]), (side, section, stat, timing)
+                assert positive(timing[stat]), (side, section, stat, timing)
             assert timing["min_s"] <= timing["median_s"] <= timing["max_s"]
         assert math.isclose(tiny[side]["loop_per_step"]["median_s"], tiny[side]["denoise"]["median_s"] / 2)
     for key in ("compile_s", "compile_cfg_zero_star_s"):
-        assert _positive(tiny["ours"][key])
-    assert _positive(tiny["ours"]["end_to_end_cfg_zero_star"]["median_s"])
-    assert _positive(tiny["diffusers"]["first_call_s"])
+        assert positive(tiny["ours"][key])
+    assert positive(tiny["ours"]["end_to_end_cfg_zero_star"]["median_s"])
+    assert positive(tiny["diffusers"]["first_call_s"])
 
     ratios = tiny["ratios_diffusers_over_ours"]
     for section in SECTIONS:

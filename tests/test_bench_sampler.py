@@ -6,38 +6,28 @@ of our final samples with the diffusers-driven loop's are checked.
 """
 
 import importlib.util
-import json
 import math
 import pathlib
 import subprocess
 import sys
 
+from bench_helpers import positive, strict_loads
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAVE_PEER = all(importlib.util.find_spec(name) is not None for name in ("torch", "diffusers"))
-
-
-def _positive(value):
-    return isinstance(value, float) and math.isfinite(value) and value > 0
-
-
-def _strict(text):
-    def reject(constant):
-        raise ValueError(f"non-strict JSON constant {constant}")
-
-    return json.loads(text, parse_constant=reject)
 
 
 def _check_side(side):
     for key in ("total_per_step_seconds", "model_per_step_seconds", "overhead_per_step_seconds",
                 "overhead_floor_seconds"):
-        assert _positive(side[key]), (key, side[key])
+        assert positive(side[key]), (key, side[key])
     assert math.isfinite(side["overhead_raw_per_step_seconds"])
     assert isinstance(side["overhead_clipped"], bool)
     # The clipped estimate is the raw one or the floor, whichever is larger.
     assert side["overhead_per_step_seconds"] == max(side["overhead_raw_per_step_seconds"],
                                                     side["overhead_floor_seconds"])
     assert side["rounds"] == 1 and side["pairs"] == side["pairs_per_round"] == 1  # --quick: one pair
-    assert _positive(side["loop_call_seconds"]["median"]) and _positive(side["model_call_seconds"]["median"])
+    assert positive(side["loop_call_seconds"]["median"]) and positive(side["model_call_seconds"]["median"])
 
 
 def test_bench_sampler_quick_reports_and_agrees(tmp_path):
@@ -51,8 +41,8 @@ def test_bench_sampler_quick_reports_and_agrees(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    report = _strict(lines[-1])
-    assert _strict(out.read_text()) == report  # --json-out writes the same object
+    report = strict_loads(lines[-1])
+    assert strict_loads(out.read_text()) == report  # --json-out writes the same object
 
     for key in (
         "benchmark", "jax_version", "torch_version", "diffusers_version", "torch_num_threads", "cpu_cores",
@@ -78,12 +68,12 @@ def test_bench_sampler_quick_reports_and_agrees(tmp_path):
             assert case["peer"] is None and case["overhead_ratio"] is None and case["meets_target"] is None
             continue
         _check_side(case["peer"])
-        assert _positive(case["peer"]["set_timesteps_seconds"])
+        assert positive(case["peer"]["set_timesteps_seconds"])
         assert case["peer"]["num_threads"] == 1  # --quick times one PyTorch thread
         assert case["peer_final_finite"] is True
         # Same schedule, guidance and model on both sides, both in float32.
         assert 0 <= case["max_abs_diff_final"] < 1e-3, case["max_abs_diff_final"]
-        assert _positive(case["overhead_ratio"]) and _positive(case["total_ratio"])
+        assert positive(case["overhead_ratio"]) and positive(case["total_ratio"])
         assert math.isclose(case["overhead_ratio"],
                             case["peer"]["overhead_per_step_seconds"] / case["ours"]["overhead_per_step_seconds"])
         assert isinstance(case["meets_target"], bool)

@@ -12,12 +12,10 @@ import pathlib
 import subprocess
 import sys
 
+from bench_helpers import positive
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
-
-
-def _positive(value):
-    return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
 def test_bench_training_quick_reports():
@@ -51,18 +49,18 @@ def test_bench_training_quick_reports():
     assert math.isclose(report["gflop_per_step"], 3 * 2 * 256 * (30 * 64 + 2 * 64 * 64 + 64 * 2) / 1e9)
 
     for key in ("steps_per_s", "gflops", "peak_gflops", "fraction_of_peak"):
-        assert _positive(report[key]), (key, report[key])
+        assert positive(report[key]), (key, report[key])
     assert math.isclose(report["gflops"], report["steps_per_s"] * report["gflop_per_step"], rel_tol=1e-9)
     assert math.isclose(report["fraction_of_peak"], report["gflops"] / report["peak_gflops"], rel_tol=1e-9)
     timing = report["jax"]["timing"]
-    assert timing["repeats"] == settings["repeats"] == 1 and _positive(timing["seconds"])
+    assert timing["repeats"] == settings["repeats"] == 1 and positive(timing["seconds"])
     assert math.isfinite(report["jax"]["mean_loss_last_epoch"])
     # --quick is not a target configuration: no verdicts.
     assert report["meets_speedup_target"] is None and report["meets_peak_target"] is None
 
     if HAVE_TORCH:
         assert report["torch_version"]
-        assert _positive(report["torch_steps_per_s"]) and _positive(report["speedup_vs_torch"])
+        assert positive(report["torch_steps_per_s"]) and positive(report["speedup_vs_torch"])
         torch_report = report["torch"]
         assert set(torch_report["steps_per_s_by_num_threads"]) == {str(report["cpu_cores"]), "1"}
         assert report["torch_steps_per_s"] == max(torch_report["steps_per_s_by_num_threads"].values())
