@@ -193,9 +193,19 @@ def jsd_to_density_on_grid(samples, log_density_fn: Callable[[Array], Array], lo
       lo, hi: grid bounds, scalars (square grid) or pairs ``(x, y)``.
       bins: cells per axis, an int or a pair.
     """
-    hist, inside = histogram_on_grid(samples, lo, hi, bins)
+    x = _as_points("samples", samples, dim=2)
+    lo_, hi_, bins_ = _grid(lo, hi, bins)
+    masses = density_on_grid(log_density_fn, lo, hi, bins)
+    return jsd_to_cell_masses(x, masses, jnp.asarray(lo_, x.dtype), jnp.asarray(hi_, x.dtype))
+
+
+def jsd_to_cell_masses(x: Array, masses: Array, lo: Array, hi: Array) -> Array:
+    """The JSD of :func:`jsd_to_density_on_grid` from precomputed cell masses ``(bx, by)``
+    (:func:`density_on_grid`) on the grid ``[lo, hi]`` (pairs): traceable, no argument
+    checks, for use inside ``jit``/``vmap`` where the density is fixed across calls."""
+    hist, inside = _histogram(x, lo, hi, masses.shape)
     hist = jnp.nan_to_num(hist.ravel() * inside)  # shares of all samples (all-NaN when none is inside)
-    dens = density_on_grid(log_density_fn, lo, hi, bins).ravel().astype(hist.dtype)
+    dens = masses.ravel().astype(hist.dtype)
     zero = jnp.zeros(1, hist.dtype)
     return _jensen_shannon(jnp.concatenate([hist, 1 - inside[None]]), jnp.concatenate([dens, zero]))
 

@@ -9,6 +9,7 @@ in float32 (or float64 when ``jax_enable_x64`` is on).  The 2-D presets are dete
 preset                              d     components                       labels
 ==================================  ====  ===============================  ===================
 :func:`class_conditional_2d`        2     classes × components per class   class index
+:func:`guided_class_2d`             2     the same, placed by ``‖μ_c‖, ‖μ̄‖``  class index
 :func:`ring`                        2     ``num_components``               component index
 :func:`grid`                        2     ``side²``                        checkerboard parity
 :func:`random_class_conditional`    any   classes × components per class   class index
@@ -27,7 +28,7 @@ import numpy as np
 
 from cfgzero_theory.mixture import GaussianMixture
 
-__all__ = ["class_conditional_2d", "fractal_tree", "grid", "random_class_conditional", "ring"]
+__all__ = ["class_conditional_2d", "fractal_tree", "grid", "guided_class_2d", "random_class_conditional", "ring"]
 
 #: Angle (radians) added to every class direction of :func:`class_conditional_2d`; an
 #: irrational multiple of π, so no class centre lies on a coordinate axis.
@@ -102,6 +103,28 @@ def class_axis(label: int, num_classes: int = 3) -> np.ndarray:
     if not (isinstance(label, (int, np.integer)) and 0 <= label < num_classes):
         raise ValueError(f"label must be an integer in [0, {num_classes}), got {label!r}")
     return _unit(np.float64(2 * np.pi * label / num_classes + CLASS_ANGLE_OFFSET))
+
+
+def guided_class_2d(distance: float, data_offset: float = 0.0, label: int = 1, **kwargs) -> GaussianMixture:
+    """:func:`class_conditional_2d` placed by the two lengths that decide the first guided step.
+
+    Class ``label``'s mean is at ``μ_c = distance·a`` and the data mean at
+    ``μ̄ = data_offset·a``, where ``a = class_axis(label)`` and the noise mean is the origin;
+    the classes sit at ``radius = distance − data_offset`` around ``μ̄`` (so
+    ``0 ≤ data_offset < distance``).  At ``t = 0`` the true conditional velocity is
+    ``v* = μ_c − x0`` (the zero velocity's error ``E‖v*‖ ≈ √(distance² + 2)``) and exact CFG
+    misses it by the guidance bias ``(w − 1)·radius``: a learned CFG can end below the
+    zero velocity's error only where that bias is the smaller.  ``kwargs`` go to
+    :func:`class_conditional_2d` (not ``radius`` or ``center``).
+    """
+    for name in ("radius", "center"):
+        if name in kwargs:
+            raise ValueError(f"{name} is set by distance and data_offset; do not pass it")
+    if not (math.isfinite(distance) and math.isfinite(data_offset) and 0 <= data_offset < distance):
+        raise ValueError(f"need 0 <= data_offset < distance (finite), got data_offset={data_offset!r}, distance={distance!r}")
+    num_classes = kwargs.get("num_classes", 3)
+    axis = class_axis(label, num_classes)
+    return class_conditional_2d(radius=distance - data_offset, center=tuple((data_offset * axis).tolist()), **kwargs)
 
 
 def ring(num_components: int = 8, radius: float = 4.0, std: float = 0.3) -> GaussianMixture:

@@ -3,8 +3,10 @@
 Theory convention (DESIGN.md §2): ``t = 0`` noise, ``t = 1`` data; the network regresses
 ``x1 − x0``.  The unconditional branch of CFG is a learned *null class*: label
 ``NULL_LABEL = -1`` selects an extra embedding row (index ``num_classes``), trained by label
-dropout.  Inputs are ``[x, sin(π·2^j·t), cos(π·2^j·t) (j < F), embed(y)]``, followed by
-``depth`` hidden layers of ``width`` units.
+dropout.  The conditioning is ``c = [sin(π·2^j·t), cos(π·2^j·t) (j < F), embed(y)]``; the
+architecture (``NetworkConfig.architecture``) is :class:`VelocityMLP` (``[s·x, c]`` through
+``depth`` hidden layers of ``width`` units) or :class:`VelocityResMLP` (residual blocks that
+each see ``c``), with ``s = input_scale``.
 
 A :class:`Network` bundles the module structure (static) with its parameters (leaves), so
 ``network_velocity(network, x, t, label)`` is a velocity function in the sampler's protocol
@@ -28,10 +30,12 @@ ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": jax.nn.gelu, "t
 
 @dataclasses.dataclass(frozen=True)
 class NetworkConfig:
-    """Architecture of :class:`VelocityMLP`.
+    """Architecture of the velocity network.
 
     ``time_frequencies`` is ``F``, the number of sine/cosine pairs ``π·2^j·t`` (``j < F``);
-    ``class_embedding`` the size of the learned class (and null-class) embedding.
+    ``class_embedding`` the size of the learned class (and null-class) embedding;
+    ``architecture`` ``"mlp"`` (:class:`VelocityMLP`) or ``"resmlp"`` (:class:`VelocityResMLP`);
+    ``input_scale`` multiplies ``x`` before the first layer (bring the data to order one).
     """
 
     dim: int
@@ -41,6 +45,8 @@ class NetworkConfig:
     activation: str = "silu"
     time_frequencies: int = 6
     class_embedding: int = 16
+    architecture: str = "mlp"
+    input_scale: float = 1.0
 
     def __post_init__(self):
         for name in ("dim", "num_classes", "width", "depth", "time_frequencies", "class_embedding"):
@@ -49,10 +55,26 @@ class NetworkConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {self.architecture!r}")
+        if not (isinstance(self.input_scale, (int, float)) and 0 < self.input_scale < float("inf")):
+            raise ValueError(f"input_scale must be a positive finite number, got {self.input_scale!r}")
+
+
+def _conditioning(config: NetworkConfig, class_embed: nnx.Embed, x: Array, t, label: Array) -> Array:
+    """``[sin(π·2^j·t), cos(π·2^j·t) (j < F), embed(y)]`` per point; ``NULL_LABEL`` → row ``num_classes``."""
+    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])[:, None]
+    phases = t * (jnp.pi * 2.0 ** jnp.arange(config.time_frequencies, dtype=x.dtype))
+    classes = jnp.where(label == NULL_LABEL, config.num_classes, label)
+    return jnp.concatenate([jnp.sin(phases), jnp.cos(phases), class_embed(classes).astype(x.dtype)], axis=-1)
 
 
 class VelocityMLP(nnx.Module):
-    """``v_θ(x, t, y)``: an MLP on ``[x, Fourier(t), embed(y)]`` with a learned null class."""
+    """``v_θ(x, t, y)``: an MLP on ``[s·x, Fourier(t), embed(y)]`` with a learned null class.
+
+    ``depth`` hidden layers of ``width`` units, then a linear output; ``s`` is
+    ``config.input_scale``.
+    """
 
     def __init__(self, config: NetworkConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -63,14 +85,48 @@ class VelocityMLP(nnx.Module):
 
     def __call__(self, x: Array, t, label: Array) -> Array:
         cfg = self.config
-        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])[:, None]
-        phases = t * (jnp.pi * 2.0 ** jnp.arange(cfg.time_frequencies, dtype=x.dtype))
-        classes = jnp.where(label == NULL_LABEL, cfg.num_classes, label)
-        h = jnp.concatenate([x, jnp.sin(phases), jnp.cos(phases), self.class_embed(classes).astype(x.dtype)], axis=-1)
+        h = jnp.concatenate([cfg.input_scale * x, _conditioning(cfg, self.class_embed, x, t, label)], axis=-1)
         act = ACTIVATIONS[cfg.activation]
         for layer in self.hidden:
             h = act(layer(h))
         return self.out(h)
+
+
+class VelocityResMLP(nnx.Module):
+    """``v_θ(x, t, y)``: a residual MLP whose every block sees the conditioning.
+
+    With ``c = [Fourier(t), embed(y)]`` and ``h₀ = W_in [s·x, c]``, each of the ``depth``
+    blocks computes ``h ← h + W₂ act(LayerNorm(h)·W₁ + W_c c)`` (pre-norm, the time and class
+    injected into every block, not only at the input), and the output is
+    ``W_out act(LayerNorm(h))``.  The residual path keeps the gradient of the deep part well
+    scaled, and per-block conditioning lets the field change sharply with ``t`` near the
+    data — where a plain MLP on the concatenated input spends most of its loss.
+    """
+
+    def __init__(self, config: NetworkConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        width, cond = config.width, 2 * config.time_frequencies + config.class_embedding
+        self.class_embed = nnx.Embed(config.num_classes + 1, config.class_embedding, rngs=rngs)
+        self.inp = nnx.Linear(config.dim + cond, width, rngs=rngs)
+        self.norms = nnx.List([nnx.LayerNorm(width, rngs=rngs) for _ in range(config.depth)])
+        self.up = nnx.List([nnx.Linear(width, width, rngs=rngs) for _ in range(config.depth)])
+        self.cond = nnx.List([nnx.Linear(cond, width, use_bias=False, rngs=rngs) for _ in range(config.depth)])
+        self.down = nnx.List([nnx.Linear(width, width, rngs=rngs) for _ in range(config.depth)])
+        self.out_norm = nnx.LayerNorm(width, rngs=rngs)
+        self.out = nnx.Linear(width, config.dim, rngs=rngs)
+
+    def __call__(self, x: Array, t, label: Array) -> Array:
+        cfg = self.config
+        c = _conditioning(cfg, self.class_embed, x, t, label)
+        act = ACTIVATIONS[cfg.activation]
+        h = self.inp(jnp.concatenate([cfg.input_scale * x, c], axis=-1))
+        for norm, up, cond, down in zip(self.norms, self.up, self.cond, self.down):
+            h = h + down(act(up(norm(h)) + cond(c)))
+        return self.out(act(self.out_norm(h)))
+
+
+#: ``NetworkConfig.architecture`` → module class.
+ARCHITECTURES = {"mlp": VelocityMLP, "resmlp": VelocityResMLP}
 
 
 @jax.tree_util.register_pytree_node_class
@@ -95,8 +151,9 @@ def network_velocity(network: Network, x: Array, t, label: Array) -> Array:
 
 def init_networks(config: NetworkConfig, keys: Array) -> Network:
     """One network per key, stacked: every parameter gets a leading axis of ``len(keys)``."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: VelocityMLP(config, rngs=nnx.Rngs(0))))
-    states = jax.vmap(lambda key: nnx.split(VelocityMLP(config, rngs=nnx.Rngs(key)))[1])(keys)
+    module = ARCHITECTURES[config.architecture]
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: module(config, rngs=nnx.Rngs(0))))
+    states = jax.vmap(lambda key: nnx.split(module(config, rngs=nnx.Rngs(key)))[1])(keys)
     return Network(graphdef, states)
 
 

@@ -11,8 +11,12 @@ beside every training curve.
 
 An *epoch* is one pass over a finite dataset of ``dataset_size`` points drawn once from the
 mixture (``data_seed``), reshuffled every epoch; batches are ``batch_size`` points (the last
-partial batch is dropped).  A whole epoch is one compiled program (``lax.scan`` over its
-steps), ``vmap``-ped over the seeds, whose axis is sharded over ``jax.devices()``.  Every
+partial batch is dropped).  With ``num_data_seeds = D > 1`` there are ``D`` datasets (data
+seeds ``data_seed, data_seed + 1, …``) and ``num_seeds`` networks on each: the network axis
+holds ``D · num_seeds`` networks, dataset-major.  A whole epoch is one compiled program
+(``lax.scan`` over its steps), ``vmap``-ped over the networks, whose axis is sharded over
+``jax.devices()``; the program is compiled once per architecture and schedule and reused by
+later runs in the same process (other seeds, another mixture of the same dimension).  Every
 random draw of epoch ``e`` comes from ``fold_in(seed_key, e)``, so the run depends only on
 its configuration: resuming from a checkpoint reproduces an uninterrupted run bit for bit.
 """
@@ -20,6 +24,7 @@ its configuration: resuming from a checkpoint reproduces an uninterrupted run bi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -48,7 +53,11 @@ class TrainConfig:
     ``checkpoint_epochs`` lists the epochs (number of completed passes, ``0`` = at
     initialisation) whose networks are kept in the result and, with an output folder,
     written as checkpoints; the final epoch is always written.  ``ema_decay = 0`` disables
-    the exponential moving average; otherwise snapshots hold the EMA parameters.
+    the exponential moving average; otherwise snapshots hold the EMA parameters, updated
+    after optimizer step ``n`` (``n = 1, 2, …``) with the warmed-up decay
+    ``min(ema_decay, (1 + n)/(10 + n))``, so the average never reaches back to the
+    initialisation more than a few steps: early snapshots show early training, not the
+    untrained network.
     """
 
     epochs: int = 20
@@ -63,10 +72,11 @@ class TrainConfig:
     num_seeds: int = 4
     seed: int = 0
     data_seed: int = 0
+    num_data_seeds: int = 1
     checkpoint_epochs: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for name in ("epochs", "dataset_size", "batch_size", "num_seeds"):
+        for name in ("epochs", "dataset_size", "batch_size", "num_seeds", "num_data_seeds"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -90,6 +100,11 @@ class TrainConfig:
         object.__setattr__(self, "checkpoint_epochs", tuple(sorted(set(self.checkpoint_epochs))))
 
     @property
+    def num_networks(self) -> int:
+        """Networks trained at once: ``num_data_seeds · num_seeds`` (dataset-major)."""
+        return self.num_data_seeds * self.num_seeds
+
+    @property
     def steps_per_epoch(self) -> int:
         return self.dataset_size // self.batch_size
 
@@ -108,8 +123,10 @@ class TrainState(NamedTuple):
 
 class TrainResult(NamedTuple):
     """``networks[e]``: the stacked networks after epoch ``e`` (EMA if enabled) for every
-    checkpoint epoch and the final one; ``losses``: mean training loss per epoch and seed,
-    ``(epochs, seeds)``; ``loss_floor``: the irreducible loss of the exact mixture."""
+    checkpoint epoch and the final one; ``losses``: mean training loss per epoch and network,
+    ``(epochs, num_networks)``; ``loss_floor``: the irreducible loss of the exact mixture;
+    ``dataset``: ``(x1, y)``, with a leading dataset axis ``(num_data_seeds, N, …)`` when
+    ``num_data_seeds > 1``."""
 
     networks: dict[int, Network]
     losses: np.ndarray
@@ -134,8 +151,13 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def make_dataset(mixture: GaussianMixture, config: TrainConfig) -> tuple[Array, Array]:
-    """The finite training set ``(x1 (N, d), y (N,))``, drawn once from ``data_seed``."""
-    return mixture.sample_labelled(jax.random.key(config.data_seed), config.dataset_size)
+    """The finite training set ``(x1 (N, d), y (N,))``, drawn once from ``data_seed``; with
+    ``num_data_seeds = D > 1``, ``D`` sets ``(D, N, d), (D, N)`` from ``data_seed + i``."""
+    if config.num_data_seeds == 1:
+        return mixture.sample_labelled(jax.random.key(config.data_seed), config.dataset_size)
+    sets = [mixture.sample_labelled(jax.random.key(config.data_seed + i), config.dataset_size)
+            for i in range(config.num_data_seeds)]
+    return jnp.stack([x for x, _ in sets]), jnp.stack([y for _, y in sets])
 
 
 def loss_floor(mixture: GaussianMixture, label_dropout: float, key: Array, n: int = 65536) -> float:
@@ -185,31 +207,46 @@ def flow_matching_loss(params, graphdef, x1, labels, x0, t) -> Array:
 
 
 def make_epoch_fn(graphdef, config: TrainConfig):
-    """``epoch_fn(state, seed_keys, epoch, x1, y) -> (state, mean_loss (seeds,))``, jitted, vmapped over seeds.
+    """``epoch_fn(state, seed_keys, epoch, x1, y) -> (state, mean_loss (networks,))``, jitted, vmapped over networks.
 
-    Epoch ``e`` of a seed draws everything from ``fold_in(seed_key, e)`` (:func:`draw_epoch`),
-    then scans AdamW steps over the batches.  Outputs are placed with the seed sharding of
-    :func:`seed_sharding`, so the state keeps one layout from epoch to epoch and the program
-    compiles once per run.
+    Epoch ``e`` of a network draws everything from ``fold_in(seed_key, e)``
+    (:func:`draw_epoch`), then scans AdamW steps over the batches.  ``x1, y`` are one dataset
+    shared by all networks, or (``num_data_seeds > 1``) one per network, ``(networks, N, …)``.
+    Outputs are placed with the network sharding of :func:`seed_sharding`, so the state keeps
+    one layout from epoch to epoch.  The jitted function is cached per ``graphdef`` and the
+    configuration less its seeds and checkpoint epochs, so it compiles once per process.
     """
-    seed_axis, _ = seed_sharding(config.num_seeds)
+    return _epoch_fn(graphdef, dataclasses.replace(config, seed=0, data_seed=0, checkpoint_epochs=()))
+
+
+@functools.lru_cache(maxsize=16)
+def _epoch_fn(graphdef, config: TrainConfig):
+    seed_axis, _ = seed_sharding(config.num_networks)
     optimizer = make_optimizer(config)
     grad_fn = jax.value_and_grad(flow_matching_loss)
 
     def one_seed(state: TrainState, seed_key, epoch, x1, labels):
         batches = draw_epoch(jax.random.fold_in(seed_key, epoch), x1, labels, config)
 
-        def step(state: TrainState, batch: EpochBatches):
+        def step(state: TrainState, inputs):
+            batch, n = inputs
             loss, grads = grad_fn(state.params, graphdef, *batch)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            ema = optax.incremental_update(params, state.ema, 1 - config.ema_decay) if config.ema_decay else params
+            if config.ema_decay:
+                decay = jnp.minimum(config.ema_decay, (1.0 + n) / (10.0 + n))
+                ema = optax.incremental_update(params, state.ema, 1.0 - decay)
+            else:
+                ema = params
             return TrainState(params, opt_state, ema), loss
 
-        state, losses = jax.lax.scan(step, state, batches)
+        first = epoch * config.steps_per_epoch + 1
+        counts = (first + jnp.arange(config.steps_per_epoch)).astype(jnp.float32)
+        state, losses = jax.lax.scan(step, state, (batches, counts))
         return state, jnp.mean(losses)
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, None, None)), out_shardings=seed_axis)
+    data_axis = 0 if config.num_data_seeds > 1 else None
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, data_axis, data_axis)), out_shardings=seed_axis)
 
 
 def seed_sharding(num_seeds: int) -> tuple[NamedSharding, NamedSharding]:
@@ -228,7 +265,7 @@ def initial_state(net_config: NetworkConfig, config: TrainConfig, init_keys) -> 
     networks = init_networks(net_config, init_keys)
     opt_state = jax.vmap(make_optimizer(config).init)(networks.state)
     state = TrainState(networks.state, opt_state, networks.state)
-    return networks.graphdef, jax.device_put(state, seed_sharding(config.num_seeds)[0])
+    return networks.graphdef, jax.device_put(state, seed_sharding(config.num_networks)[0])
 
 
 def _run_metadata(net_config: NetworkConfig, config: TrainConfig, mixture: GaussianMixture) -> str:
@@ -253,51 +290,74 @@ def train(
     out_dir: str | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``config.num_seeds`` networks on the same finite dataset; resume from ``out_dir``.
+    """Train ``config.num_networks`` networks on ``num_data_seeds`` finite datasets; resume from ``out_dir``.
 
-    With ``out_dir``, the state after each checkpoint epoch (and the final epoch) is written
-    atomically as ``epoch_XXXXXX.safetensors``; a later call with the same configuration
-    resumes from the newest one and ends bit-identical to an uninterrupted run.  A folder
-    holding a run of another configuration is a ``ValueError``.
+    With ``out_dir``, two kinds of files are written atomically at each checkpoint epoch (and
+    the final one):
+
+    * ``epoch_XXXXXX.safetensors`` — ``{"networks": kept parameters (EMA if enabled),
+      "losses"}``: the stacked networks of that epoch, what studies evaluate;
+    * ``training_state.safetensors`` — ``{"state": TrainState, "losses"}`` of the newest
+      checkpoint epoch only (parameters, optimizer moments and EMA, so three to four times
+      the size of a network file), replaced at each checkpoint.
+
+    A later call with the same configuration loads the kept networks and resumes from the
+    training state; it ends bit-identical to an uninterrupted run.  If a checkpoint epoch
+    before the saved state has no network file, training restarts from epoch 0 (the run is
+    deterministic, so the result is the same, only slower).  A folder holding a run of
+    another configuration is a ``ValueError``.
     """
     if net_config.dim != mixture.dim:
         raise ValueError(f"net_config.dim ({net_config.dim}) must equal the mixture's dimension ({mixture.dim})")
     if max(mixture.classes) >= net_config.num_classes:
         raise ValueError(f"net_config.num_classes ({net_config.num_classes}) must exceed every class label {mixture.classes}")
-    seed_axis, replicated = seed_sharding(config.num_seeds)
+    count = config.num_networks
+    seed_axis, replicated = seed_sharding(count)
     init_root, train_root = jax.random.split(jax.random.key(config.seed))
-    seed_keys = jax.device_put(jax.random.split(train_root, config.num_seeds), seed_axis)
-    x1, labels = jax.device_put(make_dataset(mixture, config), replicated)
-    graphdef, state = initial_state(net_config, config, jax.random.split(init_root, config.num_seeds))
-    losses = np.full((config.epochs, config.num_seeds), np.nan, np.float32)
+    seed_keys = jax.device_put(jax.random.split(train_root, count), seed_axis)
+    dataset = make_dataset(mixture, config)
+    if config.num_data_seeds > 1:  # one dataset per network, dataset-major
+        x1, labels = jax.device_put(tuple(jnp.repeat(a, config.num_seeds, axis=0) for a in dataset), seed_axis)
+    else:
+        x1, labels = jax.device_put(dataset, replicated)
+    graphdef, state = initial_state(net_config, config, jax.random.split(init_root, count))
+    losses = np.full((config.epochs, count), np.nan, np.float32)
     metadata = _run_metadata(net_config, config, mixture)
+    saved = set(config.checkpoint_epochs) | {config.epochs}
     networks: dict[int, Network] = {}
     start = 0
 
+    def kept_params(state: TrainState):
+        return state.ema if config.ema_decay > 0 else state.params
+
     def record(epoch: int, state: TrainState):
-        kept = state.ema if config.ema_decay > 0 else state.params
-        if epoch in config.checkpoint_epochs or epoch == config.epochs:
-            networks[epoch] = Network(graphdef, kept)
-        if out_dir is not None and (epoch in config.checkpoint_epochs or epoch == config.epochs):
-            tree = {"state": state, "losses": losses}
-            checkpoint.save_pytree(checkpoint.checkpoint_path(out_dir, epoch), tree, {"run": metadata, "epoch": str(epoch)})
+        if epoch not in saved:
+            return
+        networks[epoch] = Network(graphdef, kept_params(state))
+        if out_dir is not None:
+            tags = {"run": metadata, "epoch": str(epoch)}
+            checkpoint.save_pytree(checkpoint.checkpoint_path(out_dir, epoch),
+                                   {"networks": kept_params(state), "losses": losses}, tags)
+            checkpoint.save_pytree(training_state_path(out_dir), {"state": state, "losses": losses}, tags)
 
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         found = checkpoint.list_checkpoints(out_dir)
-        for epoch, path in found:
+        state_file = training_state_path(out_dir)
+        for path in [p for _, p in found] + ([state_file] if os.path.isfile(state_file) else []):
             if checkpoint.read_metadata(path).get("run") != metadata:
                 raise ValueError(f"out_dir {out_dir!r} holds a checkpoint of a different run configuration ({path})")
-        template = {"state": state, "losses": losses}
+        net_template = {"networks": state.params, "losses": losses}
         for epoch, path in found:
-            restored = checkpoint.load_pytree(path, template)
-            kept = restored["state"].ema if config.ema_decay > 0 else restored["state"].params
+            kept = checkpoint.load_pytree(path, net_template)["networks"]
             networks[epoch] = Network(graphdef, jax.device_put(kept, seed_axis))
-        if found:
-            start, path = found[-1]
-            restored = checkpoint.load_pytree(path, template)
-            state = jax.device_put(restored["state"], seed_axis)
-            losses = np.array(restored["losses"])
+        if os.path.isfile(state_file):
+            resumed = int(checkpoint.read_metadata(state_file)["epoch"])
+            if all(e in networks for e in saved if e <= resumed):
+                restored = checkpoint.load_pytree(state_file, {"state": state, "losses": losses})
+                state = jax.device_put(restored["state"], seed_axis)
+                losses = np.array(restored["losses"])
+                start = resumed
     if start == 0:
         record(0, state)
 
@@ -310,7 +370,12 @@ def train(
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{losses[epoch].mean():.4f}", floor=f"{floor:.4f}")
         record(epoch + 1, state)
-    return TrainResult(networks, losses, floor, (x1, labels))
+    return TrainResult(networks, losses, floor, dataset)
+
+
+def training_state_path(out_dir: str) -> str:
+    """The file holding the newest full training state of a run in ``out_dir`` (see :func:`train`)."""
+    return os.path.join(os.fspath(out_dir), "training_state.safetensors")
 
 
 def _progress(epochs, enabled: bool, floor: float):

@@ -107,8 +107,8 @@ def networks_from_checkpoints(directory, mixture: GaussianMixture | None = None)
     metadata, the template is rebuilt from :func:`cfgzero_theory.training.initial_state` (shapes
     only, with ``jax.eval_shape``),
     and each file is loaded strictly (:func:`cfgzero_theory.checkpoint.load_pytree`).  The
-    networks are stacked over seeds, as in ``TrainResult.networks`` (EMA parameters when the
-    run used an EMA), and all share one module structure.
+    networks are stacked over seeds, as in ``TrainResult.networks`` (the EMA parameters when
+    the run used an EMA: what the files hold), and all share one module structure.
 
     With ``mixture``, the run's recorded mixture (weights, means, labels) must match it, so
     the widget compares the networks with the field they were trained on; ``ValueError``
@@ -146,14 +146,10 @@ def networks_from_checkpoints(directory, mixture: GaussianMixture | None = None)
         structure["graphdef"], state = initial_state(net_config, config, keys)
         return state
 
-    state = jax.eval_shape(initial, jax.random.split(jax.random.key(0), config.num_seeds))
+    state = jax.eval_shape(initial, jax.random.split(jax.random.key(0), config.num_networks))
     graphdef = structure["graphdef"]
-    template = {"state": state, "losses": np.zeros((config.epochs, config.num_seeds), np.float32)}
-    networks = {}
-    for epoch, path in found:
-        restored = checkpoint.load_pytree(path, template)["state"]
-        networks[epoch] = Network(graphdef, restored.ema if config.ema_decay > 0 else restored.params)
-    return networks
+    template = {"networks": state.params, "losses": np.zeros((config.epochs, config.num_networks), np.float32)}
+    return {epoch: Network(graphdef, checkpoint.load_pytree(path, template)["networks"]) for epoch, path in found}
 
 
 def _checked_networks(networks, mixture) -> dict[int, Network]:

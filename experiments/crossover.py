@@ -1,28 +1,43 @@
-""""Zero beats early CFG": the crossover of the first-step error in 2-D (the paper's Fig. 3).
+""""Zero beats early CFG": the first-step crossover in 2-D (the paper's Fig. 3), by a fixed protocol.
 
-Small class-conditional flow-matching networks are trained for many epochs, several seeds at
-once, on a finite dataset drawn from an exact 2-D mixture: ``class_conditional_2d`` with its
-data mean ``μ̄`` moved ``--distance`` away from the noise mean along the guided class's axis
-(``mixtures.class_axis``), so that the guided class lies between the two.  There the exact
-first-step CFG target ``μ̄ + w(μ_c − μ̄) − x0`` is much shorter than ``w‖μ_c − μ̄‖``, the
-error of a model that has learned the unconditional field but not yet the class.  At every evaluated
-epoch, for the guided class ``c`` and scale ``w``:
+Protocol (declared before any number; the README repeats it):
 
-* first-step error ``E_{x0} ‖ṽ_0^θ(x0) − ṽ_0^*(x0)‖`` for CFG and CFG* (target: the exact
-  guided field of the same rule), against the zero velocity's error ``E‖ṽ_0^*‖``;
-* per-step errors along the sampler's own trajectories, and final-sample quality (JSD on a
-  grid, NLL, Fréchet, MMD, mode coverage, precision) for CFG, CFG*, CFG + zero-init and
-  CFG-Zero*;
-* the crossover epoch (first epoch from which the seed-mean error stays below the zero
-  baseline) with a bootstrap interval over seeds.
+* **Data.** :func:`~cfgzero_theory.mixtures.guided_class_2d`: three classes of four elongated
+  Gaussians; the guided class ``c = 1`` has its mean ``distance = 14`` from the noise mean
+  (the paper's grey line ``‖v*₀‖ ≈ 14.18``) and the data mean lies ``data_offset = 10.5``
+  along the same axis (class radius 3.5).  This is the geometry in which exact theory lets
+  CFG end below the zero velocity at ``w = 4``: its converged first-step error is the
+  guidance bias ``(w − 1)·3.5 = 10.5 < ‖v*₀‖ ≈ 14.07``.  It was chosen from that exact
+  inequality, not from trained results; ``python -m experiments.crossover_map`` measures
+  every other placement, including the data mean at the origin where the inequality fails.
+* **Target.** The paper's: the true velocity of the conditioned data,
+  ``v*₀(x0) = u_c(x0) = μ_c − x0``.  The primary number is the first-step error
+  ``E_{x0}‖ṽ₀^θ(x0) − v*₀(x0)‖`` of CFG and of CFG* (optimized scale), both against the same
+  target and the same grey line, the zero velocity's error ``E‖v*₀‖``.  Secondary (named
+  ``*_guided_target``): the error against the exact field of the same rule, which isolates
+  the learning error from the guidance bias.
+* **Networks.** ``data_seeds`` datasets × ``seeds`` networks each (quick 3 × 2, paper
+  4 × 4 = 16), all trained at once
+  (residual MLP, AdamW, cosine decay, EMA; see ``NETWORK`` and ``TRAINING``); 16 optimizer
+  steps per epoch, evaluated on every epoch up to 8, then on 2 epochs per doubling.
+* **Verdict.** "Early" means epochs ``≥ 1``; epoch 0 (the untrained network) is reported and
+  never decides.  *Zero beats early X* if at some epoch ``≥ 1`` the network-mean error
+  exceeds the grey line; the *crossover* is the first epoch ``≥ 1`` from which the mean
+  stays below it (:func:`analysis.crossover_epoch`, 90% bootstrap interval over networks).
+  Reproduced = both.  The fraction of networks above the line is reported per epoch.
+* **Convergence** (the models the figure is judged against), at the last epoch: training
+  loss within 5% of the loss floor, every rule's JSD within 0.05 of the same rule on the
+  exact fields (same noise, sampler and steps), CFG-Zero*'s NLL within 0.5 nats of the
+  exact field's.
+* **Sample level.** JSD and NLL of CFG and CFG + zero-init per epoch; the zero-init benefit
+  ``CFG − (CFG + zero-init)`` per epoch with a 90% bootstrap interval over networks.
 
-Everything is composed from library calls (``training``, ``analysis``, ``sampling``);
-outputs under ``--out``: ``crossover.json`` (configuration, seeds, library version, every
-number) and figures ``first_step_error``, ``jsd``, ``trajectories``, ``training_loss``
-(PNG and PDF).
+Outputs under ``--out``: ``crossover.json`` (every number, the mixture as numbers) and figures
+``first_step_error``, ``sample_quality``, ``trajectories``, ``training_loss`` (PNG and PDF);
+``checkpoints/`` lets a rerun of the same configuration skip training.
 
-    python -m experiments.crossover                    # quick preset (default), ~1 min on 2 CPU cores
-    python -m experiments.crossover --preset paper     # more seeds and epochs
+    python -m experiments.crossover                    # quick preset (default), ~3 min on 2 CPU cores
+    python -m experiments.crossover --preset paper     # 18 networks, ~10 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -36,13 +51,20 @@ import sys
 import time
 
 PRESETS = {
-    # seeds, epochs, evaluated epochs, and the sampler used for the per-epoch sample metrics
-    "smoke": dict(seeds=2, epochs=3, eval_every=1, dataset_size=512, batch_size=128, n_eval=256, steps=8, width=32),
-    "quick": dict(seeds=4, epochs=30, eval_every=1, dataset_size=2048, batch_size=64, n_eval=1024, steps=16, width=64),
-    "paper": dict(seeds=16, epochs=60, eval_every=1, dataset_size=2048, batch_size=64, n_eval=4096, steps=32, width=64),
+    "smoke": dict(seeds=1, data_seeds=3, epochs=4, dataset_size=512, batch_size=128, n_eval=256, steps=8, width=32),
+    "quick": dict(seeds=2, data_seeds=3, epochs=480, dataset_size=4096, batch_size=256, n_eval=2048, steps=16, width=128),
+    "paper": dict(seeds=4, data_seeds=4, epochs=480, dataset_size=4096, batch_size=256, n_eval=1024, steps=16, width=128),
 }
-DISTANCE = 12.0  # distance of the data mean from the noise mean, along the guided class's axis
+#: Default geometry (see the protocol): class mean 14 from the noise mean, data mean 10.5 along its axis.
+GEOMETRY = dict(distance=14.0, data_offset=10.5, label=1)
+#: Network and training settings shared by the crossover studies.
+NETWORK = dict(architecture="resmlp", depth=3, input_scale=0.5)
+TRAINING = dict(learning_rate=3e-3, schedule="cosine", ema_decay=0.998, label_dropout=0.25)
 RULE_NAMES = ("cfg", "cfg_star", "cfg_zero_init", "cfg_zero_star")
+FIRST_RULES = ("cfg", "cfg_star")
+#: Convergence criteria at the last epoch: loss gap (relative), JSD gap (nats), CFG-Zero* NLL gap (nats).
+CONVERGENCE = dict(loss=0.05, jsd=0.05, nll=0.5)
+LEVEL = 0.9
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,34 +72,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="size of the study (default quick)")
     p.add_argument("--out", default=None, help="output folder (default figures/crossover/<preset>)")
     p.add_argument("--scale", type=float, default=4.0, help="guidance scale w (default 4)")
-    p.add_argument("--label", type=int, default=1, help="guided class (default 1)")
-    p.add_argument("--distance", type=float, default=DISTANCE,
-                   help=f"distance of the data mean from the origin along the guided class's axis (default {DISTANCE:g})")
+    p.add_argument("--distance", type=float, default=GEOMETRY["distance"],
+                   help=f"distance of the guided class's mean from the noise mean (default {GEOMETRY['distance']:g})")
+    p.add_argument("--data-offset", type=float, default=GEOMETRY["data_offset"],
+                   help=f"distance of the data mean from the noise mean, along the class's axis (default {GEOMETRY['data_offset']:g})")
+    p.add_argument("--label", type=int, default=GEOMETRY["label"], help="guided class: 0, 1 or 2 (default 1)")
     p.add_argument("--zero-init-steps", type=int, default=1, help="zero-init steps K (default 1)")
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="root seed of the networks and training noise")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the finite dataset")
-    for name in ("seeds", "epochs", "eval_every", "dataset_size", "batch_size", "n_eval", "steps", "width"):
+    p.add_argument("--data-seed", type=int, default=0, help="first data seed (datasets use data-seed, data-seed + 1, ...)")
+    for name in PRESETS["quick"]:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"override the preset's {name}")
-    p.add_argument("--no-progress", action="store_true", help="hide the training progress bar")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
     args.settings = dict(PRESETS[args.preset])
     for name in args.settings:
-        if getattr(args, name) is not None:
-            if getattr(args, name) < 1:
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
                 p.error(f"--{name.replace('_', '-')} must be at least 1")
-            args.settings[name] = getattr(args, name)
+            args.settings[name] = value
+    s = args.settings
+    if s["batch_size"] > s["dataset_size"]:
+        p.error(f"--batch-size ({s['batch_size']}) must not exceed --dataset-size ({s['dataset_size']})")
     if not (math.isfinite(args.scale) and args.scale > 0):
         p.error("--scale must be positive")
-    if not (math.isfinite(args.distance) and args.distance >= 0):
-        p.error("--distance must be a finite non-negative number")
+    if not (math.isfinite(args.distance) and math.isfinite(args.data_offset) and 0 <= args.data_offset < args.distance):
+        p.error("--data-offset and --distance must satisfy 0 <= data-offset < distance")
     if not 0 <= args.label < 3:
         p.error("--label must be a class of the mixture: 0, 1 or 2")
-    if args.zero_init_steps < 1:
-        p.error("--zero-init-steps must be at least 1")
+    if not 1 <= args.zero_init_steps < s["steps"]:
+        p.error(f"--zero-init-steps must be at least 1 and below the number of sampler steps ({s['steps']})")
     if args.out is None:
         args.out = os.path.join("figures", "crossover", args.preset)
     return args
+
+
+def evaluation_epochs(epochs: int) -> tuple[int, ...]:
+    """Every epoch up to 8, then 2 per doubling (``8·2^(k/2)`` rounded), and always the last."""
+    grid = set(range(min(epochs, 8) + 1))
+    k = 1
+    while (e := round(8 * 2 ** (k / 2))) < epochs:
+        grid.add(e)
+        k += 1
+    return tuple(sorted(grid | {epochs}))
 
 
 def build_rules(scale: float, zero_init_steps: int) -> dict:
@@ -91,106 +128,177 @@ def build_rules(scale: float, zero_init_steps: int) -> dict:
     }
 
 
+def train_networks(mixture, settings: dict, seed: int, data_seed: int, checkpoint_epochs, out_dir, progress: bool):
+    """Train ``data_seeds × seeds`` networks on ``mixture`` with the shared ``NETWORK``/``TRAINING`` settings."""
+    from cfgzero_theory.models import NetworkConfig
+    from cfgzero_theory.training import TrainConfig, train
+
+    net_config = NetworkConfig(dim=mixture.dim, num_classes=len(mixture.classes), width=settings["width"], **NETWORK)
+    train_config = TrainConfig(
+        epochs=settings["epochs"], dataset_size=settings["dataset_size"], batch_size=settings["batch_size"],
+        num_seeds=settings["seeds"], num_data_seeds=settings["data_seeds"], seed=seed, data_seed=data_seed,
+        checkpoint_epochs=tuple(checkpoint_epochs), **TRAINING,
+    )
+    result = train(mixture, net_config, train_config, out_dir=out_dir, progress=progress)
+    return result, net_config, train_config
+
+
+def mixture_json(mixture) -> dict:
+    """The mixture as numbers: weights, means, covariances and labels."""
+    import numpy as np
+
+    return {"weights": np.asarray(mixture.weights).tolist(), "means": np.asarray(mixture.means).tolist(),
+            "covs": np.asarray(mixture.covs).tolist(), "labels": np.asarray(mixture.labels).tolist()}
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="epoch", leave=False)
+
+
 def run(args) -> dict:
-    """Train, evaluate every checkpoint epoch, and return the JSON-ready result (plus ``_raw``)."""
+    """Train, evaluate every evaluation epoch, and return the JSON-ready result (plus ``_raw``)."""
     import jax
     import numpy as np
 
     import cfgzero_theory
-    from cfgzero_theory import analysis, guidance, mixtures, sampling
-    from cfgzero_theory.models import NetworkConfig, network_velocity, select
-    from cfgzero_theory.training import TrainConfig, train
+    from cfgzero_theory import GaussianMixture, analysis, guidance, mixtures, sampling
+    from cfgzero_theory.models import network_velocity, select
 
-    preset = args.settings
-    center = tuple((-args.distance * mixtures.class_axis(args.label)).tolist())
-    mixture = mixtures.class_conditional_2d(center=center)
+    s = args.settings
+    mixture = mixtures.guided_class_2d(args.distance, args.data_offset, args.label)
     label = args.label
-    eval_epochs = tuple(range(0, preset["epochs"] + 1, preset["eval_every"]))
-    net_config = NetworkConfig(dim=2, num_classes=len(mixture.classes), width=preset["width"], depth=3)
-    train_config = TrainConfig(
-        epochs=preset["epochs"], dataset_size=preset["dataset_size"], batch_size=preset["batch_size"],
-        learning_rate=args.learning_rate, num_seeds=preset["seeds"], seed=args.seed, data_seed=args.data_seed,
-        checkpoint_epochs=eval_epochs,
-    )
+    eval_epochs = evaluation_epochs(s["epochs"])
     started = time.perf_counter()
-    result = train(mixture, net_config, train_config, out_dir=os.path.join(args.out, "checkpoints"),
-                   progress=not args.no_progress)
+    result, net_config, train_config = train_networks(
+        mixture, s, args.seed, args.data_seed, eval_epochs, os.path.join(args.out, "checkpoints"), not args.no_progress)
     train_s = time.perf_counter() - started
 
+    started = time.perf_counter()
     rules = build_rules(args.scale, args.zero_init_steps)
-    key_first, key_eval, key_quality = jax.random.split(jax.random.key(args.seed + 1000), 3)
+    first_rules = {name: rules[name] for name in FIRST_RULES}
+    key_first, key_eval, key_quality, key_data, key_boot = jax.random.split(jax.random.key(args.seed + 1000), 5)
     x0_first = jax.random.normal(key_first, (4096, 2))
-    x0_eval = jax.random.normal(key_eval, (preset["n_eval"], 2))
-    times = sampling.time_grid(preset["steps"])
-    first = {name: {"err": [], "total": []} for name in ("cfg", "cfg_star")}
-    zero_baseline, guidance_bias = {}, {}
-    quality = {name: [] for name in RULE_NAMES}
-    per_step = {name: [] for name in RULE_NAMES}
-    for epoch in eval_epochs:
-        networks = result.networks[epoch]
-        errors = analysis.first_step_errors(
-            network_velocity, networks, mixture, label, {"cfg": rules["cfg"], "cfg_star": rules["cfg_star"]}, x0_first
-        )
-        for name, e in errors.items():
-            first[name]["err"].append(np.asarray(e.learning_error))
-            first[name]["total"].append(np.asarray(e.total_error))
-            zero_baseline[name], guidance_bias[name] = float(e.zero_error), float(e.guidance_bias)
-            zero_cond = float(e.zero_error_cond)
+    x0_eval = jax.random.normal(key_eval, (s["n_eval"], 2))
+    times = sampling.time_grid(s["steps"])
+    score = analysis.make_sample_scorer(mixture, label, key_quality)
+
+    def evaluate(velocity_fn, params):
+        """``{rule: {metric: (S,)}}`` of the final samples, and ``{rule: (S, N)}`` per-step learning errors."""
+        quality, per_step = {}, {}
         for name in RULE_NAMES:
-            steps = analysis.per_step_errors(network_velocity, networks, mixture, label, rules[name], x0_eval, times)
-            per_step[name].append(np.asarray(steps.learning_error).mean(axis=0))
-            q = analysis.sample_quality(mixture, steps.samples, label, key_quality)
-            quality[name].append({k: np.asarray(v) for k, v in q.items()})
+            steps = analysis.per_step_errors(velocity_fn, params, mixture, label, rules[name], x0_eval, times)
+            quality[name] = {k: np.asarray(v) for k, v in score(steps.samples).items() if k != "nll_floor"}
+            per_step[name] = np.asarray(steps.learning_error)
+        return quality, per_step
 
-    num_seeds = preset["seeds"]
-    out = {}
-    for name in ("cfg", "cfg_star"):
-        per_seed = np.stack(first[name]["err"], axis=1)  # (S, E)
-        zero = np.full_like(per_seed, zero_baseline[name])
-        cross = analysis.crossover_epoch(np.asarray(eval_epochs), per_seed, zero, key=jax.random.key(args.seed + 7))
-        out[name] = {"per_seed": per_seed, "cross": cross, "total": np.stack(first[name]["total"], axis=1)}
+    err_true = {name: [] for name in FIRST_RULES}  # against v* (primary)
+    err_guided = {name: [] for name in FIRST_RULES}  # against the rule's exact field (secondary)
+    zero_guided, bias = {}, {}
+    quality = {name: {m: [] for m in ("jsd", "nll", "precision")} for name in RULE_NAMES}
+    per_step = {name: [] for name in RULE_NAMES}
+    for epoch in _progress(eval_epochs, not args.no_progress, "evaluating"):
+        networks = result.networks[epoch]
+        errors = analysis.first_step_errors(network_velocity, networks, mixture, label, first_rules, x0_first)
+        for name, e in errors.items():
+            err_true[name].append(np.asarray(e.total_error))
+            err_guided[name].append(np.asarray(e.learning_error))
+            zero_guided[name], bias[name] = float(e.zero_error), float(e.guidance_bias)
+            err_zero = float(e.zero_error_cond)
+        q, steps = evaluate(network_velocity, networks)
+        for name in RULE_NAMES:
+            per_step[name].append(steps[name].mean(axis=0))
+            for m in quality[name]:
+                quality[name][m].append(q[name][m])
 
-    def per_epoch(metric, name):
-        return np.stack([q[metric] for q in quality[name]], axis=1)  # (S, E)
+    stacked = jax.tree_util.tree_map(lambda a: a[None], mixture)
+    exact_q, _ = evaluate(GaussianMixture.velocity, stacked)
+    data_q = score(mixture.sample(key_data, s["n_eval"], label)[None])
+    eval_s = time.perf_counter() - started
 
-    jsd = {name: per_epoch("jsd", name) for name in RULE_NAMES}
+    epochs = np.asarray(eval_epochs)
+    early = epochs >= 1
+    per_net = {name: np.stack(err_true[name], axis=1) for name in FIRST_RULES}  # (S, E)
+    crossover = {}
+    for i, name in enumerate(FIRST_RULES):
+        c = analysis.crossover_epoch(epochs[early], per_net[name][:, early], err_zero,
+                                     key=jax.random.fold_in(key_boot, i), level=LEVEL)
+        crossover[name] = _cross_json(c)
+    metric = {name: {m: np.stack(v, axis=1) for m, v in quality[name].items()} for name in RULE_NAMES}  # (S, E)
+    sample_level = {}
+    for i, m in enumerate(("jsd", "nll")):
+        benefit = metric["cfg"][m] - metric["cfg_zero_init"][m]  # > 0: zero-init helped
+        low, high = analysis.bootstrap_mean_interval(benefit, key=jax.random.fold_in(key_boot, 10 + i), level=LEVEL)
+        sample_level[m] = {"zero_init_benefit": benefit.mean(axis=0).tolist(), "low": low.tolist(), "high": high.tolist(),
+                           "helps_fraction": (benefit > 0).mean(axis=0).tolist()}
+
+    losses = result.losses
+    final_loss = float(losses[-1].mean())
+    last = {name: {m: float(metric[name][m][:, -1].mean()) for m in ("jsd", "nll")} for name in RULE_NAMES}
+    exact = {name: {m: float(exact_q[name][m][0]) for m in ("jsd", "nll", "precision")} for name in RULE_NAMES}
+    convergence = {
+        "loss_gap": final_loss / result.loss_floor - 1,
+        "jsd_gap": {name: last[name]["jsd"] - exact[name]["jsd"] for name in RULE_NAMES},
+        "nll_gap_cfg_zero_star": last["cfg_zero_star"]["nll"] - exact["cfg_zero_star"]["nll"],
+        "criteria": dict(CONVERGENCE),
+    }
+    convergence["passed"] = bool(
+        abs(convergence["loss_gap"]) <= CONVERGENCE["loss"]
+        and all(abs(g) <= CONVERGENCE["jsd"] for g in convergence["jsd_gap"].values())
+        and abs(convergence["nll_gap_cfg_zero_star"]) <= CONVERGENCE["nll"]
+    )
+
     config = {
-        **{k: v for k, v in vars(args).items() if k not in ("out", "settings") and k not in preset},
-        "preset_settings": preset, "mixture": f"mixtures.class_conditional_2d(center={center})",
+        "preset": args.preset, "preset_settings": s, "scale": args.scale, "label": label,
+        "zero_init_steps": args.zero_init_steps, "geometry": {"distance": args.distance, "data_offset": args.data_offset},
+        "mixture": {"expression": f"mixtures.guided_class_2d({args.distance:g}, {args.data_offset:g}, {label})",
+                    **mixture_json(mixture)},
         "network": dataclasses.asdict(net_config), "training": dataclasses.asdict(train_config),
         "rules": {k: guidance.describe(r) for k, r in rules.items()},
-        "seeds": {"root": args.seed, "data": args.data_seed, "num_seeds": num_seeds, "evaluation": args.seed + 1000},
+        "seeds": {"root": args.seed, "data": list(range(args.data_seed, args.data_seed + s["data_seeds"])),
+                  "networks_per_dataset": s["seeds"], "num_networks": train_config.num_networks,
+                  "evaluation": args.seed + 1000},
+        "bootstrap_level": LEVEL,
         "cfgzero_theory_version": cfgzero_theory.__version__, "jax_version": jax.__version__,
-        "python_version": platform.python_version(), "jax_devices": len(jax.devices()), "argv": sys.argv[1:],
+        "python_version": platform.python_version(), "jax_backend": jax.default_backend(),
+        "jax_devices": len(jax.devices()), "argv": sys.argv[1:],
     }
-    cross_json = lambda c: {"epoch": _num(c.epoch), "low": _num(c.low), "high": _num(c.high), "fraction": c.fraction}  # noqa: E731
     payload = {
         "config": config,
+        "target": "true_velocity",
         "epochs": list(eval_epochs),
-        "err_zero": zero_baseline["cfg"],
-        "err_zero_cfg_star": zero_baseline["cfg_star"],
-        "guidance_bias": guidance_bias,
-        "err_cfg": out["cfg"]["per_seed"].mean(axis=0).tolist(),
-        "err_cfg_star": out["cfg_star"]["per_seed"].mean(axis=0).tolist(),
-        "err_cfg_per_seed": out["cfg"]["per_seed"].tolist(),
-        "err_cfg_star_per_seed": out["cfg_star"]["per_seed"].tolist(),
-        "err_zero_cond": zero_cond,
-        "total_err_cfg": out["cfg"]["total"].mean(axis=0).tolist(),
-        "total_err_cfg_star": out["cfg_star"]["total"].mean(axis=0).tolist(),
-        "crossover_epoch_cfg": _num(out["cfg"]["cross"].epoch),
-        "crossover_epoch_cfg_star": _num(out["cfg_star"]["cross"].epoch),
-        "crossover_cfg": cross_json(out["cfg"]["cross"]),
-        "crossover_cfg_star": cross_json(out["cfg_star"]["cross"]),
-        "jsd": {name: jsd[name].mean(axis=0).tolist() for name in RULE_NAMES},
-        "jsd_per_seed": {name: jsd[name].tolist() for name in RULE_NAMES},
-        "sample_quality": {
-            name: {m: per_epoch(m, name).mean(axis=0).tolist() for m in quality[name][0]} for name in RULE_NAMES
-        },
-        "per_step_learning_error": {name: np.stack(per_step[name]).tolist() for name in RULE_NAMES},
+        "optimizer_steps": [int(e) * train_config.steps_per_epoch for e in eval_epochs],
+        "steps_per_epoch": train_config.steps_per_epoch,
+        "err_zero": err_zero,
+        **{f"err_{n}": per_net[n].mean(axis=0).tolist() for n in FIRST_RULES},
+        **{f"err_{n}_per_network": per_net[n].tolist() for n in FIRST_RULES},
+        **{f"frac_above_zero_{n}": (per_net[n] > err_zero).mean(axis=0).tolist() for n in FIRST_RULES},
+        **{f"crossover_epoch_{n}": crossover[n]["epoch"] for n in FIRST_RULES},
+        **{f"crossover_epoch_{n}_interval": [crossover[n]["low"], crossover[n]["high"]] for n in FIRST_RULES},
+        "crossover": crossover,
+        **{f"err_{n}_guided_target": np.stack(err_guided[n], axis=1).mean(axis=0).tolist() for n in FIRST_RULES},
+        "err_zero_guided_target": zero_guided,
+        "guidance_bias": bias,
+        "jsd": {n: metric[n]["jsd"].mean(axis=0).tolist() for n in RULE_NAMES},
+        "nll": {n: metric[n]["nll"].mean(axis=0).tolist() for n in RULE_NAMES},
+        "precision": {n: metric[n]["precision"].mean(axis=0).tolist() for n in RULE_NAMES},
+        "jsd_per_network": {n: metric[n]["jsd"].tolist() for n in RULE_NAMES},
+        "nll_per_network": {n: metric[n]["nll"].tolist() for n in RULE_NAMES},
+        "jsd_exact": {n: exact[n]["jsd"] for n in RULE_NAMES},
+        "nll_exact": {n: exact[n]["nll"] for n in RULE_NAMES},
+        "precision_exact": {n: exact[n]["precision"] for n in RULE_NAMES},
+        "data_samples": {m: float(np.asarray(data_q[m])[0]) for m in ("jsd", "nll", "precision")},
+        "nll_floor": float(data_q["nll_floor"]),
+        "sample_level": sample_level,
+        "convergence": convergence,
+        "per_step_learning_error": {n: np.stack(per_step[n]).tolist() for n in RULE_NAMES},
         "times": np.asarray(times).tolist(),
-        "training_loss": result.losses.tolist(),
+        "training_loss": losses.tolist(),
         "loss_floor": result.loss_floor,
-        "runtime_s": {"training": train_s},
+        "runtime_s": {"training": train_s, "evaluation": eval_s},
     }
     payload["_raw"] = {"mixture": mixture, "result": result, "rules": rules, "label": label, "x0": x0_eval,
                        "times": times, "select": select, "velocity": network_velocity}
@@ -201,58 +309,169 @@ def _num(value):
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+def _cross_json(c) -> dict:
+    return {"epoch": _num(c.epoch), "low": _num(c.low), "high": _num(c.high), "fraction": c.fraction,
+            "found": _num(c.epoch) is not None}
+
+
+def _interval(c) -> str:
+    low = "never" if c["low"] is None else f"{c['low']:g}"
+    high = "never" if c["high"] is None else f"{c['high']:g}"
+    return f"[{low}, {high}]"
+
+
+def rule_verdict(payload, name: str) -> dict:
+    """Whether zero beats ``name`` early (epochs >= 1) and whether it crosses below the grey line for good."""
+    epochs, err, zero = payload["epochs"], payload[f"err_{name}"], payload["err_zero"]
+    above = [e for e, v in zip(epochs, err) if e >= 1 and v > zero]
+    cross = payload["crossover"][name]
+    return {"zero_beats_early": bool(above), "above_epochs": above, "crossover": cross,
+            "reproduced": bool(above) and cross["found"]}
+
+
 def verdict(payload) -> str:
-    """A sentence saying whether the crossover was reproduced (early above the baseline, late below)."""
+    """Sentences on the crossover of CFG and CFG* against v*, the paper's ordering, convergence and the sample level."""
+    titles = {"cfg": "CFG", "cfg_star": "CFG*"}
+    zero = payload["err_zero"]
     lines = []
-    for name, title in (("cfg", "CFG"), ("cfg_star", "CFG*")):
-        err = payload[f"err_{name}"]
-        zero = payload["err_zero" if name == "cfg" else "err_zero_cfg_star"]
-        early_above = any(e > zero for e in err[: max(1, len(err) // 4)])
-        late_below = err[-1] < zero
-        cross = payload[f"crossover_{name}"]
-        above = [epoch for epoch, e in zip(payload["epochs"], err) if e > zero]
-        when = "only at initialisation (epoch 0)" if above == [payload["epochs"][0]] else f"at epochs {above}"
-        if early_above and late_below and cross["epoch"] is not None:
-            interval = f"[{cross['low']}, {cross['high']}]" if cross["high"] is not None else f"[{cross['low']}, never]"
+    verdicts = {name: rule_verdict(payload, name) for name in FIRST_RULES}
+    for name, v in verdicts.items():
+        title, err, frac = titles[name], payload[f"err_{name}"], payload[f"frac_above_zero_{name}"]
+        c = v["crossover"]
+        peak = max((e for e, ep in zip(err, payload["epochs"]) if ep >= 1), default=float("nan"))
+        if v["reproduced"]:
             lines.append(
-                f"{title}: crossover REPRODUCED — the zero velocity beats {title} at the first step {when} "
-                f"(worst {max(err[: max(1, len(err) // 4)]):.3f} > {zero:.3f}); from epoch {cross['epoch']:g} on "
-                f"(90% bootstrap interval over seeds {interval}) {title} stays below the zero baseline "
-                f"(final {err[-1]:.3f})."
-            )
-        elif not early_above:
+                f"{title}: crossover REPRODUCED — at epochs {_ranges(v['above_epochs'], payload['epochs'])} (>= 1) the mean first-step error "
+                f"against v* exceeds the zero velocity's {zero:.3f} (peak {peak:.3f}; up to {max(frac):.0%} of networks "
+                f"above); from epoch {c['epoch']:g} (90% interval {_interval(c)}) it stays below (final {err[-1]:.3f}).")
+        elif not v["zero_beats_early"]:
             lines.append(
-                f"{title}: crossover NOT reproduced — {title} was never worse than the zero velocity at the first step "
-                f"in the first quarter of training (max error {max(err[: max(1, len(err) // 4)]):.3f} <= {zero:.3f}), "
-                f"so there is no 'zero beats {title}' phase to cross out of."
-            )
+                f"{title}: NOT reproduced — the mean error never exceeds the zero velocity's {zero:.3f} at any epoch >= 1 "
+                f"(largest {peak:.3f}; at most {max(frac[1:] or [0]):.0%} of networks above at one epoch).")
         else:
             lines.append(
-                f"{title}: crossover NOT reproduced — zero beats {title} early, but the error is still above the zero "
-                f"baseline at the last epoch ({err[-1]:.3f} >= {zero:.3f})."
-            )
+                f"{title}: NOT reproduced — zero beats {title} at epochs {_ranges(v['above_epochs'], payload['epochs'])}, but it is still above "
+                f"the zero velocity's {zero:.3f} at the last epoch (final {err[-1]:.3f}; exact guidance bias "
+                f"{payload['guidance_bias'][name]:.3f}).")
+    a, b = verdicts["cfg"]["crossover"], verdicts["cfg_star"]["crossover"]
+    if verdicts["cfg"]["reproduced"] and verdicts["cfg_star"]["reproduced"]:
+        order = "earlier than" if b["epoch"] < a["epoch"] else ("at the same epoch as" if b["epoch"] == a["epoch"] else "later than")
+        lines.append(f"Paper's ordering (optimized scale crosses earlier): CFG* crosses {order} CFG "
+                     f"({b['epoch']:g} {_interval(b)} vs {a['epoch']:g} {_interval(a)}).")
+    else:
+        lines.append("Paper's ordering (optimized scale crosses earlier): not testable — both rules must cross.")
+    conv = payload["convergence"]
+    worst = max(conv["jsd_gap"].items(), key=lambda kv: abs(kv[1]))
+    lines.append(
+        f"Convergence at epoch {payload['epochs'][-1]}: {'PASSED' if conv['passed'] else 'FAILED'} — loss "
+        f"{conv['loss_gap']:+.1%} from the floor (criterion ±{conv['criteria']['loss']:.0%}), largest JSD gap to the exact "
+        f"field {worst[1]:+.3f} ({worst[0]}; ±{conv['criteria']['jsd']:g}), CFG-Zero* NLL gap "
+        f"{conv['nll_gap_cfg_zero_star']:+.2f} nats (±{conv['criteria']['nll']:g}).")
+    for m, title in (("jsd", "JSD"), ("nll", "NLL")):
+        row = payload["sample_level"][m]
+        helped = [e for e, lo in zip(payload["epochs"], row["low"]) if e >= 1 and lo > 0]
+        hurt = [e for e, hi in zip(payload["epochs"], row["high"]) if e >= 1 and hi < 0]
+        lines.append(f"Sample level ({title}, CFG vs CFG + zero-init, 90% interval over networks): zero-init helps at "
+                     f"epochs {_ranges(helped, payload['epochs']) or 'none'}, hurts at {_ranges(hurt, payload['epochs']) or 'none'} "
+                     f"(exact fields: {payload[m + '_exact']['cfg'] - payload[m + '_exact']['cfg_zero_init']:+.3f}).")
     return "\n".join(lines)
 
 
+def _ranges(values, evaluated) -> str:
+    """Evaluated epochs as runs: ``values = [1, 2, 3, 8, 16]`` of ``evaluated = [0, 1, 2, 3, 4, 8, 11, 16]``
+    → ``"1–3, 8, 16"`` (a run is consecutive in ``evaluated``, not in the integers)."""
+    position = {e: i for i, e in enumerate(evaluated)}
+    runs = []
+    for v in values:
+        if runs and position[v] == position[runs[-1][-1]] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
+
+
 # ----------------------------------------------------------------------------- figures
-def plot_jsd(payload, path):
+def _epoch_axis(ax, epochs):
+    ax.set_xscale("symlog", linthresh=8.0, linscale=1.0)
+    ticks = [e for e in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if e <= epochs[-1]]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlim(0, epochs[-1])
+
+
+def plot_first_step(payload, rules, path):
+    """Top: first-step error against v* per network (thin) and mean (thick), one grey line ‖v*‖;
+    bottom: the fraction of networks above it."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     from cfgzero_theory import plotting
 
-    rules = payload["_raw"]["rules"]
     epochs = np.asarray(payload["epochs"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name in RULE_NAMES:
-        per_seed = np.asarray(payload["jsd_per_seed"][name])
+    cfg = payload["config"]
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(6.6, 6.0), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
+    for name in FIRST_RULES:
         style = plotting.rule_style(rules[name])
-        ax.plot(epochs, per_seed.mean(axis=0), label=payload["config"]["rules"][name], **style)
-    ax.set_xlabel("training epoch")
-    ax.set_ylabel("JSD(samples ‖ true class density), nats")
-    ax.set_yscale("log")
-    ax.set_title("Final-sample quality per epoch (mean over seeds)", fontsize=9)
-    ax.legend(fontsize=8)
+        for row in np.asarray(payload[f"err_{name}_per_network"]):
+            ax.plot(epochs, row, color=style["color"], alpha=0.2, linewidth=0.6)
+        ax.plot(epochs, payload[f"err_{name}"], label=f"{cfg['rules'][name]}: E‖ṽ₀^θ − v*₀‖ (mean; thin: networks)", **style)
+        ax.axhline(payload["guidance_bias"][name], color=style["color"], linestyle=":", linewidth=1.0,
+                   label=f"exact {cfg['rules'][name]} bias ‖ṽ₀* − v*₀‖ (converged limit)")
+        v = rule_verdict(payload, name)
+        if v["reproduced"]:
+            ax.axvline(v["crossover"]["epoch"], color=style["color"], linewidth=0.8, alpha=0.6)
+        bx.plot(epochs, payload[f"frac_above_zero_{name}"], color=style["color"], marker=style.get("marker"))
+    ax.axhline(payload["err_zero"], color="grey", linewidth=2.5, alpha=0.6, label=f"zero velocity: E‖v*₀‖ = {payload['err_zero']:.2f}")
+    ax.set_ylabel("first-step error at t = 0")
+    ax.set_title(f"Zero vs early CFG against the true velocity v*: class {cfg['label']} at distance "
+                 f"{cfg['geometry']['distance']:g}, data mean at {cfg['geometry']['data_offset']:g}, w = {cfg['scale']:g}, "
+                 f"{cfg['seeds']['num_networks']} networks", fontsize=8.5)
+    ax.legend(fontsize=7)
+    bx.set_ylabel("networks above\nthe zero line")
+    bx.set_ylim(-0.05, 1.05)
+    bx.set_xlabel(f"training epoch ({payload['steps_per_epoch']} optimizer steps each)")
+    _epoch_axis(bx, epochs)
+    fig.tight_layout()
+    written = plotting.save(fig, path)
+    plt.close(fig)
+    return written
+
+
+def plot_sample_quality(payload, rules, path):
+    """JSD and NLL of every rule per epoch (dotted: exact field), and the zero-init benefit with its interval."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from cfgzero_theory import plotting
+
+    epochs = np.asarray(payload["epochs"])
+    cfg = payload["config"]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    for j, (m, title) in enumerate((("jsd", "JSD(samples ‖ class density), nats"), ("nll", "NLL of samples (nats)"))):
+        ax = axes[0, j]
+        for name in RULE_NAMES:
+            style = plotting.rule_style(rules[name])
+            ax.plot(epochs, payload[m][name], label=cfg["rules"][name], **style)
+            ax.axhline(payload[m + "_exact"][name], color=style["color"], linestyle=":", linewidth=1.0)
+        ax.axhline(payload["data_samples"][m], color="grey", linestyle="--", linewidth=1.0, label="exact class samples")
+        ax.plot([], [], color="grey", linestyle=":", label="exact field, same rule and sampler")
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        row = payload["sample_level"][m]
+        bx = axes[1, j]
+        color = plotting.rule_color(rules["cfg_zero_init"])
+        bx.fill_between(epochs, row["low"], row["high"], color=color, alpha=0.2, linewidth=0, label="90% interval over networks")
+        bx.plot(epochs, row["zero_init_benefit"], color=color, marker="^", label="CFG − (CFG + zero-init): > 0 zero-init helps")
+        bx.axhline(0.0, color="black", linewidth=1.0)
+        bx.axhline(payload[m + "_exact"]["cfg"] - payload[m + "_exact"]["cfg_zero_init"], color=color, linestyle=":",
+                   label="exact-field limit")
+        bx.set_xlabel("training epoch")
+        _epoch_axis(bx, epochs)
+        bx.legend(fontsize=7)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"Final samples per epoch (mean over {cfg['seeds']['num_networks']} networks), class {cfg['label']}, "
+                 f"w = {cfg['scale']:g}, {cfg['preset_settings']['steps']} Euler steps", fontsize=10)
     fig.tight_layout()
     written = plotting.save(fig, path)
     plt.close(fig)
@@ -260,6 +479,7 @@ def plot_jsd(payload, path):
 
 
 def plot_trajectories(payload, path):
+    """Trajectories of CFG and CFG-Zero* of network 0 early and at the last epoch, over the class density."""
     import jax
     import matplotlib.pyplot as plt
     import numpy as np
@@ -271,7 +491,9 @@ def plot_trajectories(payload, path):
     epochs = payload["epochs"]
     early, late = epochs[min(2, len(epochs) - 1)], epochs[-1]
     x0 = raw["x0"][:128]
-    lo, hi = np.array([-4.0, -9.0]), np.array([16.0, 9.0])
+    means = np.asarray(mixture.means)
+    lo = np.minimum(means.min(0), -3.0) - 3.0
+    hi = np.maximum(means.max(0), 3.0) + 3.0
     fig, axes = plt.subplots(2, 2, figsize=(9, 8), sharex=True, sharey=True)
     for row, epoch in enumerate((early, late)):
         network = raw["select"](raw["result"].networks[epoch], 0)
@@ -284,9 +506,10 @@ def plot_trajectories(payload, path):
             ax.plot(traj[:, :, 0], traj[:, :, 1], color=color, alpha=0.25, linewidth=0.6)
             ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=5, color=color, zorder=3)
             ax.scatter(traj[0, :, 0], traj[0, :, 1], s=3, color="grey", zorder=2)
-            ax.set_title(f"{payload['config']['rules'][name]}, epoch {epoch} (seed 0)", fontsize=9)
+            ax.set_title(f"{payload['config']['rules'][name]}, epoch {epoch} (network 0)", fontsize=9)
             ax.set_xlim(lo[0], hi[0])
             ax.set_ylim(lo[1], hi[1])
+            ax.set_aspect("equal")
     for ax in axes[-1]:
         ax.set_xlabel("x₁")
     for ax in axes[:, 0]:
@@ -299,15 +522,33 @@ def plot_trajectories(payload, path):
 
 
 def format_table(payload) -> str:
-    head = f"{'epoch':>5} {'err CFG':>9} {'err CFG*':>9} {'zero':>7} {'zero*':>7} " + " ".join(f"{'JSD ' + n:>17}" for n in RULE_NAMES)
+    head = (f"{'epoch':>5} {'steps':>6} {'err CFG':>8} {'>zero':>6} {'err CFG*':>8} {'>zero':>6} {'zero':>7} "
+            + " ".join(f"{'JSD ' + n:>18}" for n in RULE_NAMES) + f" {'NLL cfg-zero*':>14}")
     lines = [head, "-" * len(head)]
     for i, epoch in enumerate(payload["epochs"]):
-        jsd = " ".join(f"{payload['jsd'][n][i]:>17.4f}" for n in RULE_NAMES)
+        jsd = " ".join(f"{payload['jsd'][n][i]:>18.4f}" for n in RULE_NAMES)
         lines.append(
-            f"{epoch:>5} {payload['err_cfg'][i]:>9.3f} {payload['err_cfg_star'][i]:>9.3f} {payload['err_zero']:>7.3f} "
-            f"{payload['err_zero_cfg_star']:>7.3f} {jsd}"
-        )
+            f"{epoch:>5} {payload['optimizer_steps'][i]:>6} {payload['err_cfg'][i]:>8.3f} {payload['frac_above_zero_cfg'][i]:>6.0%} "
+            f"{payload['err_cfg_star'][i]:>8.3f} {payload['frac_above_zero_cfg_star'][i]:>6.0%} {payload['err_zero']:>7.3f} {jsd} "
+            f"{payload['nll']['cfg_zero_star'][i]:>14.3f}")
+    exact = " ".join(f"{payload['jsd_exact'][n]:>18.4f}" for n in RULE_NAMES)
+    lines.append(f"{'exact':>5} {'':>6} {payload['guidance_bias']['cfg']:>8.3f} {'':>6} {payload['guidance_bias']['cfg_star']:>8.3f} "
+                 f"{'':>6} {'':>7} {exact} {payload['nll_exact']['cfg_zero_star']:>14.3f}")
     return "\n".join(lines)
+
+
+def outputs_line(out_dir: str, files: list[str]) -> str:
+    """One line naming a run's outputs and their size (checkpoints included)."""
+    def size(path):
+        if os.path.isdir(path):
+            return sum(size(os.path.join(path, f)) for f in os.listdir(path))
+        return os.path.getsize(path) if os.path.exists(path) else 0
+
+    total = sum(size(f) for f in files)
+    ckpt = size(os.path.join(out_dir, "checkpoints"))
+    names = ", ".join(sorted({os.path.splitext(os.path.basename(f))[0] for f in files}))
+    return (f"wrote {out_dir}/: {names} ({len(files)} files, {total / 1e6:.1f} MB) and checkpoints/ "
+            f"({ckpt / 1e6:.1f} MB)")
 
 
 def main(argv=None) -> dict:
@@ -318,31 +559,24 @@ def main(argv=None) -> dict:
     matplotlib.use("Agg")
     from cfgzero_theory import plotting
     from experiments._common import publishable, run_or_exit, write_json
-    from experiments._figures import plot_first_step_errors, plot_training_loss
+    from experiments._figures import plot_training_loss
 
     payload = run_or_exit(run, args)
+    rules = payload["_raw"]["rules"]
     figures = []
     with plotting.style():
-        cfg = payload["config"]
-        figures += plot_first_step_errors(
-            payload["epochs"],
-            {name: payload[f"err_{name}_per_seed"] for name in ("cfg", "cfg_star")},
-            {"cfg": payload["err_zero"], "cfg_star": payload["err_zero_cfg_star"]},
-            {name: payload[f"crossover_{name}"]["epoch"] for name in ("cfg", "cfg_star")},
-            payload["_raw"]["rules"], cfg["rules"],
-            f"Zero beats early CFG: class {cfg['label']}, w={cfg['scale']:g}, {cfg['preset_settings']['seeds']} seeds "
-            "(band: min–max)",
-            os.path.join(args.out, "first_step_error"),
-        )
-        figures += plot_jsd(payload, os.path.join(args.out, "jsd"))
+        figures += plot_first_step(payload, rules, os.path.join(args.out, "first_step_error"))
+        figures += plot_sample_quality(payload, rules, os.path.join(args.out, "sample_quality"))
         figures += plot_trajectories(payload, os.path.join(args.out, "trajectories"))
-        figures += plot_training_loss(payload["training_loss"], payload["loss_floor"], os.path.join(args.out, "training_loss"))
+        figures += plot_training_loss(payload["training_loss"], payload["loss_floor"], os.path.join(args.out, "training_loss"),
+                                      log_epochs=len(payload["training_loss"]) > 8)
     payload = publishable(payload, figures, verdict, start)
     path = os.path.join(args.out, "crossover.json")
     write_json(path, payload)
     print(format_table(payload))
     print(payload["verdict"])
-    print(f"wrote {path} and {len(figures)} figure files; {payload['runtime_s']['total']:.1f} s")
+    print(outputs_line(args.out, [path, *figures]) + f"; {payload['runtime_s']['total']:.1f} s "
+          f"(training {payload['runtime_s']['training']:.1f} s, evaluation {payload['runtime_s']['evaluation']:.1f} s)")
     return payload
 
 

@@ -1,6 +1,6 @@
 """Regenerate every figure in ``figures/`` with one command.
 
-    python -m experiments.figures                  # all studies, canonical settings (~5 min on 2 CPU cores)
+    python -m experiments.figures                  # all studies, canonical settings (~20 min on 2 CPU cores)
     python -m experiments.figures --only crossover # one study (comma-separated names)
     python -m experiments.figures --list           # what would run, and where it writes
     python -m experiments.figures --quick --out-root /tmp/figs   # tiny settings, elsewhere (tests)
@@ -28,6 +28,8 @@ STUDIES = {
     "exact_guidance": ("experiments.exact_guidance", [], ["--quick"], "exact_guidance", "exact_guidance.json"),
     "crossover": ("experiments.crossover", ["--no-progress"], ["--preset", "smoke", "--no-progress"],
                   os.path.join("crossover", "quick"), "crossover.json"),
+    "crossover_map": ("experiments.crossover_map", ["--no-progress"], ["--preset", "smoke", "--no-progress"],
+                      os.path.join("crossover_map", "quick"), "crossover_map.json"),
     "crossover_highdim": ("experiments.crossover_highdim", ["--no-progress"], ["--preset", "smoke", "--no-progress"],
                           os.path.join("crossover_highdim", "quick"), "crossover_highdim.json"),
     "lecture_demo": ("experiments.lecture_demo", [], ["--quick"], "demo", "lecture_demo.json"),

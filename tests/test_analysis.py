@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfgzero_theory import CFG, CFGStar, CFGZeroStar, GaussianMixture, ZeroInit, analysis
+from cfgzero_theory import CFG, CFGStar, CFGZeroStar, GaussianMixture, ZeroInit, analysis, mixtures
 from cfgzero_theory.guidance import exact_guided_velocity
 from cfgzero_theory.sampling import sample, time_grid
 
@@ -332,3 +332,31 @@ def test_sample_quality_validation(setup):
     singular = GaussianMixture([1.0], [[0.0, 0.0]], [np.diag([1.0, 0.0])])
     with pytest.raises(ValueError, match="singular"):
         analysis.sample_quality(singular, np.zeros((5, 2)), None)
+
+
+def test_sample_scorer_equals_sample_quality():
+    gm = mixtures.class_conditional_2d()
+    key = jax.random.key(3)
+    x = jax.random.normal(jax.random.key(1), (3, 400, 2)) * 2.0 + gm.sample(jax.random.key(2), 400, 1)[None]
+    scores = analysis.make_sample_scorer(gm, 1, key, moments=True)(x)
+    reference = analysis.sample_quality(gm, x, 1, key)
+    for name in ("nll", "precision", "jsd", "frechet", "mmd"):
+        np.testing.assert_allclose(scores[name], reference[name], rtol=1e-5, atol=1e-6)
+    assert float(scores["nll_floor"]) == pytest.approx(float(reference["nll_floor"][0]), rel=1e-6)
+    with pytest.raises(ValueError, match="samples"):
+        analysis.make_sample_scorer(gm, 1, key)(x[0])
+
+
+def test_bootstrap_mean_interval_covers_the_mean_and_shrinks():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(1.0, 1.0, (8, 3)), rng.normal(1.0, 1.0, (200, 3))
+    lo_s, hi_s = analysis.bootstrap_mean_interval(small, key=jax.random.key(0))
+    lo_l, hi_l = analysis.bootstrap_mean_interval(large, key=jax.random.key(0))
+    assert np.all(lo_s <= small.mean(0)) and np.all(small.mean(0) <= hi_s)
+    assert np.all(hi_l - lo_l < hi_s - lo_s)
+    # the 90% interval of a mean of n normals is about ±1.645/√n
+    np.testing.assert_allclose(hi_l - lo_l, 2 * 1.645 * large.std(0) / np.sqrt(200), rtol=0.25)
+    constant = analysis.bootstrap_mean_interval(np.full((5, 2), 3.0))
+    np.testing.assert_allclose(constant, 3.0)
+    with pytest.raises(ValueError, match="values"):
+        analysis.bootstrap_mean_interval(np.array([1.0, np.nan])[None])

@@ -171,7 +171,7 @@ def test_widget_loads_a_checkpoint_directory(mixture, tmp_path):
     for epoch in config.checkpoint_epochs:
         rng = np.random.default_rng(epoch)
         states[epoch] = jax.tree_util.tree_map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-        tree = {"state": states[epoch], "losses": np.zeros((config.epochs, config.num_seeds), np.float32)}
+        tree = {"networks": states[epoch].params, "losses": np.zeros((config.epochs, config.num_seeds), np.float32)}
         checkpoint.save_pytree(checkpoint.checkpoint_path(tmp_path, epoch), tree, {"run": run, "epoch": str(epoch)})
 
     loaded = networks_from_checkpoints(tmp_path, mixture)

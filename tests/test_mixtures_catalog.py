@@ -330,3 +330,18 @@ def test_class_axis_puts_the_class_between_noise_and_data_mean():
     np.testing.assert_allclose(np.asarray(gm.mean(None)), -12.0 * axis, atol=1e-5)
     with pytest.raises(ValueError, match="label"):
         mixtures.class_axis(3)
+
+
+def test_guided_class_2d_places_the_class_and_data_means():
+    from cfgzero_theory import metrics
+
+    gm = mixtures.guided_class_2d(14.0, 10.5, label=1)
+    mu_c = np.asarray(metrics.class_moments(gm, 1)[0])
+    mu_bar = np.asarray(metrics.class_moments(gm, None)[0])
+    np.testing.assert_allclose(mu_c, 14.0 * mixtures.class_axis(1), atol=1e-4)
+    np.testing.assert_allclose(mu_bar, 10.5 * mixtures.class_axis(1), atol=1e-4)
+    at_origin = mixtures.guided_class_2d(7.0, 0.0, label=2)
+    np.testing.assert_allclose(np.asarray(metrics.class_moments(at_origin, None)[0]), 0.0, atol=1e-5)
+    for kwargs, word in ((dict(distance=5.0, data_offset=5.0), "data_offset"), (dict(distance=5.0, data_offset=1.0, radius=2.0), "radius")):
+        with pytest.raises(ValueError, match=word):
+            mixtures.guided_class_2d(**kwargs)

@@ -173,3 +173,78 @@ def test_out_dir_of_another_run_is_refused(tmp_path):
     # the same configuration resumes from the final checkpoint without training again
     again = train(MIXTURE, NET, SMALL, out_dir=str(tmp_path), progress=False)
     assert sorted(again.networks) == [0, 2, 4, 6]
+
+
+def test_residual_network_and_config_checks():
+    from flax import nnx
+
+    from cfgzero_theory.models import VelocityResMLP
+
+    config = NetworkConfig(dim=2, num_classes=3, width=16, depth=2, architecture="resmlp", input_scale=0.5)
+    model = VelocityResMLP(config, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (5, 2))
+    out = model(x, jnp.linspace(0, 1, 5), jnp.array([0, 1, 2, NULL_LABEL, 1]))
+    assert out.shape == (5, 2) and np.all(np.isfinite(out))
+    # input_scale multiplies x before the first layer: a network with scale s on x equals scale 1 on s·x
+    plain = VelocityResMLP(NetworkConfig(dim=2, num_classes=3, width=16, depth=2, architecture="resmlp"), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(model(x, 0.3, jnp.zeros(5, int)), plain(0.5 * x, 0.3, jnp.zeros(5, int)), rtol=1e-6)
+    nets = init_networks(config, jax.random.split(jax.random.key(0), 3))
+    assert jax.tree_util.tree_leaves(nets.state)[0].shape[0] == 3
+    with pytest.raises(ValueError, match="architecture"):
+        NetworkConfig(dim=2, num_classes=3, architecture="transformer")
+    with pytest.raises(ValueError, match="input_scale"):
+        NetworkConfig(dim=2, num_classes=3, input_scale=0.0)
+    with pytest.raises(ValueError, match="num_data_seeds"):
+        TrainConfig(num_data_seeds=0)
+
+
+def test_several_datasets_train_at_once_like_separate_runs():
+    """num_data_seeds = 2: network i·S + s trains on dataset data_seed + i exactly as a run with that data seed."""
+    both = TrainConfig(epochs=2, dataset_size=256, batch_size=64, num_seeds=1, num_data_seeds=2, data_seed=3)
+    result = train(MIXTURE, NET, both, progress=False)
+    assert result.losses.shape == (2, 2) and result.dataset[0].shape == (2, 256, 2)
+    np.testing.assert_array_equal(result.dataset[0][1], MIXTURE.sample_labelled(jax.random.key(4), 256)[0])
+    assert not np.allclose(result.losses[:, 0], result.losses[:, 1])
+    # same keys as the joint run, one dataset at a time: the epoch function with per-network data
+    graphdef, state = initial_state(NET, both, jax.random.split(jax.random.split(jax.random.key(0))[0], 2))
+    keys = jax.random.split(jax.random.split(jax.random.key(0))[1], 2)
+    x1, y = result.dataset
+    joint, loss = make_epoch_fn(graphdef, both)(state, keys, 0, x1, y)
+    one = TrainConfig(epochs=2, dataset_size=256, batch_size=64, num_seeds=1)
+    for i in range(2):
+        single = jax.tree_util.tree_map(lambda a: a[i : i + 1], state)
+        alone, loss_alone = make_epoch_fn(graphdef, one)(single, keys[i : i + 1], 0, x1[i], y[i])
+        np.testing.assert_allclose(loss_alone[0], loss[i], rtol=1e-5)
+
+
+def test_ema_warmup_follows_the_parameters_early():
+    """With the warmed-up decay min(d, (1 + n)/(10 + n)), the EMA after a few steps sits near the
+    current parameters, not near the initialisation (which a plain decay of 0.999 would keep)."""
+    config = TrainConfig(epochs=1, dataset_size=512, batch_size=64, num_seeds=1, learning_rate=1e-2, ema_decay=0.999)
+    graphdef, state = initial_state(NET, config, jax.random.split(jax.random.key(0), 1))
+    x1, y = MIXTURE.sample_labelled(jax.random.key(1), 512)
+    new, _ = make_epoch_fn(graphdef, config)(state, jax.random.split(jax.random.key(2), 1), 0, x1, y)
+    flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(tree)])  # noqa: E731
+    init, params, ema = flat(state.params), flat(new.params), flat(new.ema)
+    # after 8 steps the weight left on the initialisation is prod_n (1 + n)/(10 + n) = 9!·10!/17!... < 0.01
+    weight_on_init = np.prod([(1 + n) / (10 + n) for n in range(1, 9)])
+    assert weight_on_init < 0.01
+    assert np.linalg.norm(ema - params) < 0.5 * np.linalg.norm(params - init)
+
+
+def test_checkpoint_files_hold_networks_and_one_training_state(tmp_path):
+    from cfgzero_theory import checkpoint
+    from cfgzero_theory.training import training_state_path
+
+    result = train(MIXTURE, NET, SMALL, out_dir=str(tmp_path), progress=False)
+    files = sorted(os.listdir(tmp_path))
+    assert files == ["epoch_000000.safetensors", "epoch_000002.safetensors", "epoch_000004.safetensors",
+                     "epoch_000006.safetensors", "training_state.safetensors"]
+    assert checkpoint.read_metadata(training_state_path(tmp_path))["epoch"] == "6"
+    assert os.path.getsize(tmp_path / "epoch_000006.safetensors") < 0.5 * os.path.getsize(training_state_path(tmp_path))
+    # a missing network file before the saved state: the run retrains from scratch, with the same result
+    os.remove(tmp_path / "epoch_000002.safetensors")
+    again = train(MIXTURE, NET, SMALL, out_dir=str(tmp_path), progress=False)
+    assert sorted(again.networks) == [0, 2, 4, 6] and (tmp_path / "epoch_000002.safetensors").exists()
+    for a, b in zip(jax.tree_util.tree_leaves(again.networks[6].state), jax.tree_util.tree_leaves(result.networks[6].state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
