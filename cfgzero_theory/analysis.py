@@ -555,30 +555,25 @@ def make_sample_scorer(
     num_reference: int = metrics.HDR_NUM_REFERENCE,
     bins: int = 40,
     grid: tuple | None = None,
-    moments: bool = False,
-    bandwidth: float | None = None,
 ) -> Callable[[Array], dict[str, Array]]:
-    """``score(samples (S, n, d)) -> {"nll", "precision"[, "jsd"][, "frechet", "mmd"]: (S,)}``, one compiled program.
+    """``score(samples (S, n, d)) -> {"nll", "precision"[, "jsd"]: (S,)}``, one compiled program.
 
     The same numbers as :func:`sample_quality`'s keys of those names (mean NLL under the true
     class density; share of samples in the class's ``mass`` highest-density region, its
     threshold drawn once with ``key``; for ``d = 2`` the JSD between the sample histogram and
-    the exact class density on the ``bins × bins`` grid of :func:`jsd_grid`; with
-    ``moments=True`` also the squared Fréchet distance to the exact class moments and the
-    MMD² to the exact class mixture with ``bandwidth``, default :func:`default_bandwidth`),
-    but everything that does not depend on the samples — the HDR threshold, the grid's cell
-    masses, the class moments — is computed here once, and the returned function is jitted
-    and ``vmap``-ped over the seed axis: a study that scores every epoch compiles it once per
-    sample shape.  Also returns ``"nll_floor"`` (scalar), the class entropy estimated on the
-    HDR reference samples.
+    the exact class density on the ``bins × bins`` grid of :func:`jsd_grid`), but everything
+    that does not depend on the samples — the HDR threshold, the grid's cell masses — is
+    computed here once, and the returned function is jitted and ``vmap``-ped over the seed
+    axis: a study that scores every epoch compiles it once per sample shape.  Also returns
+    ``"nll_floor"`` (scalar), the class entropy estimated on the HDR reference samples.
+
+    The Fréchet distance and MMD are not included: fused into this one program with the NLL
+    they made XLA's CPU runtime (JAX 0.10.2, 2 cores) hang on the second call; their own
+    functions in :mod:`cfgzero_theory.metrics` are compiled once and fast enough per seed.
     """
     if mixture.is_singular:
         raise ValueError("mixture has a singular covariance: its data distribution has no density")
     label = mixture.check_label(label)
-    if moments:
-        mean, cov = metrics.class_moments(mixture, label)
-        h = default_bandwidth(mixture, label) if bandwidth is None else metrics._check_bandwidth(bandwidth)
-        weights = mixture.class_weight(label)
     key = jax.random.key(0) if key is None else key
     reference = mixture.sample(key, int(num_reference), label)
     ref_log_p = mixture.log_prob(reference, label)
@@ -596,10 +591,6 @@ def make_sample_scorer(
                "precision": jnp.mean(finite & (log_p >= threshold))}
         if mixture.dim == 2:
             out["jsd"] = metrics.jsd_to_cell_masses(x, masses, lo, hi)
-        if moments:
-            out["frechet"] = metrics._frechet_samples(x, mean, cov)
-            out["mmd"] = metrics._mmd_to_mixture(x, weights, mixture.means, mixture.covs, mixture.eigvals,
-                                                 mixture.eigvecs, h)
         return out
 
     scores = jax.jit(jax.vmap(one))

@@ -45,3 +45,52 @@ def run_or_exit(run, args):
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def mixture_json(mixture) -> dict:
+    """The mixture as numbers: weights, means, covariances and labels."""
+    import numpy as np
+
+    return {"weights": np.asarray(mixture.weights).tolist(), "means": np.asarray(mixture.means).tolist(),
+            "covs": np.asarray(mixture.covs).tolist(), "labels": np.asarray(mixture.labels).tolist()}
+
+
+def progress(items, enabled: bool, desc: str, unit: str = "epoch"):
+    """``items`` wrapped in a tqdm bar (``desc``, ``unit``) when ``enabled``, else unchanged."""
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, leave=False)
+
+
+def _number(value):
+    """``value`` as a float, or ``None`` when missing or not finite."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def crossover_json(c) -> dict:
+    """An :class:`analysis.Crossover` as JSON: epoch and interval (``None`` where not finite), ``found``."""
+    return {"epoch": _number(c.epoch), "low": _number(c.low), "high": _number(c.high), "fraction": c.fraction,
+            "found": _number(c.epoch) is not None}
+
+
+def interval_text(c) -> str:
+    """``"[low, high]"`` of a :func:`crossover_json` dict, ``never`` for a missing bound."""
+    low = "never" if c["low"] is None else f"{c['low']:g}"
+    high = "never" if c["high"] is None else f"{c['high']:g}"
+    return f"[{low}, {high}]"
+
+
+def outputs_line(out_dir: str, files: list[str]) -> str:
+    """One line naming a run's outputs and their size (checkpoints included)."""
+    def size(path):
+        if os.path.isdir(path):
+            return sum(size(os.path.join(path, f)) for f in os.listdir(path))
+        return os.path.getsize(path) if os.path.exists(path) else 0
+
+    total = sum(size(f) for f in files)
+    ckpt = size(os.path.join(out_dir, "checkpoints"))
+    names = ", ".join(sorted({os.path.splitext(os.path.basename(f))[0] for f in files}))
+    return (f"wrote {out_dir}/: {names} ({len(files)} files, {total / 1e6:.1f} MB) and checkpoints/ "
+            f"({ckpt / 1e6:.1f} MB)")

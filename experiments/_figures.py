@@ -7,8 +7,9 @@ PDF) and returns the written paths; call it inside ``plotting.style()``.
 from __future__ import annotations
 
 
-def plot_training_loss(losses, loss_floor: float, path: str, evaluated_epochs=(), log_epochs: bool = False):
-    """Mean training loss per epoch (band: min–max over seeds) against the exact loss floor."""
+def plot_training_loss(losses, loss_floor: float, path: str, evaluated_epochs=(), log_epochs: bool = False,
+                       title: str | None = None):
+    """Mean training loss per epoch (band: min–max over seeds) against the exact loss floor (optional ``title``)."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -27,6 +28,8 @@ def plot_training_loss(losses, loss_floor: float, path: str, evaluated_epochs=()
     ax.set_yscale("log")
     if log_epochs:
         ax.set_xscale("log")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     written = plotting.save(fig, path)
@@ -34,11 +37,13 @@ def plot_training_loss(losses, loss_floor: float, path: str, evaluated_epochs=()
     return written
 
 
-def plot_first_step_errors(epochs, per_seed: dict, zero: dict, crossover: dict, rules: dict, names: dict, title: str,
-                           path: str, epoch_axis=None):
-    """First-step error ``‖ṽ₀^θ − ṽ₀*‖`` per rule vs epoch (band: min–max over seeds), each rule's
-    zero baseline ``‖ṽ₀*‖`` dotted in its colour (CFG's also as the paper's thick grey line), and
-    a thin vertical line at each crossover epoch (``None``: no crossover)."""
+def plot_first_step_errors(epochs, per_seed: dict, zero: float, crossover: dict, rules: dict, names: dict, title: str,
+                           path: str, epoch_axis=None, limits: dict | None = None):
+    """First-step error ``E‖ṽ₀^θ − v*₀‖`` against the true conditional velocity ``v*₀ = u_c(x0)``
+    per rule vs epoch (mean over seeds; band: min–max over seeds), one thick grey line for
+    every rule — the zero velocity's error ``E‖v*₀‖`` (``zero``) — a thin vertical line at
+    each crossover epoch (``None``: no crossover) and, with ``limits`` (``{rule: value}``),
+    each rule's converged limit, its guidance bias ``E‖ṽ₀* − v*₀‖``, dotted in its colour."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -49,12 +54,14 @@ def plot_first_step_errors(epochs, per_seed: dict, zero: dict, crossover: dict, 
     for name, errors in per_seed.items():
         errors = np.asarray(errors)
         style = plotting.rule_style(rules[name])
-        ax.plot(epochs, errors.mean(axis=0), label=f"{names[name]}: ‖ṽ₀^θ − ṽ₀*‖", **style)
+        ax.plot(epochs, errors.mean(axis=0), label=f"{names[name]}: ‖ṽ₀^θ − v*₀‖", **style)
         ax.fill_between(epochs, errors.min(axis=0), errors.max(axis=0), color=style["color"], alpha=0.15, linewidth=0)
-        ax.axhline(zero[name], color=style["color"], linestyle=":", linewidth=1.0, alpha=0.8)
+        if limits is not None and name in limits:
+            ax.axhline(limits[name], color=style["color"], linestyle=":", linewidth=1.0, alpha=0.8,
+                       label=f"{names[name]}: exact bias ‖ṽ₀* − v*₀‖ (converged limit)")
         if crossover.get(name) is not None:
             ax.axvline(crossover[name], color=style["color"], linewidth=0.8, alpha=0.5)
-    ax.axhline(zero["cfg"], color="grey", linewidth=2.0, alpha=0.6, label="zero velocity: ‖ṽ₀*‖ (CFG target)")
+    ax.axhline(float(zero), color="grey", linewidth=2.5, alpha=0.6, label=f"zero velocity: ‖v*₀‖ = {float(zero):.2f}")
     ax.set_xlabel("training epoch")
     ax.set_ylabel("first-step error at t = 0 (mean over x0 ~ N(0, I))")
     if epoch_axis is not None:

@@ -36,8 +36,8 @@ Outputs under ``--out``: ``crossover.json`` (every number, the mixture as number
 ``first_step_error``, ``sample_quality``, ``trajectories``, ``training_loss`` (PNG and PDF);
 ``checkpoints/`` lets a rerun of the same configuration skip training.
 
-    python -m experiments.crossover                    # quick preset (default), ~3 min on 2 CPU cores
-    python -m experiments.crossover --preset paper     # 18 networks, ~10 min on 2 CPU cores
+    python -m experiments.crossover                    # quick preset (default), ~7 min on 2 CPU cores
+    python -m experiments.crossover --preset paper     # 16 networks, ~12.5 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ import os
 import platform
 import sys
 import time
+
+from experiments._common import interval_text
 
 PRESETS = {
     "smoke": dict(seeds=1, data_seeds=3, epochs=4, dataset_size=512, batch_size=128, n_eval=256, steps=8, width=32),
@@ -143,22 +145,6 @@ def train_networks(mixture, settings: dict, seed: int, data_seed: int, checkpoin
     return result, net_config, train_config
 
 
-def mixture_json(mixture) -> dict:
-    """The mixture as numbers: weights, means, covariances and labels."""
-    import numpy as np
-
-    return {"weights": np.asarray(mixture.weights).tolist(), "means": np.asarray(mixture.means).tolist(),
-            "covs": np.asarray(mixture.covs).tolist(), "labels": np.asarray(mixture.labels).tolist()}
-
-
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="epoch", leave=False)
-
-
 def run(args) -> dict:
     """Train, evaluate every evaluation epoch, and return the JSON-ready result (plus ``_raw``)."""
     import jax
@@ -167,6 +153,7 @@ def run(args) -> dict:
     import cfgzero_theory
     from cfgzero_theory import GaussianMixture, analysis, guidance, mixtures, sampling
     from cfgzero_theory.models import network_velocity, select
+    from experiments._common import crossover_json, mixture_json, progress
 
     s = args.settings
     mixture = mixtures.guided_class_2d(args.distance, args.data_offset, args.label)
@@ -200,7 +187,7 @@ def run(args) -> dict:
     zero_guided, bias = {}, {}
     quality = {name: {m: [] for m in ("jsd", "nll", "precision")} for name in RULE_NAMES}
     per_step = {name: [] for name in RULE_NAMES}
-    for epoch in _progress(eval_epochs, not args.no_progress, "evaluating"):
+    for epoch in progress(eval_epochs, not args.no_progress, "evaluating"):
         networks = result.networks[epoch]
         errors = analysis.first_step_errors(network_velocity, networks, mixture, label, first_rules, x0_first)
         for name, e in errors.items():
@@ -226,7 +213,7 @@ def run(args) -> dict:
     for i, name in enumerate(FIRST_RULES):
         c = analysis.crossover_epoch(epochs[early], per_net[name][:, early], err_zero,
                                      key=jax.random.fold_in(key_boot, i), level=LEVEL)
-        crossover[name] = _cross_json(c)
+        crossover[name] = crossover_json(c)
     metric = {name: {m: np.stack(v, axis=1) for m, v in quality[name].items()} for name in RULE_NAMES}  # (S, E)
     sample_level = {}
     for i, m in enumerate(("jsd", "nll")):
@@ -305,21 +292,6 @@ def run(args) -> dict:
     return payload
 
 
-def _num(value):
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-def _cross_json(c) -> dict:
-    return {"epoch": _num(c.epoch), "low": _num(c.low), "high": _num(c.high), "fraction": c.fraction,
-            "found": _num(c.epoch) is not None}
-
-
-def _interval(c) -> str:
-    low = "never" if c["low"] is None else f"{c['low']:g}"
-    high = "never" if c["high"] is None else f"{c['high']:g}"
-    return f"[{low}, {high}]"
-
-
 def rule_verdict(payload, name: str) -> dict:
     """Whether zero beats ``name`` early (epochs >= 1) and whether it crosses below the grey line for good."""
     epochs, err, zero = payload["epochs"], payload[f"err_{name}"], payload["err_zero"]
@@ -343,7 +315,7 @@ def verdict(payload) -> str:
             lines.append(
                 f"{title}: crossover REPRODUCED — at epochs {_ranges(v['above_epochs'], payload['epochs'])} (>= 1) the mean first-step error "
                 f"against v* exceeds the zero velocity's {zero:.3f} (peak {peak:.3f}; up to {max(frac):.0%} of networks "
-                f"above); from epoch {c['epoch']:g} (90% interval {_interval(c)}) it stays below (final {err[-1]:.3f}).")
+                f"above); from epoch {c['epoch']:g} (90% interval {interval_text(c)}) it stays below (final {err[-1]:.3f}).")
         elif not v["zero_beats_early"]:
             lines.append(
                 f"{title}: NOT reproduced — the mean error never exceeds the zero velocity's {zero:.3f} at any epoch >= 1 "
@@ -357,7 +329,7 @@ def verdict(payload) -> str:
     if verdicts["cfg"]["reproduced"] and verdicts["cfg_star"]["reproduced"]:
         order = "earlier than" if b["epoch"] < a["epoch"] else ("at the same epoch as" if b["epoch"] == a["epoch"] else "later than")
         lines.append(f"Paper's ordering (optimized scale crosses earlier): CFG* crosses {order} CFG "
-                     f"({b['epoch']:g} {_interval(b)} vs {a['epoch']:g} {_interval(a)}).")
+                     f"({b['epoch']:g} {interval_text(b)} vs {a['epoch']:g} {interval_text(a)}).")
     else:
         lines.append("Paper's ordering (optimized scale crosses earlier): not testable — both rules must cross.")
     conv = payload["convergence"]
@@ -537,20 +509,6 @@ def format_table(payload) -> str:
     return "\n".join(lines)
 
 
-def outputs_line(out_dir: str, files: list[str]) -> str:
-    """One line naming a run's outputs and their size (checkpoints included)."""
-    def size(path):
-        if os.path.isdir(path):
-            return sum(size(os.path.join(path, f)) for f in os.listdir(path))
-        return os.path.getsize(path) if os.path.exists(path) else 0
-
-    total = sum(size(f) for f in files)
-    ckpt = size(os.path.join(out_dir, "checkpoints"))
-    names = ", ".join(sorted({os.path.splitext(os.path.basename(f))[0] for f in files}))
-    return (f"wrote {out_dir}/: {names} ({len(files)} files, {total / 1e6:.1f} MB) and checkpoints/ "
-            f"({ckpt / 1e6:.1f} MB)")
-
-
 def main(argv=None) -> dict:
     start = time.perf_counter()
     args = parse_args(argv)
@@ -558,7 +516,7 @@ def main(argv=None) -> dict:
 
     matplotlib.use("Agg")
     from cfgzero_theory import plotting
-    from experiments._common import publishable, run_or_exit, write_json
+    from experiments._common import outputs_line, publishable, run_or_exit, write_json
     from experiments._figures import plot_training_loss
 
     payload = run_or_exit(run, args)

@@ -1,115 +1,130 @@
-"""The zero-init turning point in high dimension: an exact analogue of the paper's Table 1.
+"""The zero-init turning point in high dimension: an exact analogue of the paper's Table 1, by a fixed protocol.
 
 The paper (arXiv 2503.18886, Table 1) compares CFG with CFG + zero-init by ImageNet FID at
 training epochs 10, 20, 40, 80, 160 (28.57 vs 28.55, 11.00 vs 10.65, 12.61 vs 12.29,
 13.53 vs 12.18, 2.84 vs 2.85): zero-init helps undertrained models and stops helping at the
-*turning point* (160 epochs).  Here the data distribution is an exact Gaussian mixture in
-``d = 64`` dimensions (``--dim``, tested up to 256), so every sample metric is computed
-against the truth instead of a feature extractor.
+*turning point* (160 epochs).  Here the data are exact Gaussian mixtures in ``d = 64``
+dimensions (``--dim``), so every sample metric is computed against the truth instead of a
+feature extractor.
 
-Study.  Small class-conditional flow-matching networks (several seeds at once,
-:func:`~cfgzero_theory.training.train`) are trained on a finite dataset drawn from
-:func:`~cfgzero_theory.mixtures.random_class_conditional`.  At every evaluated epoch, for
-the guided class ``--label``, scale ``w = --scale`` and ``K = --zero-init-steps``, each
-seed's model samples the same noise ``x0`` with CFG, CFG + zero-init and CFG-Zero*
-(:func:`analysis.per_step_errors`), and the final samples are scored exactly with
-:func:`analysis.sample_quality`: mean NLL under the true class density, squared Fréchet
-distance to the exact class moments, MMD² (closed-form Gaussian terms), mode-coverage total
-variation and HDR precision.  The first-step learning error of CFG and CFG* against the zero
-velocity's error (:func:`analysis.first_step_errors`, the paper's Fig. 3 right) is recorded
-too.  Two references bracket every number: the *exact* field sampled with the same rule,
-noise and steps (the limit of a perfect model: ``GaussianMixture.velocity`` as the model),
-and ``n_eval`` exact class samples (the finite-``n`` floor of each metric).
+Protocol (declared before any number; the numbers are in the JSON and the README):
 
-Turning point.  The *zero-init benefit* at an epoch is ``CFG − (CFG + zero-init)`` of the
-seed-mean metric (sign flipped for precision, so positive always means zero-init helped).
-The turning point is the first evaluated epoch from which CFG + zero-init is worse than CFG
-at *every* later evaluated epoch, found with :func:`analysis.crossover_epoch` applied to the
-per-seed metric curves of CFG (as "model") and CFG + zero-init (as "baseline"), which also
-gives a 90% percentile interval from resampling seeds (rows of a seed stay paired); exact
-ties (e.g. precision 0 vs 0 early in training) count as "not yet".  If the last evaluated
-epoch still favours zero-init, it is reported as "none found in the evaluated range".
-Turning points are reported for all five metrics; the *primary* one (``--metric``) is the
-headline.
+* **Data.** ``num_mixtures`` random class-conditional mixtures (3 in every preset),
+  :func:`~cfgzero_theory.mixtures.random_class_conditional` drawn from
+  ``fold_in(key(s), 1)`` for the data seeds ``s = data_seed, data_seed + 1, …``, each with
+  its own finite training set (``dataset_size`` points from ``key(s)``, as in
+  :mod:`~cfgzero_theory.training`).  Geometry (``MIXTURE``, fixed before this protocol and
+  the same for every metric): 4 classes × 4 components, class separation 4, component spread
+  2, eigenvalues log-uniform in ``[0.1, 1]``.
+* **Networks.** Per mixture, ``seeds`` networks trained together by one
+  :func:`~cfgzero_theory.training.train` call (SiLU MLP, depth 3, width ``width``; AdamW,
+  learning rate ``1e-2`` with cosine decay, label dropout 0.1, no EMA; ``dataset_size /
+  batch_size`` optimizer steps per epoch), kept on the doubling grid ``0, 1, 2, 4, …,
+  epochs`` (``eval_every = 0``; the paper's grid doubles too).
+* **Sampling.** Guided class ``--label`` (0), ``w = --scale`` (4), ``K = --zero-init-steps``
+  (1) zeroed steps, ``steps`` Euler steps (the paper's solver).  Every seed's model samples
+  the same noise ``x0`` (``n_eval`` points) with CFG, CFG + zero-init and CFG-Zero*
+  (:func:`sampling.sample`, vmapped over seeds).  A diagnostic, not a Table 1 number: the
+  per-step learning errors along the trajectories of the first ``PER_STEP_POINTS = 128``
+  noise points (:func:`analysis.per_step_errors`).
+* **Metrics.** Two *headline* metrics, reported side by side, each with its interval: the
+  mean NLL of the final samples under the true class density (exact), and the squared
+  Fréchet distance between the samples' mean and covariance and the exact class moments
+  (the FID formula without a feature extractor).  Secondary columns: MMD² to the class
+  (closed-form Gaussian terms), mode-coverage total variation
+  (:func:`metrics.mode_coverage`) and 95% HDR precision.  NLL and precision come from one
+  compiled scorer per mixture (:func:`analysis.make_sample_scorer`, its HDR reference drawn
+  once); Fréchet distance, MMD² and mode TV from the jitted :mod:`~cfgzero_theory.metrics`
+  functions, compiled once per run (each costs ``O(n·K·d²)`` or less per seed).
+  Two references bracket every number: the *exact field* sampled with the same rule, noise
+  and steps (the limit of a perfect model: ``GaussianMixture.velocity`` as the model), and
+  ``n_eval`` exact class samples (each metric's finite-``n`` floor).
+* **Turning point.** The *zero-init benefit* at an epoch is ``CFG − (CFG + zero-init)`` of
+  a metric (sign flipped for precision): ``> 0`` means zero-init helped.  The turning point
+  of a metric in a mixture is the first evaluated epoch from which CFG + zero-init is worse
+  than CFG (seed means) at *every* later evaluated epoch, with a 90% seed-bootstrap
+  interval (:func:`analysis.crossover_epoch`, the rows of a seed kept paired); exact ties
+  count as "not yet".  It is *found* (the paper's Table 1 reproduced on that metric in that
+  mixture) if such an epoch exists **and** zero-init helped the seed mean at some earlier
+  evaluated epoch; a curve on which zero-init never helped has no turning point.  The claim
+  *holds* on a metric if a turning point is found in every mixture, *holds only in some
+  settings* if in some, and *fails* if in none.  The same is computed for every metric.
+* **Prediction, from the exact-field limit.**  A turning point needs zero-init to *hurt* a
+  perfect model: as training converges, each seed's benefit tends to the exact field's, so
+  where the exact-field benefit is positive zero-init keeps helping late in training and
+  "worse from some epoch on" cannot happen.  For NLL the exact field should be hurt: with
+  a perfect model the zeroed first step only drops a correct move that the remaining Euler
+  steps do not fully make up, so a turning point is possible once the models are good
+  enough.  For the Fréchet distance (and MMD) of *guided* samples against the *unguided*
+  class, guidance's own bias dominates — at ``t = 0`` the mean shift ``(w − 1)(μ_c − μ̄)`` —
+  and skipping the first guided step undoes part of it, so zero-init may help even the
+  exact field, and then no turning point is possible on that metric however long the
+  training.  This is a prediction checked by the run, not a tuned result: the run prints
+  the exact-field benefit of every metric in every mixture, and the verdict says per metric
+  in how many mixtures the exact limit is hurt by zero-init, in how many a turning point was
+  found, and where the two disagree.
+* **First step** (the paper's Fig. 3 right).  The error of CFG's and CFG*'s first guided
+  velocity against the paper's target, the true conditional velocity
+  ``v*₀ = u_c(x0) = μ_c − x0`` (:func:`analysis.first_step_errors`): ``E‖ṽ₀^θ − v*₀‖`` per
+  seed against one grey line for every rule, the zero velocity's ``E‖v*₀‖``, and the epoch
+  from which the seed mean stays below it (90% bootstrap interval).  Secondary (names ending
+  in ``_guided_target``): the same against each rule's exact guided field, which separates
+  the learning error from the guidance bias.
+* **Seeds.** Networks and training noise from ``--seed`` (0); evaluation noise, HDR
+  references and exact class samples from ``key(seed + 1000)``, the same for every mixture;
+  data seeds as above.
 
-Why NLL is the primary metric (``--metric nll``; ``frechet`` and the others are available).
-The premise of the turning point is that for a perfect model zeroing the first step can only
-hurt, so a metric that can show a turning point must agree with that in the exact-field
-limit.  NLL does (zero-init worsens the exact field's NLL by about 3 nats at ``w = 4``); the
-Fréchet distance — the FID formula, so the closer analogue of the paper's metric — does not:
-guided samples are compared with the *unguided* true class, guidance's bias
-``(w − 1)(μ_c − μ̄)`` dominates it, and skipping the first guided step undoes part of that
-bias (and inflates the covariance by about ``(N/(N − K))²``), so zero-init improves the
-exact field's Fréchet distance by about 0.6 at ``w = 4`` and keeps improving every model's,
-whatever its training.  NLL is also exact (no moment approximation) and sensitive to the
-off-distribution samples a bad early trajectory produces.  Its known weakness — it rewards
-over-concentration (exact Euler samples score below the class entropy) — is why the other
-metrics are printed beside it.
-
-Choices (quick preset; see ``PRESETS``), tuned by looking at the numbers:
-
-* mixture: 4 classes × 4 components, ``class_separation = 4``, ``component_spread = 2``,
-  eigenvalues log-uniform in ``[0.1, 1]``, drawn from ``fold_in(key(data_seed), 1)``; the
-  dataset (``dataset_size = 2048`` points) from ``key(data_seed)`` as in ``training``;
-* network: SiLU MLP, width 256, depth 3; AdamW, learning rate ``1e-2``, cosine decay;
-* few steps per epoch (2048 / 256 = 8), 256 epochs, evaluated on a doubling grid
-  ``0, 1, 2, 4, …, 256`` (``--eval-every 0``; the paper's grid doubles too), so the early
-  epochs are genuinely undertrained (NLL 150–185 nats against a class entropy of 53.5,
-  Fréchet 20–50) and the last ones approach the exact-field limit (NLL 57 against 50,
-  Fréchet 3.7 against 2.4 for CFG at epoch 256);
-* sampler: 16 Euler steps (the paper's solver), ``K = 1`` zeroed step, ``w = 4``;
-  ``n_eval = 1024`` samples per seed, 4 seeds.
-
-Findings (quick preset, defaults, JAX 0.10.2 on CPU).  NLL turning point at epoch 32 (90%
-interval [16, 32]): zero-init improves NLL by up to 12 nats at epochs 1–8, ties at 16 and
-costs 2–4 nats from epoch 32 on (exact-field limit: −2.8).  The turning point moves with the
-setting but is always found: ``--label 1`` 64 [32, 64], ``--data-seed 1`` 16 [16, 32],
-``--seed 1`` 32 [16, 32], ``--scale 3`` 16 [16, 16], ``--dim 128`` 32 [32, 64], ``--dim 256``
-32 [16, 32] (stronger guidance, or a harder class, moves it later; at ``d >= 128`` the
-quick budget ends far from the exact-field limit, NLL 318 against 193 at ``d = 256``).  Precision turns at the same epoch; Fréchet
-distance and MMD show none (see above).  The first-step comparison of the paper's Fig. 3
-crosses already at epoch 1 (the learned ``−x0`` part of the velocity beats zero almost at
-once in high dimension), so here it does not predict the sample-level turning point: zero-init
-keeps helping long after the model's first step is better than zero, because the bad guided
-trajectories of undertrained models go wrong at later steps too.  CFG-Zero* is by far the
-best rule early (NLL 118 vs 184 for CFG at epoch 2) and the worst late.
+What the run reports: per mixture, the table of every metric and rule by epoch (seed means,
+per-seed arrays, benefit with its 90% bootstrap interval, the exact-field and data
+references) and the turning point of every metric; a summary across mixtures (per metric,
+the turning points, how many were found, the exact-field benefits and how many are
+negative); and the verdict text, which names the metric that shows a turning point, the one
+that does not, and why (citing the sign of the exact-limit benefit).
 
 Outputs under ``--out``: ``crossover_highdim.json`` (configuration, seeds, library version,
-every number, per-seed arrays) and figures ``turning_point``, ``sample_quality``,
-``first_step_error``, ``training_loss`` (PNG and PDF); checkpoints under
-``checkpoints/`` let a rerun with the same configuration skip training.
+every number, per-seed arrays) and figures ``turning_point`` (NLL and Fréchet benefit, one
+column per mixture), ``sample_quality``, ``first_step_error`` and ``training_loss`` (the
+first mixture; PNG and PDF); ``checkpoints/mixture_<data seed>/`` lets a rerun with the same
+configuration skip training.
 
-    python -m experiments.crossover_highdim                  # quick preset (default), ~1.5 min on 2 CPU cores
-    python -m experiments.crossover_highdim --preset smoke   # plumbing check, ~30 s
-    python -m experiments.crossover_highdim --preset paper   # 16 seeds, 1024 epochs (long on CPU)
+    python -m experiments.crossover_highdim                  # quick preset (default), ~3.5 min on 2 CPU cores
+    python -m experiments.crossover_highdim --preset smoke   # plumbing check, < 1 min
+    python -m experiments.crossover_highdim --preset paper   # 8 seeds per mixture, ~5.5 min on 2 CPU cores
 
-Cost grows with ``d``: the exact fields along every trajectory cost ``O(K·d²)`` per point and
-step, and the MMD cross term needs ``O(n·K·d²)`` memory.  Quick preset on 2 CPU cores:
-``d = 64`` ~80 s, ``d = 128`` ~3 min, ``d = 256`` ~4 min (1.3 GB peak memory); the paper
-preset is meant for an accelerator or a long CPU run.
+Cost on 2 CPU cores shared with other jobs: quick 147 s (training 77 s, evaluation 63 s),
+paper 317 s (training 155 s, evaluation 148 s); every program is compiled once per run, the
+NLL/precision scorer once per mixture.
+Cost grows with ``d``: the exact fields cost ``O(K·d²)`` per point and step, and the MMD
+cross term needs ``O(n·K·d²)`` memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import platform
 import sys
 import time
 
+from experiments._common import crossover_json, interval_text, outputs_line, progress
+
 PRESETS = {
     # eval_every = 0: the doubling grid 0, 1, 2, 4, ..., epochs
-    "smoke": dict(seeds=2, epochs=4, eval_every=0, dataset_size=512, batch_size=128, n_eval=256, steps=8, width=32),
-    "quick": dict(seeds=4, epochs=256, eval_every=0, dataset_size=2048, batch_size=256, n_eval=1024, steps=16, width=256),
-    "paper": dict(seeds=16, epochs=1024, eval_every=0, dataset_size=2048, batch_size=256, n_eval=4096, steps=32, width=256),
+    "smoke": dict(num_mixtures=3, seeds=2, epochs=4, eval_every=0, dataset_size=512, batch_size=128, n_eval=256,
+                  steps=8, width=32),
+    "quick": dict(num_mixtures=3, seeds=4, epochs=256, eval_every=0, dataset_size=2048, batch_size=256, n_eval=1024,
+                  steps=16, width=256),
+    "paper": dict(num_mixtures=3, seeds=8, epochs=256, eval_every=0, dataset_size=2048, batch_size=256, n_eval=1024,
+                  steps=16, width=256),
 }
 #: ``random_class_conditional`` geometry (dimension-free distances, see its docstring).
 MIXTURE = dict(num_classes=4, components_per_class=4, class_separation=4.0, component_spread=2.0, eig_range=(0.1, 1.0))
 DEPTH = 3
 RULE_NAMES = ("cfg", "cfg_zero_init", "cfg_zero_star")
-RULE_TITLES = {"cfg": "CFG", "cfg_zero_init": "CFG + zero-init", "cfg_zero_star": "CFG-Zero*"}
+FIRST_RULES = ("cfg", "cfg_star")
 #: metric -> (title, +1 if lower is better, -1 if higher is better)
 METRICS = {
     "nll": ("NLL (nats)", 1),
@@ -118,26 +133,30 @@ METRICS = {
     "mode_tv": ("mode-coverage TV", 1),
     "precision": ("HDR precision (95%)", -1),
 }
+HEADLINE = ("nll", "frechet")
+SECONDARY = tuple(m for m in METRICS if m not in HEADLINE)
 LEVEL = 0.9
+#: Noise points of the per-step learning-error diagnostic (:func:`analysis.per_step_errors`), the first of ``x0``.
+PER_STEP_POINTS = 128
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.crossover_highdim", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="size of the study (default quick)")
     p.add_argument("--out", default=None, help="output folder (default figures/crossover_highdim/<preset>)")
-    p.add_argument("--dim", type=int, default=64, help="data dimension d (default 64; 64..256 tested)")
+    p.add_argument("--dim", type=int, default=64, help="data dimension d (default 64)")
     p.add_argument("--scale", type=float, default=4.0, help="guidance scale w (default 4)")
     p.add_argument("--label", type=int, default=0, help=f"guided class, 0..{MIXTURE['num_classes'] - 1} (default 0)")
     p.add_argument("--zero-init-steps", type=int, default=1, help="zero-init steps K (default 1)")
-    p.add_argument("--metric", choices=sorted(METRICS), default="nll", help="primary metric of the turning point (default nll)")
     p.add_argument("--solver", choices=("euler", "heun"), default="euler", help="ODE solver of the sampler (default euler)")
     p.add_argument("--learning-rate", type=float, default=1e-2, help="AdamW learning rate, cosine-decayed (default 1e-2)")
     p.add_argument("--seed", type=int, default=0, help="root seed of the networks, training noise and evaluation noise")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the mixture and of the finite dataset")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="first data seed: the mixtures use data-seed, data-seed + 1, ... (default 0)")
     for name in PRESETS["quick"]:
         extra = " (0: doubling grid 0, 1, 2, 4, ...)" if name == "eval_every" else ""
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"override the preset's {name}{extra}")
-    p.add_argument("--no-progress", action="store_true", help="hide the training progress bar")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
     args.settings = dict(PRESETS[args.preset])
     for name in args.settings:
@@ -175,7 +194,7 @@ def evaluation_epochs(epochs: int, eval_every: int) -> tuple[int, ...]:
 
 
 def build_rules(scale: float, zero_init_steps: int) -> dict:
-    from cfgzero_theory import CFG, CFGZeroStar, ZeroInit
+    from cfgzero_theory import CFG, ZeroInit, CFGZeroStar
 
     return {
         "cfg": CFG(scale),
@@ -193,117 +212,239 @@ def build_mixture(dim: int, data_seed: int):
     return mixtures.random_class_conditional(key, dim, **MIXTURE)
 
 
-def run(args) -> dict:
-    """Train, evaluate every checkpoint epoch, and return the JSON-ready result (plus ``_raw``)."""
+def describe_mixture(dim: int, data_seed: int) -> str:
+    return (f"mixtures.random_class_conditional(fold_in(key({data_seed}), 1), dim={dim}, "
+            + ", ".join(f"{k}={v}" for k, v in MIXTURE.items()) + f"); dataset from key({data_seed})")
+
+
+def _turning(epochs, benefit_mean, cross) -> dict:
+    """``crossover_json(cross)`` plus whether it is a turning point: found, after zero-init helped the seed mean."""
+    point = crossover_json(cross)
+    helped = [int(e) for e, b in zip(epochs, benefit_mean) if b > 0]
+    before = [e for e in helped if point["found"] and e < point["epoch"]]
+    point["helped_epochs"] = helped
+    point["turning_point"] = bool(point["found"] and before)
+    return point
+
+
+def _sample_seeds(velocity_fn, params, x0, times, labels, rule, solver):
+    """Final samples ``(S, n, d)`` of every seed's model (leading axis of ``params``) from the shared noise ``x0``:
+    :func:`sampling.sample` vmapped over seeds, one compiled program per velocity function and rule type."""
+    return _sample_seeds_jit()(velocity_fn, params, x0, times, labels, rule, solver)
+
+
+@functools.lru_cache(maxsize=1)
+def _sample_seeds_jit():
     import jax
+
+    from cfgzero_theory import sampling
+
+    def sample_seeds(velocity_fn, params, x0, times, labels, rule, solver):
+        one = lambda p: sampling.sample(velocity_fn, p, x0, times, labels, rule, solver=solver).samples  # noqa: E731
+        return jax.vmap(one)(params)
+
+    return jax.jit(sample_seeds, static_argnums=(0, 6))
+
+
+def run(args) -> dict:
+    """Train one set of networks per mixture, evaluate every kept epoch, return the JSON-ready result (plus ``_raw``)."""
+    import jax
+    import jax.numpy as jnp
     import numpy as np
 
     import cfgzero_theory
-    from cfgzero_theory import CFG, CFGStar, GaussianMixture, analysis, guidance, sampling
+    from cfgzero_theory import CFG, CFGStar, GaussianMixture, analysis, guidance, metrics, sampling
     from cfgzero_theory.models import NetworkConfig, network_velocity
     from cfgzero_theory.training import TrainConfig, train
 
-    preset = args.settings
-    started = time.perf_counter()
-    mixture = build_mixture(args.dim, args.data_seed)
-    label = mixture.check_label(args.label)
-    eval_epochs = evaluation_epochs(preset["epochs"], preset["eval_every"])
-    net_config = NetworkConfig(dim=args.dim, num_classes=len(mixture.classes), width=preset["width"], depth=DEPTH)
-    train_config = TrainConfig(
-        epochs=preset["epochs"], dataset_size=preset["dataset_size"], batch_size=preset["batch_size"],
-        learning_rate=args.learning_rate, num_seeds=preset["seeds"], seed=args.seed, data_seed=args.data_seed,
-        checkpoint_epochs=eval_epochs,
-    )
-    result = train(mixture, net_config, train_config, out_dir=os.path.join(args.out, "checkpoints"),
-                   progress=not args.no_progress)
-    train_s = time.perf_counter() - started
+    s = args.settings
+    eval_epochs = evaluation_epochs(s["epochs"], s["eval_every"])
+    data_seeds = [args.data_seed + i for i in range(s["num_mixtures"])]
+    num_seeds = s["seeds"]
 
-    started = time.perf_counter()
+    # ---- training: one call per mixture (the jitted epoch function is compiled once per process)
+    trained = []
+    train_times = []
+    for data_seed in data_seeds:
+        started = time.perf_counter()
+        mixture = build_mixture(args.dim, data_seed)
+        net_config = NetworkConfig(dim=args.dim, num_classes=len(mixture.classes), width=s["width"], depth=DEPTH)
+        train_config = TrainConfig(
+            epochs=s["epochs"], dataset_size=s["dataset_size"], batch_size=s["batch_size"],
+            learning_rate=args.learning_rate, num_seeds=num_seeds, seed=args.seed, data_seed=data_seed,
+            checkpoint_epochs=eval_epochs,
+        )
+        result = train(mixture, net_config, train_config,
+                       out_dir=os.path.join(args.out, "checkpoints", f"mixture_{data_seed}"), progress=not args.no_progress)
+        trained.append((mixture, result, train_config))
+        train_times.append(time.perf_counter() - started)
+
+    # ---- evaluation: every program compiled once per run (the scorer once per mixture), references computed once
+    started_eval = time.perf_counter()
     rules = build_rules(args.scale, args.zero_init_steps)
     first_rules = {"cfg": CFG(args.scale), "cfg_star": CFGStar(args.scale)}  # the rules zero-init bets against
     key_first, key_eval, key_quality, key_data, key_boot = jax.random.split(jax.random.key(args.seed + 1000), 5)
     x0_first = jax.random.normal(key_first, (4096, args.dim))
-    x0_eval = jax.random.normal(key_eval, (preset["n_eval"], args.dim))
-    times = sampling.time_grid(preset["steps"])
-    num_seeds = preset["seeds"]
+    x0_eval = jax.random.normal(key_eval, (s["n_eval"], args.dim))
+    times = sampling.time_grid(s["steps"])
+    rows = len(RULE_NAMES) * num_seeds  # the scorer's batch: every rule's samples of one epoch
 
-    def evaluate(velocity_fn, params):
-        """Per-rule final-sample metrics ``{rule: {metric: (S,)}}`` and per-step learning errors ``{rule: (S, N)}``."""
+    states = []
+    for mixture, _, _ in trained:
+        label = mixture.check_label(args.label)
+        states.append({
+            "label": label, "score": analysis.make_sample_scorer(mixture, label, key_quality),
+            "bandwidth": analysis.default_bandwidth(mixture, label),
+            "quality": {name: {m: [] for m in METRICS} for name in RULE_NAMES},
+            "first_true": {n: [] for n in FIRST_RULES}, "first_guided": {n: [] for n in FIRST_RULES},
+            "per_step": {n: [] for n in RULE_NAMES}, "eval_s": 0.0,
+        })
+
+    def score_rows(state, mixture, samples):
+        """Every metric of ``samples (B, n, d)`` as ``{metric: (B,)}``.
+
+        NLL and precision: the mixture's compiled scorer, fed blocks of ``rows`` sample sets
+        (padded: one shape, one compilation).  Fréchet distance, MMD² and mode TV: the jitted
+        library functions, one sample set at a time (the mixture is an argument, so they
+        compile once per run; measured faster than a vmapped program on 2 CPU cores, and the
+        scorer's ``moments=True`` program — NLL, Fréchet and MMD in one — deadlocks the XLA
+        CPU runtime of JAX 0.10.2 on its second call there).
+        """
+        samples = np.asarray(samples)  # one (uncommitted) layout for network and reference samples: one compilation
+        count = samples.shape[0]
+        padded = -(-count // rows) * rows
+        x = jnp.asarray(np.concatenate([samples, np.broadcast_to(samples[:1], (padded - count, *samples.shape[1:]))]))
+        out = {m: [] for m in ("nll", "precision")}
+        for i in range(0, padded, rows):
+            q = state["score"](x[i:i + rows])
+            for m in out:
+                out[m].append(np.asarray(q[m]))
+            state["nll_floor"] = float(q["nll_floor"])
+        out = {m: np.concatenate(v)[:count] for m, v in out.items()}
+        label, h = state["label"], state["bandwidth"]
+        out["frechet"] = np.array([float(metrics.frechet_to_mixture(x[i], mixture, label)) for i in range(count)])
+        out["mmd"] = np.array([float(metrics.mmd_rbf_to_mixture(x[i], mixture, label, h)) for i in range(count)])
+        out["mode_tv"] = np.array([float(metrics.mode_coverage(mixture, x[i], label).total_variation)
+                                   for i in range(count)])
+        return out
+
+    def sample_rules(mixture, state, velocity_fn, params, diagnostics=True):
+        """Final samples of every rule ``(R·S', n_eval, d)``, and (``diagnostics``) per-step learning errors
+        ``{rule: (S', N)}`` on the first ``PER_STEP_POINTS`` noise points."""
         samples, per_step = [], {}
+        labels = jnp.full((s["n_eval"],), state["label"], jnp.int32)
         for name in RULE_NAMES:
-            steps = analysis.per_step_errors(velocity_fn, params, mixture, label, rules[name], x0_eval, times,
-                                             solver=args.solver)
-            samples.append(steps.samples)
-            per_step[name] = np.asarray(steps.learning_error)
-        # one call for all rules: the HDR reference and threshold are drawn once
-        q = analysis.sample_quality(mixture, jax.numpy.concatenate(samples), label, key_quality)
-        s = samples[0].shape[0]
-        quality = {name: {m: np.asarray(q[m][i * s:(i + 1) * s]) for m in METRICS} for i, name in enumerate(RULE_NAMES)}
-        return quality, per_step, float(np.asarray(q["nll_floor"])[0])
+            samples.append(_sample_seeds(velocity_fn, params, x0_eval, times, labels, rules[name], args.solver))
+            if diagnostics:
+                steps = analysis.per_step_errors(velocity_fn, params, mixture, state["label"], rules[name],
+                                                 x0_eval[:PER_STEP_POINTS], times, solver=args.solver)
+                per_step[name] = np.asarray(steps.learning_error)
+        return jnp.concatenate(samples), per_step
 
-    first = {name: [] for name in first_rules}
-    first_total = {name: [] for name in first_rules}
-    zero_baseline, guidance_bias = {}, {}
-    quality = {name: {m: [] for m in METRICS} for name in RULE_NAMES}
-    per_step = {name: [] for name in RULE_NAMES}
-    for epoch in eval_epochs:
+    items = [(i, epoch) for i in range(len(trained)) for epoch in eval_epochs]
+    for i, epoch in progress(items, not args.no_progress, "evaluating"):
+        t0 = time.perf_counter()
+        (mixture, result, _), state = trained[i], states[i]
         networks = result.networks[epoch]
-        errors = analysis.first_step_errors(network_velocity, networks, mixture, label, first_rules, x0_first)
+        errors = analysis.first_step_errors(network_velocity, networks, mixture, state["label"], first_rules, x0_first)
         for name, e in errors.items():
-            first[name].append(np.asarray(e.learning_error))
-            first_total[name].append(np.asarray(e.total_error))
-            zero_baseline[name], guidance_bias[name] = float(e.zero_error), float(e.guidance_bias)
-        q, steps, nll_floor = evaluate(network_velocity, networks)
-        for name in RULE_NAMES:
-            per_step[name].append(steps[name].mean(axis=0))
+            state["first_true"][name].append(np.asarray(e.total_error))
+            state["first_guided"][name].append(np.asarray(e.learning_error))
+            state.setdefault("zero_guided", {})[name] = float(e.zero_error)
+            state.setdefault("bias", {})[name] = float(e.guidance_bias)
+            state["err_zero"] = float(e.zero_error_cond)
+        samples, per_step = sample_rules(mixture, state, network_velocity, networks)
+        q = score_rows(state, mixture, samples)
+        for r, name in enumerate(RULE_NAMES):
+            state["per_step"][name].append(per_step[name].mean(axis=0))
             for m in METRICS:
-                quality[name][m].append(q[name][m])
+                state["quality"][name][m].append(q[m][r * num_seeds:(r + 1) * num_seeds])
+        state["eval_s"] += time.perf_counter() - t0
 
     # references: the exact field sampled the same way (a perfect model), and n_eval exact class samples
-    stacked = jax.tree_util.tree_map(lambda a: a[None], mixture)
-    exact_q, _, _ = evaluate(GaussianMixture.velocity, stacked)
-    data_q = analysis.sample_quality(mixture, mixture.sample(key_data, preset["n_eval"], label), label, key_quality)
-    eval_s = time.perf_counter() - started
+    for (mixture, _, _), state in zip(trained, states):
+        t0 = time.perf_counter()
+        stacked = jax.tree_util.tree_map(lambda a: a[None], mixture)
+        exact_samples, _ = sample_rules(mixture, state, GaussianMixture.velocity, stacked, diagnostics=False)
+        data = mixture.sample(key_data, s["n_eval"], state["label"])[None]
+        q = score_rows(state, mixture, jnp.concatenate([exact_samples, data]))
+        state["exact"] = {name: {m: float(q[m][r]) for m in METRICS} for r, name in enumerate(RULE_NAMES)}
+        state["data"] = {m: float(q[m][len(RULE_NAMES)]) for m in METRICS}
+        state["eval_s"] += time.perf_counter() - t0
+    eval_s = time.perf_counter() - started_eval
 
-    per_seed = {name: {m: np.stack(quality[name][m], axis=1) for m in METRICS} for name in RULE_NAMES}  # (S, E)
     epochs_arr = np.asarray(eval_epochs)
-    turning = {}
-    for i, (m, (_, sign)) in enumerate(METRICS.items()):
-        cfg, zi = sign * per_seed["cfg"][m], sign * per_seed["cfg_zero_init"][m]
-        cross = analysis.crossover_epoch(epochs_arr, cfg, zi, key=jax.random.fold_in(key_boot, i), level=LEVEL)
-        turning[m] = _cross_json(cross)
-    first_cross = {}
-    first_per_seed = {name: np.stack(first[name], axis=1) for name in first_rules}
-    for i, name in enumerate(first_rules):
-        cross = analysis.crossover_epoch(epochs_arr, first_per_seed[name], zero_baseline[name],
-                                         key=jax.random.fold_in(key_boot, 100 + i), level=LEVEL)
-        first_cross[name] = _cross_json(cross)
+    entries = []
+    for k, ((mixture, result, train_config), state, data_seed) in enumerate(zip(trained, states, data_seeds)):
+        per_seed = {name: {m: np.stack(state["quality"][name][m], axis=1) for m in METRICS} for name in RULE_NAMES}
+        table, turning = {}, {}
+        for i, (m, (_, sign)) in enumerate(METRICS.items()):
+            key = jax.random.fold_in(key_boot, 100 * k + i)
+            benefit = sign * (per_seed["cfg"][m] - per_seed["cfg_zero_init"][m]) + 0.0  # > 0: zero-init helped (+0.0: no -0)
+            low, high = analysis.bootstrap_mean_interval(benefit, key=jax.random.fold_in(key, 1), level=LEVEL)
+            cross = analysis.crossover_epoch(epochs_arr, sign * per_seed["cfg"][m], sign * per_seed["cfg_zero_init"][m],
+                                             key=key, level=LEVEL)
+            turning[m] = _turning(eval_epochs, benefit.mean(axis=0), cross)
+            table[m] = {
+                **{name: per_seed[name][m].mean(axis=0).tolist() for name in RULE_NAMES},
+                "per_seed": {name: per_seed[name][m].tolist() for name in RULE_NAMES},
+                "zero_init_benefit": benefit.mean(axis=0).tolist(),
+                "zero_init_benefit_low": low.tolist(),
+                "zero_init_benefit_high": high.tolist(),
+                "zero_init_benefit_per_seed": benefit.tolist(),
+                "zero_init_helps_seeds": (benefit > 0).sum(axis=0).tolist(),
+                "cfg_zero_star_benefit": (sign * (per_seed["cfg"][m] - per_seed["cfg_zero_star"][m])).mean(axis=0).tolist(),
+                "exact": {name: state["exact"][name][m] for name in RULE_NAMES},
+                "exact_zero_init_benefit": sign * (state["exact"]["cfg"][m] - state["exact"]["cfg_zero_init"][m]) + 0.0,
+                "data": state["data"][m],
+                "lower_is_better": sign > 0,
+            }
+        first_true = {name: np.stack(state["first_true"][name], axis=1) for name in FIRST_RULES}  # (S, E)
+        first_cross = {}
+        for i, name in enumerate(FIRST_RULES):
+            c = analysis.crossover_epoch(epochs_arr, first_true[name], state["err_zero"],
+                                         key=jax.random.fold_in(key_boot, 100 * k + 50 + i), level=LEVEL)
+            first_cross[name] = crossover_json(c)
+        entries.append({
+            "index": k,
+            "data_seed": data_seed,
+            "description": describe_mixture(args.dim, data_seed),
+            "table": table,
+            "turning_points": turning,
+            "nll_floor": state["nll_floor"],
+            "first_step": {
+                "target": "true_velocity",
+                "err_zero": state["err_zero"],
+                **{f"err_{n}": first_true[n].mean(axis=0).tolist() for n in FIRST_RULES},
+                **{f"err_{n}_per_seed": first_true[n].tolist() for n in FIRST_RULES},
+                "crossover": first_cross,
+                **{f"err_{n}_guided_target": np.stack(state["first_guided"][n], axis=1).mean(axis=0).tolist()
+                   for n in FIRST_RULES},
+                **{f"err_{n}_per_seed_guided_target": np.stack(state["first_guided"][n], axis=1).tolist()
+                   for n in FIRST_RULES},
+                "err_zero_guided_target": state["zero_guided"],
+                "guidance_bias": state["bias"],
+            },
+            "per_step_learning_error": {n: np.stack(state["per_step"][n]).tolist() for n in RULE_NAMES},
+            "training_loss": np.asarray(result.losses).tolist(),
+            "loss_floor": float(result.loss_floor),
+            "runtime_s": {"training": train_times[k], "evaluation": state["eval_s"]},
+        })
 
-    table = {}
-    for m, (_, sign) in METRICS.items():
-        benefit = sign * (per_seed["cfg"][m] - per_seed["cfg_zero_init"][m]) + 0.0  # > 0: zero-init helped (+0.0: no -0)
-        table[m] = {
-            **{name: per_seed[name][m].mean(axis=0).tolist() for name in RULE_NAMES},
-            "per_seed": {name: per_seed[name][m].tolist() for name in RULE_NAMES},
-            "zero_init_benefit": benefit.mean(axis=0).tolist(),
-            "zero_init_benefit_per_seed": benefit.tolist(),
-            "zero_init_helps_seeds": (benefit > 0).sum(axis=0).tolist(),
-            "cfg_zero_star_benefit": (sign * (per_seed["cfg"][m] - per_seed["cfg_zero_star"][m])).mean(axis=0).tolist(),
-            "exact": {name: float(exact_q[name][m][0]) for name in RULE_NAMES},
-            "exact_zero_init_benefit": float(sign * (exact_q["cfg"][m][0] - exact_q["cfg_zero_init"][m][0])) + 0.0,
-            "data": float(np.asarray(data_q[m])),
-            "lower_is_better": sign > 0,
-        }
+    summary = summarize(entries)
 
-    mixture_desc = (f"mixtures.random_class_conditional(fold_in(key({args.data_seed}), 1), dim={args.dim}, "
-                    + ", ".join(f"{k}={v}" for k, v in MIXTURE.items()) + ")")
     config = {
-        **{k: v for k, v in vars(args).items() if k not in ("out", "settings") and k not in preset},
-        "preset_settings": preset, "mixture": mixture_desc, "depth": DEPTH,
-        "network": dataclasses.asdict(net_config), "training": dataclasses.asdict(train_config),
+        "preset": args.preset, "preset_settings": s, "dim": args.dim, "scale": args.scale, "label": args.label,
+        "zero_init_steps": args.zero_init_steps, "solver": args.solver, "learning_rate": args.learning_rate,
+        "headline_metrics": list(HEADLINE), "secondary_metrics": list(SECONDARY),
+        "mixture_geometry": {k: list(v) if isinstance(v, tuple) else v for k, v in MIXTURE.items()},
+        "mixtures": [{"data_seed": ds, "description": describe_mixture(args.dim, ds)} for ds in data_seeds],
+        "depth": DEPTH,
+        "network": dataclasses.asdict(net_config),
+        "training": {**dataclasses.asdict(trained[0][2]), "data_seed": data_seeds},
         "rules": {k: guidance.describe(r) for k, r in rules.items()},
         "first_step_rules": {k: guidance.describe(r) for k, r in first_rules.items()},
-        "seeds": {"root": args.seed, "data": args.data_seed, "num_seeds": num_seeds, "evaluation": args.seed + 1000},
+        "seeds": {"root": args.seed, "data": data_seeds, "num_seeds": num_seeds, "evaluation": args.seed + 1000},
         "bootstrap_level": LEVEL,
         "cfgzero_theory_version": cfgzero_theory.__version__, "jax_version": jax.__version__,
         "python_version": platform.python_version(), "jax_backend": jax.default_backend(),
@@ -312,81 +453,129 @@ def run(args) -> dict:
     payload = {
         "config": config,
         "epochs": list(eval_epochs),
-        "primary_metric": args.metric,
-        "turning_point": {"metric": args.metric, **turning[args.metric]},
-        "turning_points": turning,
-        "table": table,
-        "nll_floor": nll_floor,
-        "first_step": {
-            "err_zero": zero_baseline,
-            "guidance_bias": guidance_bias,
-            **{f"err_{name}": first_per_seed[name].mean(axis=0).tolist() for name in first_rules},
-            **{f"err_{name}_per_seed": first_per_seed[name].tolist() for name in first_rules},
-            **{f"total_err_{name}": np.stack(first_total[name], axis=1).mean(axis=0).tolist() for name in first_rules},
-            "crossover": first_cross,
-        },
-        "per_step_learning_error": {name: np.stack(per_step[name]).tolist() for name in RULE_NAMES},
+        "optimizer_steps": [int(e) * trained[0][2].steps_per_epoch for e in eval_epochs],
+        "mixtures": entries,
+        "summary": summary,
         "times": np.asarray(times).tolist(),
-        "training_loss": result.losses.tolist(),
-        "loss_floor": result.loss_floor,
-        "runtime_s": {"training": train_s, "evaluation": eval_s},
+        "runtime_s": {"training": float(sum(train_times)), "evaluation": eval_s},
     }
     payload["_raw"] = {"rules": rules, "first_rules": first_rules}
     return payload
 
 
-def _num(value):
-    return None if value is None or not math.isfinite(value) else float(value)
+# ----------------------------------------------------------------------------- verdict
+def summarize(entries: list[dict]) -> dict:
+    """Per metric, across mixtures: turning points, their count, the exact-limit benefits and how many are negative."""
+    summary = {}
+    for m in METRICS:
+        points = [e["turning_points"][m] for e in entries]
+        exact = [e["table"][m]["exact_zero_init_benefit"] for e in entries]
+        found = [bool(p["turning_point"]) for p in points]
+        summary[m] = {
+            "headline": m in HEADLINE,
+            "data_seeds": [e["data_seed"] for e in entries],
+            "turning_points": [p["epoch"] if p["turning_point"] else None for p in points],
+            "intervals": [[p["low"], p["high"]] if p["turning_point"] else None for p in points],
+            "found": found,
+            "num_found": int(sum(found)),
+            "num_mixtures": len(entries),
+            "exact_zero_init_benefit": exact,
+            "exact_hurts": int(sum(b < 0 for b in exact)),
+            "consistent_with_exact_limit": int(sum(f == (b < 0) for f, b in zip(found, exact))),
+        }
+    return summary
 
 
-def _cross_json(c) -> dict:
-    return {"epoch": _num(c.epoch), "low": _num(c.low), "high": _num(c.high), "fraction": c.fraction,
-            "found": _num(c.epoch) is not None}
+def _title(metric: str) -> str:
+    return METRICS[metric][0].split(" (")[0]
 
 
-def _interval(tp) -> str:
-    high = "never" if tp["high"] is None else f"{tp['high']:g}"
-    low = "never" if tp["low"] is None else f"{tp['low']:g}"
-    return f"[{low}, {high}]"
+def _point_text(point) -> str:
+    if point["turning_point"]:
+        return f"epoch {point['epoch']:g} {interval_text(point)}"
+    if point["found"]:
+        return "none (zero-init never helped the seed mean)"
+    return "none in the evaluated range"
 
 
-def turning_sentence(payload, metric: str) -> str:
-    """One sentence on the turning point of ``metric`` (or its absence)."""
-    tp, row, epochs = payload["turning_points"][metric], payload["table"][metric], payload["epochs"]
-    title = METRICS[metric][0].split(" (")[0]
-    benefit = row["zero_init_benefit"]
-    helped = [e for e, b in zip(epochs, benefit) if b > 0]
-    exact = row["exact_zero_init_benefit"]
-    limit = (f"in the exact-field limit zero-init {'helps' if exact > 0 else 'hurts'} ({exact:+.3g}), so "
-             + ("a turning point is expected once the models are good enough." if exact <= 0 else
-                "on this metric it may never stop helping."))
-    if not tp["found"]:
-        return (f"{title}: turning point NONE FOUND in the evaluated range (epochs {epochs[0]}–{epochs[-1]}): "
-                f"CFG + zero-init is still at least as good as CFG at epoch {epochs[-1]} (benefit {benefit[-1]:+.3g}; "
-                f"{tp['fraction']:.0%} of seed-bootstrap replicates have a turning point); {limit}")
-    if tp["epoch"] == epochs[0]:
-        return (f"{title}: zero-init never helped the seed mean in the evaluated range (CFG better from epoch "
-                f"{epochs[0]}); {limit}")
-    return (f"{title}: TURNING POINT at epoch {tp['epoch']:g} ({LEVEL:.0%} seed-bootstrap interval {_interval(tp)}, "
-            f"{tp['fraction']:.0%} of replicates have one): from there on CFG + zero-init is worse than CFG at every "
-            f"evaluated epoch; zero-init helped at epochs {helped} (largest benefit {max(benefit):+.3g} at epoch "
-            f"{epochs[benefit.index(max(benefit))]}); {limit}")
+def _reason(metric: str, hurts: int, total: int) -> str:
+    """Why a turning point is (im)possible on ``metric``, from the sign of its exact-limit benefit."""
+    if hurts == total:
+        return (f"in the exact-field limit zero-init hurts in {hurts} of {total} mixtures, so a perfect model loses by "
+                "zeroing the first step and a turning point is possible once the models are good enough")
+    moments = (" (guided samples are scored against the unguided class: guidance's own bias dominates this metric "
+               "and skipping the first guided step undoes part of it)" if metric in ("frechet", "mmd") else "")
+    if hurts == 0:
+        return (f"in the exact-field limit zero-init hurts in 0 of {total} mixtures: it helps even the exact field"
+                f"{moments}, so the late benefit tends to a positive value and no turning point is possible")
+    return (f"in the exact-field limit zero-init hurts in {hurts} of {total} mixtures: a turning point is possible "
+            f"only in those{moments}")
+
+
+def metric_sentence(payload, metric: str) -> str:
+    """One sentence on ``metric`` across mixtures: turning points, exact-limit benefits and their agreement."""
+    sm = payload["summary"][metric]
+    total, found = sm["num_mixtures"], sm["num_found"]
+    state = "HOLDS" if found == total else ("HOLDS IN SOME MIXTURES" if found else "FAILS")
+    parts = []
+    for entry in payload["mixtures"]:
+        point, row = entry["turning_points"][metric], entry["table"][metric]
+        parts.append(f"data seed {entry['data_seed']}: {_point_text(point)} (last-epoch benefit "
+                     f"{row['zero_init_benefit'][-1]:+.3g}, exact {row['exact_zero_init_benefit']:+.3g})")
+    text = (f"{_title(metric)}: turning point in {found} of {total} mixtures — the paper's claim {state} on this metric — "
+            + "; ".join(parts) + f". Why: {_reason(metric, sm['exact_hurts'], total)}.")
+    seeds = [e["data_seed"] for e in payload["mixtures"]]
+    unreached = [s for s, f, b in zip(seeds, sm["found"], sm["exact_zero_init_benefit"]) if b < 0 and not f]
+    unexpected = [s for s, f, b in zip(seeds, sm["found"], sm["exact_zero_init_benefit"]) if b >= 0 and f]
+    never = [e["data_seed"] for e in payload["mixtures"]
+             if e["turning_points"][metric]["found"] and not e["turning_points"][metric]["turning_point"]]
+    still = [s for s in unreached if s not in never]
+    if still:
+        text += (f" Not reached in data seeds {still}: the exact limit is hurt by zero-init, but zero-init still helps "
+                 "at the last evaluated epoch (the models are not yet close enough to the limit).")
+    if never:
+        text += f" In data seeds {never} zero-init never helped the seed mean, so there is nothing to turn."
+    if unexpected:
+        text += (f" Against the prediction in data seeds {unexpected}: a turning point although zero-init does not hurt "
+                 "the exact field (the evaluated models are still far from the limit).")
+    return text
 
 
 def verdict(payload) -> str:
-    primary = payload["primary_metric"]
-    lines = [f"Primary ({primary}) — " + turning_sentence(payload, primary)]
-    others = [m for m in METRICS if m != primary]
-    for m in others:
-        tp = payload["turning_points"][m]
-        where = f"epoch {tp['epoch']:g} {_interval(tp)}" if tp["found"] else "none found in the evaluated range"
-        lines.append(f"  {m}: turning point {where}; exact-limit benefit {payload['table'][m]['exact_zero_init_benefit']:+.3g}")
-    fs = payload["first_step"]
-    for name in ("cfg", "cfg_star"):
-        c = fs["crossover"][name]
-        where = f"epoch {c['epoch']:g} {_interval(c)}" if c["found"] else "never in the evaluated range"
-        lines.append(f"  first-step error of {payload['config']['first_step_rules'][name]} below the zero "
-                     f"velocity's ({fs['err_zero'][name]:.3f}) from {where}")
+    summary = payload["summary"]
+    total = len(payload["mixtures"])
+    lines = [f"Headline metrics ({total} mixtures, data seeds {payload['config']['seeds']['data']}; turning point = first "
+             f"evaluated epoch from which CFG + zero-init is worse than CFG at every later epoch, after zero-init helped; "
+             f"{LEVEL:.0%} seed-bootstrap interval):"]
+    lines += [metric_sentence(payload, m) for m in HEADLINE]
+    shows = [m for m in HEADLINE if summary[m]["num_found"] > 0]
+    lacks = [m for m in HEADLINE if summary[m]["num_found"] == 0]
+    lines.append(
+        "Which metric shows a turning point: "
+        + (", ".join(f"{_title(m)} ({summary[m]['num_found']}/{total} mixtures; exact limit hurt by zero-init in "
+                     f"{summary[m]['exact_hurts']}/{total})" for m in shows) or "none")
+        + "; which does not: "
+        + (", ".join(f"{_title(m)} (0/{total}; exact limit hurt by zero-init in {summary[m]['exact_hurts']}/{total}"
+                     + (", i.e. zero-init helps even a perfect model" if summary[m]["exact_hurts"] == 0 else "") + ")"
+                     for m in lacks) or "none")
+        + ".")
+    lines.append("Secondary metrics:")
+    for m in SECONDARY:
+        sm = summary[m]
+        pts = ", ".join(_point_text(e["turning_points"][m]) for e in payload["mixtures"])
+        lines.append(f"  {m}: turning point in {sm['num_found']} of {total} ({pts}); exact limit hurt by zero-init in "
+                     f"{sm['exact_hurts']} of {total}")
+    names = payload["config"]["first_step_rules"]
+    for name in FIRST_RULES:
+        parts = []
+        for entry in payload["mixtures"]:
+            fs = entry["first_step"]
+            c = fs["crossover"][name]
+            where = f"epoch {c['epoch']:g} {interval_text(c)}" if c["found"] else "never in the evaluated range"
+            parts.append(f"data seed {entry['data_seed']}: {where} (E‖v*₀‖ = {fs['err_zero']:.3f}, converged-limit "
+                         f"bias {fs['guidance_bias'][name]:.3f})")
+        lines.append(f"First step of {names[name]} against v*₀ = u_c(x0) below the zero velocity's error from: "
+                     + "; ".join(parts))
     return "\n".join(lines)
 
 
@@ -396,35 +585,53 @@ def format_table(payload) -> str:
     s = cfg["preset_settings"]
     lines = [
         f"Table 1 analogue — d = {cfg['dim']}, class {cfg['label']}, w = {cfg['scale']:g}, K = {cfg['zero_init_steps']}, "
-        f"{s['steps']} {cfg['solver']} steps, {s['seeds']} seeds × {s['n_eval']} samples (means over seeds; "
+        f"{s['steps']} {cfg['solver']} steps, {s['seeds']} seeds × {s['n_eval']} samples per mixture (means over seeds; "
         f"benefit = CFG − (CFG + zero-init), sign flipped for precision: > 0 means zero-init helped; "
-        f"'helps' = seeds where it helped)"
+        f"[90% seed-bootstrap interval])"
     ]
-    fs = payload["first_step"]
-    for m in sorted(METRICS, key=lambda k: k != payload["primary_metric"]):
-        title, _ = METRICS[m]
-        row = payload["table"][m]
-        tag = " — PRIMARY" if m == payload["primary_metric"] else ""
-        ref = {"nll": f"; class entropy {payload['nll_floor']:.2f}", "precision": "; target 0.95"}.get(m, "")
-        lines += ["", f"{title}{tag} ({'lower' if row['lower_is_better'] else 'higher'} is better; "
-                      f"{s['n_eval']} exact class samples score {row['data']:.4g}{ref})"]
-        head = f"{'epoch':>6} {'CFG':>10} {'+zero-init':>11} {'CFG-Zero*':>10} {'benefit':>9} {'helps':>6}"
-        if m == payload["primary_metric"]:
-            head += f" {'1st-step err CFG':>17} {'(zero)':>8}"
+    epochs = payload["epochs"]
+    for entry in payload["mixtures"]:
+        lines += ["", f"=== mixture {entry['index']} (data seed {entry['data_seed']}; class entropy "
+                      f"{entry['nll_floor']:.2f} nats) — headline metrics side by side"]
+        head = f"{'epoch':>6}"
+        for m in HEADLINE:
+            t = _title(m)[:9]
+            head += f" | {t + ' CFG':>15} {'+zero-init':>10} {'benefit [90%]':>24}"
+        head += f" | {'1st-step CFG−v*':>15} {'(zero)':>7}"
         lines += [head, "-" * len(head)]
-        for i, epoch in enumerate(payload["epochs"]):
-            line = (f"{epoch:>6} {row['cfg'][i]:>10.4g} {row['cfg_zero_init'][i]:>11.4g} {row['cfg_zero_star'][i]:>10.4g} "
-                    f"{row['zero_init_benefit'][i]:>+9.3g} {row['zero_init_helps_seeds'][i]:>3}/{s['seeds']:<2}")
-            if m == payload["primary_metric"]:
-                line += f" {fs['err_cfg'][i]:>17.3f} {fs['err_zero']['cfg']:>8.3f}"
+        fs = entry["first_step"]
+        for i, epoch in enumerate(epochs):
+            line = f"{epoch:>6}"
+            for m in HEADLINE:
+                row = entry["table"][m]
+                band = f"{row['zero_init_benefit'][i]:+.3g} [{row['zero_init_benefit_low'][i]:+.3g}, " \
+                       f"{row['zero_init_benefit_high'][i]:+.3g}]"
+                line += f" | {row['cfg'][i]:>15.4g} {row['cfg_zero_init'][i]:>10.4g} {band:>24}"
+            line += f" | {fs['err_cfg'][i]:>15.3f} {fs['err_zero']:>7.3f}"
             lines.append(line)
-        ex = row["exact"]
-        lines.append(f"{'exact':>6} {ex['cfg']:>10.4g} {ex['cfg_zero_init']:>11.4g} {ex['cfg_zero_star']:>10.4g} "
-                     f"{row['exact_zero_init_benefit']:>+9.3g}")
-        tp = payload["turning_points"][m]
-        where = (f"epoch {tp['epoch']:g}, {LEVEL:.0%} seed-bootstrap interval {_interval(tp)}" if tp["found"]
-                 else "none found in the evaluated range")
-        lines.append(f"turning point (CFG + zero-init worse than CFG from then on): {where}")
+        line = f"{'exact':>6}"
+        for m in HEADLINE:
+            row = entry["table"][m]
+            line += f" | {row['exact']['cfg']:>15.4g} {row['exact']['cfg_zero_init']:>10.4g} " \
+                    f"{row['exact_zero_init_benefit']:>+24.3g}"
+        lines.append(line)
+        line = f"{'data':>6}"
+        for m in HEADLINE:
+            line += f" | {entry['table'][m]['data']:>15.4g} {'':>10} {'':>24}"
+        lines.append(line)
+        for m in HEADLINE:
+            lines.append(f"turning point, {_title(m)}: {_point_text(entry['turning_points'][m])}")
+        sec = "; ".join(f"{m} {_point_text(entry['turning_points'][m])} (exact benefit "
+                        f"{entry['table'][m]['exact_zero_init_benefit']:+.3g})" for m in SECONDARY)
+        lines.append(f"secondary: {sec}")
+    lines += ["", "Summary across mixtures (turning point per mixture; exact-limit benefit per mixture):"]
+    for m in METRICS:
+        sm = payload["summary"][m]
+        pts = ", ".join("—" if e is None else f"{e:g}" for e in sm["turning_points"])
+        ex = ", ".join(f"{b:+.3g}" for b in sm["exact_zero_init_benefit"])
+        tag = "headline " if sm["headline"] else "secondary"
+        lines.append(f"  {tag} {m:>9}: found {sm['num_found']}/{sm['num_mixtures']} [{pts}]; exact benefit [{ex}] "
+                     f"(hurt in {sm['exact_hurts']}/{sm['num_mixtures']})")
     return "\n".join(lines)
 
 
@@ -439,29 +646,6 @@ def _epoch_axis(ax, payload):
     ax.set_xlim(epochs[0], epochs[-1])
 
 
-def _metric_panel(ax, payload, metric, rules, legend=False):
-    import numpy as np
-
-    from cfgzero_theory import plotting
-
-    epochs = np.asarray(payload["epochs"])
-    row = payload["table"][metric]
-    for name in RULE_NAMES:
-        per_seed = np.asarray(row["per_seed"][name])
-        style = plotting.rule_style(rules[name])
-        ax.plot(epochs, per_seed.mean(axis=0), label=payload["config"]["rules"][name], **style)
-        ax.fill_between(epochs, per_seed.min(axis=0), per_seed.max(axis=0), color=style["color"], alpha=0.12, linewidth=0)
-        ax.axhline(row["exact"][name], color=style["color"], linestyle=":", linewidth=1.0, alpha=0.9)
-    ax.axhline(row["data"], color="grey", linestyle="--", linewidth=1.0, label="exact class samples (finite-n floor)")
-    ax.plot([], [], color="grey", linestyle=":", linewidth=1.0, label="exact field, same rule (perfect model)")
-    if metric in ("frechet", "mmd", "nll"):
-        _log_y(ax)
-    ax.set_title(METRICS[metric][0] + (" ↓" if row["lower_is_better"] else " ↑"))
-    _epoch_axis(ax, payload)
-    if legend:
-        ax.legend(fontsize=7)
-
-
 def _log_y(ax):
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -471,67 +655,101 @@ def _log_y(ax):
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _benefit_panel(ax, payload, metric, rules, legend=False):
+def _metric_panel(ax, payload, entry, metric, rules, legend=False):
     import numpy as np
 
     from cfgzero_theory import plotting
 
     epochs = np.asarray(payload["epochs"])
-    row = payload["table"][metric]
+    row = entry["table"][metric]
+    for name in RULE_NAMES:
+        per_seed = np.asarray(row["per_seed"][name])
+        style = plotting.rule_style(rules[name])
+        ax.plot(epochs, per_seed.mean(axis=0), label=payload["config"]["rules"][name], **style)
+        ax.fill_between(epochs, per_seed.min(axis=0), per_seed.max(axis=0), color=style["color"], alpha=0.12, linewidth=0)
+        ax.axhline(row["exact"][name], color=style["color"], linestyle=":", linewidth=1.0, alpha=0.9)
+    ax.axhline(row["data"], color="grey", linestyle="--", linewidth=1.0, label="exact class samples (finite-n floor)")
+    ax.plot([], [], color="grey", linestyle=":", linewidth=1.0, label="exact field, same rule (perfect model)")
+    values = np.concatenate([np.asarray(row["per_seed"][n]).ravel() for n in RULE_NAMES]
+                            + [[row["data"]], list(row["exact"].values())])
+    if metric in ("frechet", "mmd", "nll") and np.all(values > 0):
+        _log_y(ax)
+    ax.set_title(METRICS[metric][0] + (" ↓" if row["lower_is_better"] else " ↑"))
+    _epoch_axis(ax, payload)
+    if legend:
+        ax.legend(fontsize=7)
+
+
+def _benefit_panel(ax, payload, entry, metric, rules, legend=False):
+    import numpy as np
+
+    from cfgzero_theory import plotting
+
+    epochs = np.asarray(payload["epochs"])
+    row = entry["table"][metric]
     color = plotting.rule_color(rules["cfg_zero_init"])
     per_seed = np.asarray(row["zero_init_benefit_per_seed"])
     for s in per_seed:
         ax.plot(epochs, s, color=color, alpha=0.3, linewidth=0.7)
-    ax.plot(epochs, per_seed.mean(axis=0), color=color, marker="^", label="CFG − (CFG + zero-init), seed mean (thin: seeds)")
+    ax.plot(epochs, per_seed.mean(axis=0), color=color, marker="^", label="seed mean (thin: seeds)")
     ax.axhline(0.0, color="black", linewidth=1.0)
-    ax.axhline(row["exact_zero_init_benefit"], color=color, linestyle=":", linewidth=1.0, label="exact-field limit")
-    tp = payload["turning_points"][metric]
-    if tp["found"]:
-        ax.axvline(tp["epoch"], color="black", linewidth=1.2, alpha=0.7)
+    ax.axhline(row["exact_zero_init_benefit"], color=color, linestyle=":", linewidth=1.2,
+               label="exact-field limit (perfect model)")
+    tp = entry["turning_points"][metric]
+    if tp["turning_point"]:
+        ax.axvline(tp["epoch"], color="black", linewidth=1.2, alpha=0.7, label="turning point")
         hi = epochs[-1] if tp["high"] is None else tp["high"]
         ax.axvspan(tp["low"], hi, color="grey", alpha=0.15, linewidth=0, label=f"{LEVEL:.0%} seed-bootstrap interval")
     sign = "" if row["lower_is_better"] else " (sign flipped)"
-    status = f"turning point {tp['epoch']:g}" if tp["found"] else "no turning point"
-    ax.set_title(f"zero-init benefit{sign}: {status}", fontsize=8.5)
-    ax.set_xlabel("training epoch")
+    status = f"turning point {tp['epoch']:g} {interval_text(tp)}" if tp["turning_point"] else "no turning point"
+    ax.set_title(f"{_title(metric)} benefit{sign}: {status}", fontsize=8.5)
     _epoch_axis(ax, payload)
     if legend:
         ax.legend(fontsize=7)
 
 
 def plot_turning_point(payload, rules, path):
+    """Zero-init benefit on NLL (top) and Fréchet distance (bottom), one column per mixture."""
     import matplotlib.pyplot as plt
 
     from cfgzero_theory import plotting
 
-    metric = payload["primary_metric"]
     cfg = payload["config"]
-    fig, axes = plt.subplots(2, 1, figsize=(6.6, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-    _metric_panel(axes[0], payload, metric, rules, legend=True)
-    axes[0].set_ylabel(METRICS[metric][0] + " of final samples")
-    axes[0].set_title(f"Table 1 analogue, d = {cfg['dim']}, class {cfg['label']}, w = {cfg['scale']:g}, "
-                      f"K = {cfg['zero_init_steps']} (band: seed min–max; dotted: exact field)", fontsize=9)
-    _benefit_panel(axes[1], payload, metric, rules, legend=True)
-    axes[1].set_ylabel("CFG − (CFG + zero-init)")
-    tp = payload["turning_points"][metric]
-    text = (f"turning point: epoch {tp['epoch']:g}, {LEVEL:.0%} interval {_interval(tp)} (shaded)" if tp["found"]
-            else "turning point: none found in the evaluated range")
-    axes[1].set_title(text, fontsize=9)
+    entries = payload["mixtures"]
+    cols = len(entries)
+    fig, axes = plt.subplots(len(HEADLINE), cols, figsize=(3.9 * cols + 0.6, 3.0 * len(HEADLINE) + 0.8),
+                             sharex=True, squeeze=False)
+    for j, entry in enumerate(entries):
+        for r, metric in enumerate(HEADLINE):
+            ax = axes[r, j]
+            _benefit_panel(ax, payload, entry, metric, rules, legend=(r == 0 and j == 0))
+            if r == 0:
+                ax.set_title(f"data seed {entry['data_seed']}\n" + ax.get_title(), fontsize=8.5)
+            if j == 0:
+                ax.set_ylabel(f"{METRICS[metric][0]}:\nCFG − (CFG + zero-init)")
+            if r == len(HEADLINE) - 1:
+                ax.set_xlabel("training epoch")
+    fig.suptitle(f"Table 1 analogue, d = {cfg['dim']}, class {cfg['label']}, w = {cfg['scale']:g}, "
+                 f"K = {cfg['zero_init_steps']}, {cfg['preset_settings']['seeds']} seeds per mixture: zero-init benefit "
+                 f"(> 0: zero-init helped)\nthin: seeds; dotted: exact-field limit; vertical line: turning point; shaded: its "
+                 f"{LEVEL:.0%} seed-bootstrap interval", fontsize=9.5)
     fig.tight_layout()
     written = plotting.save(fig, path)
     plt.close(fig)
     return written
 
 
-def plot_sample_quality(payload, rules, path):
+def plot_sample_quality(payload, rules, path, index: int = 0):
     import matplotlib.pyplot as plt
 
     from cfgzero_theory import plotting
 
+    entry = payload["mixtures"][index]
     fig, axes = plt.subplots(2, len(METRICS), figsize=(3.3 * len(METRICS), 6.6), sharex=True)
     for j, metric in enumerate(METRICS):
-        _metric_panel(axes[0, j], payload, metric, rules)
-        _benefit_panel(axes[1, j], payload, metric, rules)
+        _metric_panel(axes[0, j], payload, entry, metric, rules)
+        _benefit_panel(axes[1, j], payload, entry, metric, rules)
+        axes[1, j].set_xlabel("training epoch")
     axes[0, 0].set_ylabel("metric of final samples (band: seed min–max)")
     axes[1, 0].set_ylabel("zero-init benefit (> 0: zero-init helped)")
     handles, labels = [], []
@@ -543,8 +761,9 @@ def plot_sample_quality(payload, rules, path):
     handles.append(plt.Line2D([], [], color="black", linewidth=1.2, alpha=0.7))
     labels.append("turning point")
     cfg = payload["config"]
-    fig.suptitle(f"Exact sample quality per epoch (mean over {cfg['preset_settings']['seeds']} seeds), d = {cfg['dim']}, "
-                 f"class {cfg['label']}, w = {cfg['scale']:g}, K = {cfg['zero_init_steps']}", fontsize=10)
+    fig.suptitle(f"Mixture {index} (data seed {entry['data_seed']}): exact sample quality per epoch (mean over "
+                 f"{cfg['preset_settings']['seeds']} seeds), d = {cfg['dim']}, class {cfg['label']}, w = {cfg['scale']:g}, "
+                 f"K = {cfg['zero_init_steps']}", fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     written = plotting.save(fig, path)
@@ -564,25 +783,29 @@ def main(argv=None) -> dict:
 
     payload = run_or_exit(run, args)
     raw = payload["_raw"]
+    cfg = payload["config"]
+    first = payload["mixtures"][0]
+    fs = first["first_step"]
     figures = []
     with plotting.style():
         figures += plot_turning_point(payload, raw["rules"], os.path.join(args.out, "turning_point"))
         figures += plot_sample_quality(payload, raw["rules"], os.path.join(args.out, "sample_quality"))
-        fs, cfg = payload["first_step"], payload["config"]
         figures += plot_first_step_errors(
             payload["epochs"],
-            {name: fs[f"err_{name}_per_seed"] for name in raw["first_rules"]},
+            {name: fs[f"err_{name}_per_seed"] for name in FIRST_RULES},
             fs["err_zero"],
-            {name: fs["crossover"][name]["epoch"] if fs["crossover"][name]["found"] else None for name in raw["first_rules"]},
+            {name: fs["crossover"][name]["epoch"] if fs["crossover"][name]["found"] else None for name in FIRST_RULES},
             raw["first_rules"], cfg["first_step_rules"],
-            f"First step vs the zero velocity, d = {cfg['dim']}, class {cfg['label']}, w = {cfg['scale']:g}, "
-            f"{cfg['preset_settings']['seeds']} seeds (band: min–max)",
+            f"First step vs the zero velocity, mixture 0 (data seed {first['data_seed']}), d = {cfg['dim']}, "
+            f"class {cfg['label']}, w = {cfg['scale']:g}, {cfg['preset_settings']['seeds']} seeds (band: min–max)",
             os.path.join(args.out, "first_step_error"),
             epoch_axis=lambda ax: _epoch_axis(ax, payload),
+            limits=fs["guidance_bias"],
         )
         figures += plot_training_loss(
-            payload["training_loss"], payload["loss_floor"], os.path.join(args.out, "training_loss"),
-            evaluated_epochs=payload["epochs"][1:], log_epochs=len(payload["training_loss"]) > 8,
+            first["training_loss"], first["loss_floor"], os.path.join(args.out, "training_loss"),
+            evaluated_epochs=payload["epochs"][1:], log_epochs=len(first["training_loss"]) > 8,
+            title=f"Training loss, mixture 0 (data seed {first['data_seed']}), {cfg['preset_settings']['seeds']} seeds",
         )
     payload = publishable(payload, figures, verdict, start)
     path = os.path.join(args.out, "crossover_highdim.json")
@@ -590,8 +813,9 @@ def main(argv=None) -> dict:
     print(format_table(payload))
     print()
     print(payload["verdict"])
-    print(f"wrote {path} and {len(figures)} figure files; {payload['runtime_s']['total']:.1f} s "
-          f"(training {payload['runtime_s']['training']:.1f} s, evaluation {payload['runtime_s']['evaluation']:.1f} s)")
+    rt = payload["runtime_s"]
+    print(outputs_line(args.out, [path, *figures]) + f"; {rt['total']:.1f} s (training {rt['training']:.1f} s, "
+          f"evaluation {rt['evaluation']:.1f} s)")
     return payload
 
 

@@ -23,7 +23,7 @@ and when it happens.
 Outputs under ``--out``: ``crossover_map.json`` and the heat-map figure ``crossover_map``
 (PNG and PDF); ``checkpoints/`` (one folder per geometry) lets a rerun skip training.
 
-    python -m experiments.crossover_map                    # quick preset, ~4 min on 2 CPU cores
+    python -m experiments.crossover_map                    # quick preset, ~3 min on 2 CPU cores (paper ~6 min)
     python -m experiments.crossover_map --preset paper     # 9 networks per geometry
 """
 
@@ -71,7 +71,8 @@ def run(args) -> dict:
 
     import cfgzero_theory
     from cfgzero_theory import CFG, CFGStar, analysis, mixtures
-    from experiments.crossover import NETWORK, TRAINING, _cross_json, evaluation_epochs, mixture_json, train_networks
+    from experiments._common import crossover_json, mixture_json, progress
+    from experiments.crossover import NETWORK, TRAINING, evaluation_epochs, train_networks
     from cfgzero_theory.models import network_velocity
 
     s = args.settings
@@ -81,7 +82,7 @@ def run(args) -> dict:
     x0 = jax.random.normal(key_first, (4096, 2))
     geometries = [(d, f) for d in s["distances"] for f in s["fractions"]]
     cells, train_s, steps_per_epoch, num_networks = [], 0.0, None, None
-    bar = _progress(geometries, not args.no_progress)
+    bar = progress(geometries, not args.no_progress, "geometries (train + evaluate)", unit="geometry")
     for gi, (distance, fraction) in enumerate(bar):
         offset = fraction * distance
         mixture = mixtures.guided_class_2d(distance, offset, args.label)
@@ -110,7 +111,7 @@ def run(args) -> dict:
                     "frac_zero_beats_early": float(above.any(axis=1).mean()),
                     "frac_above_zero": (err > zero).mean(axis=0).tolist(),
                     "zero_beats_early": bool((mean[early] > zero).any()),
-                    "crossover": _cross_json(c),
+                    "crossover": crossover_json(c),
                 }
                 cell[name]["reproduced"] = cell[name]["zero_beats_early"] and cell[name]["crossover"]["found"]
             cells.append(cell)
@@ -131,14 +132,6 @@ def run(args) -> dict:
         "runtime_s": {"training": train_s},
     }
     return payload
-
-
-def _progress(items, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc="geometries (train + evaluate)", unit="geometry", leave=False)
 
 
 def summary(payload) -> dict:
@@ -254,8 +247,7 @@ def main(argv=None) -> dict:
 
     matplotlib.use("Agg")
     from cfgzero_theory import plotting
-    from experiments._common import publishable, run_or_exit, write_json
-    from experiments.crossover import outputs_line
+    from experiments._common import outputs_line, publishable, run_or_exit, write_json
 
     payload = run_or_exit(run, args)
     with plotting.style():

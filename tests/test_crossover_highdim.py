@@ -1,84 +1,218 @@
-"""The high-dimensional turning-point study end to end on its smoke preset (plumbing, not the science)."""
+"""The high-dimensional turning-point study end to end on its smoke preset (plumbing, not the science).
 
+One smoke run (3 tiny mixtures × 2 seeds, module-scoped) feeds every check of the JSON; the
+verdict's logic is also checked on edited copies of that JSON, where the answer is known.
+"""
+
+import copy
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "experiments.crossover_highdim"
 RULES = ("cfg", "cfg_zero_init", "cfg_zero_star")
 METRICS = ("nll", "frechet", "mmd", "mode_tv", "precision")
+HEADLINE_TITLES = {"nll": "NLL", "frechet": "Fréchet distance²"}
+EPOCHS = [0, 1, 2, 4]  # the doubling grid of the smoke preset
+NUM_SEEDS = 2
+DATA_SEEDS = [0, 1, 2]
 
 
 def _run(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", MODULE, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_smoke_run_writes_table_json_and_figures(tmp_path):
-    out = tmp_path / "hd"
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("highdim")
     proc = _run("--preset", "smoke", "--out", str(out), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((out / "crossover_highdim.json").read_text())
+    return out, proc, json.loads((out / "crossover_highdim.json").read_text())
 
-    epochs = result["epochs"]
-    assert epochs == [0, 1, 2, 4]  # the doubling grid of the smoke preset
-    num_seeds = 2
 
-    # per-rule, per-epoch metrics (seed means) with per-seed arrays, benefit and references
-    assert result["primary_metric"] == "nll"
-    for metric in METRICS:
-        row = result["table"][metric]
-        for name in RULES:
-            assert len(row[name]) == len(epochs) and all(math.isfinite(v) for v in row[name])
-            per_seed = row["per_seed"][name]
-            assert len(per_seed) == num_seeds and all(len(s) == len(epochs) for s in per_seed)
-            assert row[name][0] == pytest.approx(sum(s[0] for s in per_seed) / num_seeds, rel=1e-5, abs=1e-7)
-            assert math.isfinite(row["exact"][name])
-        assert len(row["zero_init_benefit"]) == len(epochs)
-        assert len(row["zero_init_benefit_per_seed"]) == num_seeds
-        assert all(0 <= k <= num_seeds for k in row["zero_init_helps_seeds"])
-        assert math.isfinite(row["data"]) and math.isfinite(row["exact_zero_init_benefit"])
-        # benefit = CFG − (CFG + zero-init), sign flipped for precision (higher is better)
-        sign = 1 if row["lower_is_better"] else -1
-        assert row["zero_init_benefit"][-1] == pytest.approx(sign * (row["cfg"][-1] - row["cfg_zero_init"][-1]), abs=1e-4)
-    assert result["table"]["precision"]["lower_is_better"] is False
-    assert all(0 <= v <= 1 for v in result["table"]["precision"]["cfg"])
-
-    # turning point: primary and per metric; an epoch of the grid with an interval, or none found
-    tp = result["turning_point"]
-    assert tp["metric"] == "nll"
-    for point in (tp, *result["turning_points"].values()):
-        assert set(point) >= {"epoch", "low", "high", "fraction", "found"}
-        assert point["found"] == (point["epoch"] is not None)
-        if point["found"]:
-            assert point["epoch"] in epochs and point["low"] in epochs
-        assert 0.0 <= point["fraction"] <= 1.0
-    assert set(result["turning_points"]) == set(METRICS)
-    assert "turning point" in result["verdict"].lower()
-
-    # first-step errors against the zero baseline
-    fs = result["first_step"]
-    for name in ("cfg", "cfg_star"):
-        assert len(fs[f"err_{name}"]) == len(epochs) and len(fs[f"err_{name}_per_seed"]) == num_seeds
-        assert fs["err_zero"][name] > 0 and name in fs["crossover"]
-
-    # configuration, seeds and versions
+def test_three_mixtures_with_their_own_data_seeds_and_checkpoints(smoke):
+    out, _, result = smoke
     config = result["config"]
+    assert result["epochs"] == EPOCHS
+    assert config["seeds"] == {"root": 0, "data": DATA_SEEDS, "num_seeds": NUM_SEEDS, "evaluation": 1000}
+    assert [m["data_seed"] for m in config["mixtures"]] == DATA_SEEDS
+    assert [m["data_seed"] for m in result["mixtures"]] == DATA_SEEDS
+    for seed, m in zip(DATA_SEEDS, config["mixtures"]):
+        assert f"random_class_conditional(fold_in(key({seed}), 1), dim=64" in m["description"]
+    assert config["headline_metrics"] == ["nll", "frechet"]
+    assert set(config["headline_metrics"]) | set(config["secondary_metrics"]) == set(METRICS)
+    assert config["dim"] == 64 and config["scale"] == 4.0 and config["zero_init_steps"] == 1 and config["label"] == 0
+    assert config["preset"] == "smoke" and config["network"]["dim"] == 64 and config["network"]["architecture"] == "mlp"
     assert config["cfgzero_theory_version"] and config["jax_version"]
-    assert config["seeds"] == {"root": 0, "data": 0, "num_seeds": num_seeds, "evaluation": 1000}
-    assert config["dim"] == 64 and config["scale"] == 4.0 and config["zero_init_steps"] == 1
-    assert config["preset"] == "smoke" and config["network"]["dim"] == 64
     assert set(config["rules"]) == set(RULES)
-    assert len(result["training_loss"]) == 4 and result["loss_floor"] > 0
+    for seed in DATA_SEEDS:
+        folder = out / "checkpoints" / f"mixture_{seed}"
+        assert (folder / "training_state.safetensors").is_file()
+        assert sorted(p.name for p in folder.glob("epoch_*.safetensors")) == [f"epoch_{e:06d}.safetensors" for e in EPOCHS]
 
-    for name in ("turning_point", "sample_quality", "first_step_error", "training_loss"):
+
+def test_tables_per_mixture_shapes_means_and_benefits(smoke):
+    _, _, result = smoke
+    # the mixtures differ, so their numbers must too
+    assert len({m["table"]["nll"]["cfg"][-1] for m in result["mixtures"]}) == len(DATA_SEEDS)
+    for entry in result["mixtures"]:
+        assert len(entry["training_loss"]) == EPOCHS[-1] and all(len(r) == NUM_SEEDS for r in entry["training_loss"])
+        assert entry["loss_floor"] > 0 and entry["nll_floor"] > 0
+        for metric in METRICS:
+            row = entry["table"][metric]
+            sign = 1 if row["lower_is_better"] else -1
+            assert row["lower_is_better"] == (metric != "precision")
+            per_seed = {name: np.asarray(row["per_seed"][name]) for name in RULES}
+            for name in RULES:
+                assert per_seed[name].shape == (NUM_SEEDS, len(EPOCHS)) and np.all(np.isfinite(per_seed[name]))
+                np.testing.assert_allclose(row[name], per_seed[name].mean(axis=0), rtol=1e-5, atol=1e-6)
+                assert math.isfinite(row["exact"][name])
+            benefit = np.asarray(row["zero_init_benefit_per_seed"])
+            assert benefit.shape == (NUM_SEEDS, len(EPOCHS))
+            np.testing.assert_allclose(benefit, sign * (per_seed["cfg"] - per_seed["cfg_zero_init"]), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(row["zero_init_benefit"], benefit.mean(axis=0), rtol=1e-5, atol=1e-6)
+            assert row["zero_init_helps_seeds"] == (benefit > 0).sum(axis=0).tolist()
+            low, high, mean = (np.asarray(row[k]) for k in ("zero_init_benefit_low", "zero_init_benefit_high",
+                                                            "zero_init_benefit"))
+            assert np.all(low <= mean + 1e-6) and np.all(mean <= high + 1e-6)
+            assert row["exact_zero_init_benefit"] == pytest.approx(
+                sign * (row["exact"]["cfg"] - row["exact"]["cfg_zero_init"]), abs=1e-5)
+            assert math.isfinite(row["data"])
+        assert all(0 <= v <= 1 for v in entry["table"]["precision"]["cfg"])
+        assert all(0 <= v <= 1 for v in entry["table"]["mode_tv"]["cfg"])
+        for name in RULES:
+            assert np.asarray(entry["per_step_learning_error"][name]).shape == (len(EPOCHS), 8)
+
+
+def test_turning_points_and_summary_agree(smoke):
+    _, _, result = smoke
+    for entry in result["mixtures"]:
+        assert set(entry["turning_points"]) == set(METRICS)
+        for metric, point in entry["turning_points"].items():
+            assert point["found"] == (point["epoch"] is not None)
+            assert 0.0 <= point["fraction"] <= 1.0
+            benefit = entry["table"][metric]["zero_init_benefit"]
+            assert point["helped_epochs"] == [e for e, b in zip(EPOCHS, benefit) if b > 0]
+            if point["found"]:
+                assert point["epoch"] in EPOCHS and point["low"] in EPOCHS
+                # from the turning point on, CFG + zero-init is worse than CFG (benefit < 0) at every epoch
+                assert all(b < 0 for e, b in zip(EPOCHS, benefit) if e >= point["epoch"])
+            assert point["turning_point"] == (point["found"] and any(e < point["epoch"] for e in point["helped_epochs"]))
+    for metric in METRICS:
+        sm = result["summary"][metric]
+        points = [e["turning_points"][metric] for e in result["mixtures"]]
+        exact = [e["table"][metric]["exact_zero_init_benefit"] for e in result["mixtures"]]
+        assert sm["headline"] == (metric in HEADLINE_TITLES)
+        assert sm["num_mixtures"] == len(DATA_SEEDS) and sm["data_seeds"] == DATA_SEEDS
+        assert sm["found"] == [p["turning_point"] for p in points] and sm["num_found"] == sum(sm["found"])
+        assert sm["turning_points"] == [p["epoch"] if p["turning_point"] else None for p in points]
+        assert sm["exact_zero_init_benefit"] == exact
+        assert sm["exact_hurts"] == sum(b < 0 for b in exact)
+
+
+def test_verdict_states_counts_and_exact_limit_signs(smoke):
+    _, _, result = smoke
+    text = result["verdict"]
+    total = len(DATA_SEEDS)
+    for metric, title in HEADLINE_TITLES.items():
+        sm = result["summary"][metric]
+        line = next(l for l in text.splitlines() if l.startswith(f"{title}: "))
+        assert f"turning point in {sm['num_found']} of {total} mixtures" in line
+        assert f"in the exact-field limit zero-init hurts in {sm['exact_hurts']} of {total} mixtures" in line
+        for entry in result["mixtures"]:
+            assert f"exact {entry['table'][metric]['exact_zero_init_benefit']:+.3g})" in line
+        # the sign of the exact-limit benefit decides the explanation
+        assert ("helps even the exact field" in line) == (sm["exact_hurts"] == 0)
+        assert ("a turning point is possible once the models are good enough" in line) == (sm["exact_hurts"] == total)
+        state = "HOLDS" if sm["num_found"] == total else ("HOLDS IN SOME MIXTURES" if sm["num_found"] else "FAILS")
+        assert f"the paper's claim {state} on this metric" in line
+    which = next(l for l in text.splitlines() if l.startswith("Which metric shows a turning point:"))
+    shows, lacks = which.split("; which does not: ")
+    for metric, title in HEADLINE_TITLES.items():
+        found = result["summary"][metric]["num_found"] > 0
+        assert (title in shows) == found and (title in lacks) == (not found)
+    for name in ("CFG (w=4)", "CFG* (w=4)"):
+        assert f"First step of {name} against v*₀ = u_c(x0)" in text
+
+
+def _edited(result, outcome: dict) -> dict:
+    """A copy of the smoke result where, per metric, every mixture has the given (turning epoch or None, exact benefit)."""
+    from experiments.crossover_highdim import summarize
+
+    payload = copy.deepcopy(result)
+    for entry in payload["mixtures"]:
+        for metric, (epoch, exact) in outcome.items():
+            entry["table"][metric]["exact_zero_init_benefit"] = exact
+            found = epoch is not None
+            entry["turning_points"][metric] = {"epoch": epoch, "low": epoch, "high": epoch, "fraction": 1.0 if found else 0.0,
+                                               "found": found, "helped_epochs": [0] if found else [0, 1, 2, 4],
+                                               "turning_point": found}
+    payload["summary"] = summarize(payload["mixtures"])
+    return payload
+
+
+def test_verdict_logic_on_known_outcomes(smoke):
+    from experiments.crossover_highdim import verdict
+
+    _, _, result = smoke
+    # the protocol's prediction: NLL turns (exact limit hurt), Fréchet never does (exact limit helped)
+    text = verdict(_edited(result, {"nll": (2.0, -3.0), "frechet": (None, 0.6)}))
+    assert "NLL: turning point in 3 of 3 mixtures — the paper's claim HOLDS" in text
+    assert "Fréchet distance²: turning point in 0 of 3 mixtures — the paper's claim FAILS" in text
+    assert re.search(r"Which metric shows a turning point: NLL \(3/3 mixtures; exact limit hurt by zero-init in 3/3\); "
+                     r"which does not: Fréchet distance² \(0/3; exact limit hurt by zero-init in 0/3, i\.e\. zero-init "
+                     r"helps even a perfect model\)", text)
+    assert "undoes part of it" in text and "Against the prediction" not in text and "Not reached" not in text
+    # outcomes against the prediction are named, with their data seeds
+    text = verdict(_edited(result, {"nll": (None, -3.0), "frechet": (4.0, 0.6)}))
+    assert "NLL: turning point in 0 of 3" in text and "Not reached in data seeds [0, 1, 2]" in text
+    assert "Against the prediction in data seeds [0, 1, 2]" in text
+    assert "Which metric shows a turning point: Fréchet distance²" in text
+
+
+def test_first_step_against_the_true_velocity(smoke):
+    _, _, result = smoke
+    for entry in result["mixtures"]:
+        fs = entry["first_step"]
+        assert fs["target"] == "true_velocity"
+        assert isinstance(fs["err_zero"], float) and fs["err_zero"] > 0  # one grey line E‖v*₀‖ for every rule
+        for name in ("cfg", "cfg_star"):
+            per_seed = np.asarray(fs[f"err_{name}_per_seed"])
+            assert per_seed.shape == (NUM_SEEDS, len(EPOCHS)) and np.all(per_seed > 0)
+            np.testing.assert_allclose(fs[f"err_{name}"], per_seed.mean(axis=0), rtol=1e-5)
+            guided = np.asarray(fs[f"err_{name}_per_seed_guided_target"])
+            assert guided.shape == (NUM_SEEDS, len(EPOCHS))
+            np.testing.assert_allclose(fs[f"err_{name}_guided_target"], guided.mean(axis=0), rtol=1e-5)
+            assert fs["err_zero_guided_target"][name] > 0 and fs["guidance_bias"][name] > 0
+            c = fs["crossover"][name]
+            assert c["found"] == (c["epoch"] is not None)
+            if c["found"]:  # below the grey line from the crossover on
+                assert all(v < fs["err_zero"] for e, v in zip(EPOCHS, fs[f"err_{name}"]) if e >= c["epoch"])
+
+
+def test_outputs_figures_and_final_line(smoke):
+    out, proc, result = smoke
+    names = ("turning_point", "sample_quality", "first_step_error", "training_loss")
+    for name in names:
         for ext in ("png", "pdf"):
             assert (out / f"{name}.{ext}").stat().st_size > 0
-    assert "Table 1 analogue" in proc.stdout and "turning point" in proc.stdout
+    assert sorted(result["figures"]) == sorted(f"{n}.{e}" for n in names for e in ("png", "pdf"))
+    runtime = result["runtime_s"]
+    assert runtime["total"] >= runtime["training"] + runtime["evaluation"] > 0
+    assert all(e["runtime_s"]["training"] > 0 and e["runtime_s"]["evaluation"] > 0 for e in result["mixtures"])
+    assert "Table 1 analogue" in proc.stdout and "headline metrics side by side" in proc.stdout
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {out}/: crossover_highdim, first_step_error") and "(9 files," in last
+    assert re.search(r"and checkpoints/ \(\d+\.\d MB\)", last)
+    text = (out / "crossover_highdim.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
 
 
 @pytest.mark.parametrize(
@@ -90,9 +224,10 @@ def test_smoke_run_writes_table_json_and_figures(tmp_path):
         (["--preset", "smoke", "--zero-init-steps", "8"], "--zero-init-steps"),
         (["--dim", "1"], "--dim"),
         (["--seeds", "0"], "--seeds"),
+        (["--num-mixtures", "0"], "--num-mixtures"),
         (["--eval-every", "-1"], "--eval-every"),
         (["--batch-size", "4096"], "--batch-size"),
-        (["--metric", "fid"], "--metric"),
+        (["--metric", "nll"], "--metric"),  # no primary metric any more: NLL and Fréchet are both headline metrics
         (["--preset", "huge"], "--preset"),
     ],
 )
@@ -111,6 +246,9 @@ def test_evaluation_grid():
     assert evaluation_epochs(10, 4) == (0, 4, 8, 10)
 
 
-def test_help_exits_cleanly():
+def test_presets_use_three_mixtures_and_help_exits_cleanly():
+    from experiments.crossover_highdim import PRESETS
+
+    assert all(p["num_mixtures"] >= 3 for p in PRESETS.values())
     proc = _run("--help", timeout=120)
-    assert proc.returncode == 0 and "--zero-init-steps" in proc.stdout and "--metric" in proc.stdout
+    assert proc.returncode == 0 and "--zero-init-steps" in proc.stdout and "--num-mixtures" in proc.stdout
