@@ -36,7 +36,7 @@ Outputs under ``--out``: ``crossover.json`` (every number, the mixture as number
 ``first_step_error``, ``sample_quality``, ``trajectories``, ``training_loss`` (PNG and PDF);
 ``checkpoints/`` lets a rerun of the same configuration skip training.
 
-    python -m experiments.crossover                    # quick preset (default), ~7 min on 2 CPU cores
+    python -m experiments.crossover                    # quick preset (default), ~5.5 min on 2 quiet CPU cores
     python -m experiments.crossover --preset paper     # 16 networks, ~12.5 min on 2 CPU cores
 """
 
