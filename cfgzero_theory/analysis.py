@@ -516,34 +516,16 @@ def sample_quality(
     x = jnp.asarray(samples)
     if x.ndim not in (2, 3) or x.shape[-1] != mixture.dim:
         raise ValueError(f"samples must have shape (n, {mixture.dim}) or (S, n, {mixture.dim}), got {x.shape}")
-    if mixture.is_singular:
-        raise ValueError("mixture has a singular covariance: its data distribution has no density")
     label = mixture.check_label(label)
-    key = jax.random.key(0) if key is None else key
     h = default_bandwidth(mixture, label) if bandwidth is None else bandwidth
-    reference = mixture.sample(key, int(num_reference), label)
-    ref_log_p = mixture.log_prob(reference, label)
-    threshold = jnp.quantile(ref_log_p, 1.0 - metrics._check_mass(mass))
-    if mixture.dim == 2:
-        lo, hi = jsd_grid(mixture) if grid is None else grid
-
-    def one(s):
-        out = {
-            "nll": metrics.mean_nll(mixture, s, label),
-            "nll_floor": -jnp.mean(ref_log_p),
-            "frechet": metrics.frechet_to_mixture(s, mixture, label),
-            "mmd": metrics.mmd_rbf_to_mixture(s, mixture, label, h),
-            "mode_tv": metrics.mode_coverage(mixture, s, label).total_variation,
-            "precision": metrics.hdr_precision(mixture, s, label, threshold=threshold),
-        }
-        if mixture.dim == 2:
-            out["jsd"] = metrics.jsd_to_density_on_grid(s, lambda p: mixture.log_prob(p, label), lo, hi, bins)
-        return out
-
-    if x.ndim == 2:
-        return one(x)
-    per_seed = [one(s) for s in x]
-    return {name: jnp.stack([r[name] for r in per_seed]) for name in per_seed[0]}
+    stacked = x if x.ndim == 3 else x[None]
+    scorer = make_sample_scorer(mixture, label, key, mass=mass, num_reference=num_reference, bins=bins, grid=grid)
+    out = dict(scorer(stacked))
+    out["nll_floor"] = jnp.full(stacked.shape[0], out["nll_floor"])
+    out["frechet"] = jnp.stack([metrics.frechet_to_mixture(s, mixture, label) for s in stacked])
+    out["mmd"] = jnp.stack([metrics.mmd_rbf_to_mixture(s, mixture, label, h) for s in stacked])
+    out["mode_tv"] = jnp.stack([metrics.mode_coverage(mixture, s, label).total_variation for s in stacked])
+    return out if x.ndim == 3 else {name: value[0] for name, value in out.items()}
 
 
 def make_sample_scorer(

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfgzero_theory import CFG, CFGStar, CFGZeroStar, GaussianMixture, ZeroInit, analysis, mixtures
+from cfgzero_theory import CFG, CFGStar, CFGZeroStar, GaussianMixture, ZeroInit, analysis, metrics, mixtures
 from cfgzero_theory.guidance import exact_guided_velocity
 from cfgzero_theory.sampling import sample, time_grid
 
@@ -340,11 +340,17 @@ def test_sample_scorer_equals_sample_quality():
     x = jax.random.normal(jax.random.key(1), (3, 400, 2)) * 2.0 + gm.sample(jax.random.key(2), 400, 1)[None]
     score = analysis.make_sample_scorer(gm, 1, key)
     scores, again = score(x), score(x[::-1])  # a second call reuses the compiled program
-    reference = analysis.sample_quality(gm, x, 1, key)
     np.testing.assert_allclose(again["nll"], scores["nll"][::-1], rtol=1e-6)
-    for name in ("nll", "precision", "jsd"):
-        np.testing.assert_allclose(scores[name], reference[name], rtol=1e-5, atol=1e-6)
-    assert float(scores["nll_floor"]) == pytest.approx(float(reference["nll_floor"][0]), rel=1e-6)
+    # against the metrics' own (eager, argument-checking) functions, with the same HDR reference
+    threshold = metrics.hdr_log_density_threshold(gm, 1, key=key)
+    lo, hi = analysis.jsd_grid(gm)
+    for i, s in enumerate(x):
+        assert float(scores["nll"][i]) == pytest.approx(float(metrics.mean_nll(gm, s, 1)), rel=1e-5)
+        assert float(scores["precision"][i]) == pytest.approx(float(metrics.hdr_precision(gm, s, 1, threshold=threshold)))
+        jsd = metrics.jsd_to_density_on_grid(s, lambda p: gm.log_prob(p, 1), lo, hi, 40)
+        assert float(scores["jsd"][i]) == pytest.approx(float(jsd), rel=1e-5, abs=1e-6)
+    reference = gm.sample(key, metrics.HDR_NUM_REFERENCE, 1)
+    assert float(scores["nll_floor"]) == pytest.approx(-float(jnp.mean(gm.log_prob(reference, 1))), rel=1e-6)
     with pytest.raises(ValueError, match="samples"):
         analysis.make_sample_scorer(gm, 1, key)(x[0])
 
