@@ -38,6 +38,35 @@ def publishable(payload: dict, figures: list[str], verdict, started: float) -> d
     return payload
 
 
+def prepare_output_dir(parser, path: str, option: str = "--out") -> str:
+    """Create the output folder ``path`` and prove it writable, before any work is done.
+
+    An unusable folder (an existing file, a parent that cannot be created, a read-only or
+    virtual file system such as ``/proc``) ends the program through ``parser.error``: one
+    line on stderr (:func:`usage_error`) and exit status 2, naming ``option``.  Returns the
+    absolute path.
+    """
+    import tempfile
+
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise OSError("it exists and is not a folder")
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        usage_error(parser, f"{option} {path!r} is not a writable folder: {reason}")
+    return path
+
+
+def usage_error(parser, message: str):
+    """End the program for a user error: ``PROG: error: message`` on one line, exit status 2."""
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def run_or_exit(run, args):
     """``run(args)``, turning a ``ValueError`` (bad input) into a message and exit status 2."""
     try:
