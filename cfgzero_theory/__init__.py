@@ -8,7 +8,7 @@ imported here, so importing the package never loads matplotlib) holds the figure
 """
 
 from cfgzero_theory import guidance, guidance_family, metrics, mixtures, presets, sampling, schedules, unipc
-from cfgzero_theory.guidance import CFG, CFGStar, CFGZeroStar, ZeroInit
+from cfgzero_theory.guidance import CFG, KINDS, CFGStar, CFGZeroStar, ZeroInit, make_rule
 from cfgzero_theory.mixture import NULL_LABEL, GaussianMixture
 
 __version__ = "0.1.0"
@@ -17,11 +17,13 @@ __all__ = [
     "CFGStar",
     "CFGZeroStar",
     "GaussianMixture",
+    "KINDS",
     "NULL_LABEL",
     "ZeroInit",
     "__version__",
     "guidance",
     "guidance_family",
+    "make_rule",
     "metrics",
     "mixtures",
     "presets",

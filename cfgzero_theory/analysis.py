@@ -10,14 +10,16 @@ mixture is itself such a model (``velocity_fn = GaussianMixture.velocity``)::
 
     params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *mixtures)
 
-Conventions (DESIGN.md §2-3): theory time, ``t = 0`` is noise; the two branches are
+Conventions (docs/design.md §2 and §4): theory time, ``t = 0`` is noise; the two branches are
 ``v_c = v(x, t, label)`` and ``v_u = v(x, t, NULL_LABEL)``, evaluated in one batched call as
 the sampler does; a guided velocity is ``ṽ = rule(v_c, v_u, step)``.  For a rule and scale:
 
 * learning error   ``‖ṽ^θ − ṽ*‖`` — the model's guided velocity against the *exact guided
   field of the same rule and scale* ``ṽ* = rule(u_c, u_u, step)``;
 * zero baseline    ``‖ṽ*‖`` — the learning error of a zero velocity, so "zero beats the
-  model" means learning error > zero baseline (the paper's Fig. 3 right, grey line);
+  model" means learning error > zero baseline, measured against the rule's own exact field
+  (a secondary view; the paper's Fig. 3 measures against the true ``u_c`` with the grey
+  line ``‖u_c‖``: ``total_error`` against ``zero_error_cond``);
 * guidance bias    ``‖ṽ* − u_c‖`` — what guidance adds on top of the true class velocity
   ``u_c`` (no learning involved); at ``t = 0`` it is ``|w − 1|·‖μ_c − μ̄‖`` for CFG;
 * total error      ``‖ṽ^θ − u_c‖`` — the model's guided velocity against ``u_c``.
@@ -26,13 +28,13 @@ Norms are per sample (over all non-batch axes); reported numbers are means over 
 batch ``x0``.  ``x0`` is *shared* by all seeds (a paired comparison: seed-to-seed spread is
 model spread, not noise spread).
 
-**Zero-init rules.**  :class:`~cfgzero_theory.ZeroInit` and
-:class:`~cfgzero_theory.CFGZeroStar` replace the first ``K`` steps by ``ṽ = 0`` for the
+**Zero-init rules.**  Rules with zero-init (kinds ``zero-init`` and ``cfg-zero-star``,
+any rule wrapped in :class:`~cfgzero_theory.ZeroInit`) replace the first ``K`` steps by ``ṽ = 0`` for the
 model *and* for the exact field, so "same rule, same step" compares ``0`` with ``0`` there —
 a learning error of zero that says nothing.  The meaningful question on those steps is the
 one the paper asks: would the guided velocity the model *would* have produced beat zero?
 So the error pairs here always use the rule **without** its zero-init
-(:func:`without_zero_init`: ``ZeroInit(r) → r``, ``CFGZeroStar(w) → CFGStar(w)``), while
+(:func:`~cfgzero_theory.guidance.without_zero_init`: ``K = 0``, through any wrapper), while
 the velocity the sampler actually *applied* (zero on zeroed steps) enters
 ``applied_error`` and ``total_error`` of :func:`per_step_errors`.
 
@@ -61,7 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfgzero_theory import metrics
-from cfgzero_theory.guidance import CFGStar, CFGZeroStar, GuidanceRule, ZeroInit
+from cfgzero_theory.guidance import GuidanceRule, without_zero_init, zero_init_steps
+from cfgzero_theory.validation import check_open_fraction
 from cfgzero_theory.mixture import NULL_LABEL
 from cfgzero_theory.sampling import SOLVERS, sample
 
@@ -70,36 +73,12 @@ VelocityFn = Callable[..., Array]
 
 
 # ----------------------------------------------------------------------------- helpers
-def without_zero_init(rule: GuidanceRule) -> GuidanceRule:
-    """The rule with its zero-init removed: ``ZeroInit(r, K) → r`` (recursively), ``CFGZeroStar(w, K) → CFGStar(w)``.
-
-    Other rules are returned unchanged.  Works on rules with traced leaves (inside ``jit``).
-    """
-    if isinstance(rule, ZeroInit):
-        return without_zero_init(rule.rule)
-    if isinstance(rule, CFGZeroStar):
-        return CFGStar(rule.scale)
-    return rule
-
-
-def zero_init_steps(rule: GuidanceRule):
-    """Number ``K`` of leading solver steps the rule replaces by a zero velocity (``0`` if none).
-
-    ``ZeroInit(ZeroInit(r, K₁), K₂)`` zeroes ``max(K₁, K₂)`` steps.  May be a traced integer.
-    """
-    if isinstance(rule, ZeroInit):
-        return jnp.maximum(rule.steps, zero_init_steps(rule.rule))
-    if isinstance(rule, CFGZeroStar):
-        return rule.zero_init_steps
-    return 0
-
-
 def _norms(v: Array) -> Array:
     """Per-sample Euclidean norms over every non-batch axis, ``(B,)``."""
     return jnp.sqrt(jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=1))
 
 
-def _num_seeds(params) -> int:
+def num_seeds(params) -> int:
     """The common leading (seed) axis of every array leaf of ``params``; ``ValueError`` otherwise."""
     leaves = jax.tree_util.tree_leaves(params)
     if not leaves:
@@ -197,7 +176,7 @@ def first_step_errors(
     its zero-init (:func:`without_zero_init`) evaluated at step ``0``:
 
     * ``ṽ_0^θ = r(v^θ(x0, 0, c), v^θ(x0, 0, ∅))`` — per seed ``θ``;
-    * ``ṽ_0^* = r(u_c, u_u)`` with ``u_c = μ_c − x0``, ``u_u = μ̄ − x0`` (exact, DESIGN.md §3);
+    * ``ṽ_0^* = r(u_c, u_u)`` with ``u_c = μ_c − x0``, ``u_u = μ̄ − x0`` (exact, docs/design.md §4);
 
     and returns, as :class:`FirstStepErrors`, ``E‖ṽ_0^θ − ṽ_0^*‖`` and ``E‖ṽ_0^θ − u_c‖`` per
     seed, and the seed-independent ``E‖ṽ_0^*‖`` (zero baseline), ``E‖ṽ_0^* − u_c‖``
@@ -221,7 +200,7 @@ def first_step_errors(
       ``{name: FirstStepErrors}`` with ``(S,)`` per-seed fields and scalar baselines.
     """
     x0 = _check_x0(mixture, x0)
-    _num_seeds(params)
+    num_seeds(params)
     if not isinstance(rules, Mapping) or not rules or not all(isinstance(k, str) for k in rules):
         raise ValueError("rules must be a non-empty mapping from names (str) to guidance rules")
     if not all(callable(r) for r in rules.values()):
@@ -321,7 +300,7 @@ def per_step_errors(
       :class:`PerStepErrors`: ``(S, N)`` error means, ``zeroed (N,)``, ``samples (S, B, d)``.
     """
     x0 = _check_x0(mixture, x0)
-    _num_seeds(params)
+    num_seeds(params)
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if not callable(rule):
@@ -559,7 +538,7 @@ def make_sample_scorer(
     key = jax.random.key(0) if key is None else key
     reference = mixture.sample(key, int(num_reference), label)
     ref_log_p = mixture.log_prob(reference, label)
-    threshold = jnp.quantile(ref_log_p, 1.0 - metrics._check_mass(mass))
+    threshold = jnp.quantile(ref_log_p, 1.0 - check_open_fraction("mass", mass))
     nll_floor = -jnp.mean(ref_log_p)
     if mixture.dim == 2:
         lo, hi = jsd_grid(mixture) if grid is None else grid

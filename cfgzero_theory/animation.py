@@ -14,7 +14,7 @@ panel per rule (e.g. CFG and CFG-Zero* at ``w = 4``, side by side):
   zeroes), and says ``zero velocity`` while the rule applies a zero velocity (zero-init
   steps, detected from the velocities the sampler used, so any rule works).
 
-Conventions (DESIGN.md §2): theory time, ``t = 0`` noise, ``t = 1`` data; the field is
+Conventions (docs/design.md §2): theory time, ``t = 0`` noise, ``t = 1`` data; the field is
 ``velocity_fn(params, x, t, label)`` in the sampler's protocol
 (:mod:`cfgzero_theory.sampling`): by default the exact field of the mixture
 (``GaussianMixture.velocity`` with ``params = mixture``), or a learned network
@@ -50,7 +50,7 @@ from cfgzero_theory.guidance import describe
 from cfgzero_theory.mixture import GaussianMixture
 from cfgzero_theory.sampling import SOLVERS, sample, time_grid
 
-__all__ = ["FORMATS", "TITLE_SPACE", "animate_trajectories", "default_view", "frame_count", "frame_size"]
+__all__ = ["FORMATS", "TITLE_SPACE", "animate_trajectories", "check_view", "default_view", "frame_count", "frame_size"]
 
 #: File formats :func:`animate_trajectories` can write.
 FORMATS = ("gif", "mp4")
@@ -135,7 +135,8 @@ def _named_rules(rules) -> list[tuple[str, object]]:
     return items
 
 
-def _view(grid) -> tuple[np.ndarray, np.ndarray]:
+def check_view(grid) -> tuple[np.ndarray, np.ndarray]:
+    """A plotting window ``(lo, hi)`` of scalars or ``(x, y)`` pairs as two finite ``(2,)`` arrays, ``hi > lo``."""
     try:
         lo, hi = grid
         lo = np.broadcast_to(np.asarray(lo, np.float64), (2,))
@@ -320,7 +321,7 @@ def animate_trajectories(
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ValueError(f"formats must be a non-empty selection of {FORMATS}, got {formats!r}")
-    view = None if grid is None else _view(grid)
+    view = None if grid is None else check_view(grid)
     if field_name is None:
         field_name = "exact field" if exact else "model field"
 

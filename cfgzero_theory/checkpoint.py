@@ -2,7 +2,7 @@
 
 The training loop trains many seeds at once (every leaf carries a leading seed axis) and
 writes a checkpoint at chosen epochs; resuming from one must be bit-identical
-(DESIGN.md §6: safetensors only, never pickle; temp file then rename; loaders say which
+(docs/design.md §7: safetensors only, never pickle; temp file then rename; loaders say which
 keys and shapes are wrong).
 
 Public API
@@ -416,13 +416,17 @@ def _prng_impls(path: str, metadata: dict[str, str]) -> dict[str, str]:
 
 
 def _convert_weak(x: jax.Array, weak: bool) -> jax.Array:
-    if not weak:
+    """``x`` weakly typed again when its template was (e.g. ``jnp.asarray(3)``), so a resumed
+    computation promotes dtypes exactly as the original did.
+
+    JAX has no public way to mark an array weakly typed; a 0-d array is rebuilt from its
+    Python value (exact, and weakly typed when its dtype is JAX's default for that Python
+    type), anything else keeps its (equal) values and dtype, strongly typed.
+    """
+    if not weak or x.ndim:
         return x
-    try:  # no public API makes a weakly-typed array; keep resumption exact where possible
-        from jax._src.lax.lax import _convert_element_type
-    except ImportError:  # pragma: no cover
-        return x
-    return _convert_element_type(x, weak_type=True)
+    rebuilt = jnp.asarray(x.item())
+    return rebuilt if rebuilt.dtype == x.dtype else x
 
 
 _PY_SCALARS = (bool, int, float, complex)

@@ -39,7 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .guidance import CFG, GuidanceRule, _rule, apply_rule, describe, init_rule_state
+from .guidance import (CFG, GuidanceRule, apply_rule, describe, guidance_rule, init_rule_state, rule_family,
+                       rule_kind, static_field, without_zero_init, zero_init_steps)
+from .validation import check_fraction, check_int, check_leaf, check_real
 
 Array = jax.Array
 
@@ -60,45 +62,6 @@ __all__ = [
 ]
 
 
-def _static(default=dataclasses.MISSING):
-    """A dataclass field stored as pytree aux data (see ``guidance._rule``)."""
-    return dataclasses.field(default=default, metadata={"static": True})
-
-
-# ----------------------------------------------------------------------------- validation
-def _concrete(value):
-    """``value`` as a Python float when it is a concrete Python/NumPy number, else ``None``.
-
-    Leaves may be tracers or placeholders (``jax`` rebuilds rules with odd leaves inside
-    transformations); those are not checked.
-    """
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    if isinstance(value, (numbers.Real, np.number)):
-        return float(value)
-    if isinstance(value, np.ndarray) and value.size == 1:
-        return float(value.reshape(()))
-    return None
-
-
-def _check_leaf(name, value, ok, requirement):
-    x = _concrete(value)
-    if x is not None and not ok(x):
-        raise ValueError(f"{name} must be {requirement}; got {value!r}")
-
-
-def _check_num_steps(num_steps):
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer; got {num_steps!r}")
-    return int(num_steps)
-
-
-def _check_fraction(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}")
-    return float(value)
-
-
 def _sample_axes(v) -> tuple:
     return tuple(range(1, jnp.ndim(v)))
 
@@ -117,17 +80,37 @@ def _gate(enabled, v_guided, v_cond, new_state, old_state):
 
 
 class _Stateful:
-    """Calling a stateful rule directly runs one step from its initial state."""
+    """Calling a stateful rule directly runs one step from its initial state.
+
+    Rules outside the CFG-Zero* kinds describe themselves as family ``other`` without
+    zero-init; :class:`_Wrapper` passes its inner rule's description through instead.
+    """
 
     def __call__(self, v_cond, v_uncond, step=0):
         return self.apply(self.init_state(jnp.asarray(v_cond)), v_cond, v_uncond, step)[0]
 
 
 class _Wrapper(_Stateful):
-    """A rule around ``self.rule``; its state is the inner rule's state."""
+    """A rule around ``self.rule``: its state, kind, family and zero-init are the inner rule's."""
 
     def init_state(self, v_like):
         return init_rule_state(self.rule, v_like)
+
+    @property
+    def kind(self) -> str:
+        return rule_kind(self.rule)
+
+    @property
+    def family(self) -> str:
+        return rule_family(self.rule)
+
+    @property
+    def zero_init_steps(self):
+        return zero_init_steps(self.rule)
+
+    def without_zero_init(self):
+        """The same wrapper around the inner rule without its zero-init."""
+        return dataclasses.replace(self, rule=without_zero_init(self.rule))
 
 
 # ----------------------------------------------------------------------------- CFG, original form
@@ -136,7 +119,7 @@ def cfg_original(v_cond: Array, v_uncond: Array, scale) -> Array:
     return v_cond + scale * (v_cond - v_uncond)
 
 
-@_rule
+@guidance_rule
 class CFGOriginal:
     """Classifier-free guidance in its original formulation: ``ṽ = v_c + w·(v_c − v_u)``.
 
@@ -150,6 +133,9 @@ class CFGOriginal:
 
     scale: float
 
+    def __post_init__(self):
+        object.__setattr__(self, "scale", check_leaf("scale", self.scale, lambda x: True, "a finite number"))
+
     def __call__(self, v_cond, v_uncond, step=0):
         return cfg_original(v_cond, v_uncond, self.scale)
 
@@ -158,7 +144,7 @@ class CFGOriginal:
 
 
 # ----------------------------------------------------------------------------- step interval
-@_rule
+@guidance_rule
 class GuidanceInterval(_Wrapper):
     """``rule`` on solver steps ``int(start·N) <= i < int(stop·N)``, ``v_c`` elsewhere.
 
@@ -177,14 +163,14 @@ class GuidanceInterval(_Wrapper):
     """
 
     rule: GuidanceRule
-    start: float = _static()
-    stop: float = _static()
-    num_steps: int = _static()
+    start: float = static_field()
+    stop: float = static_field()
+    num_steps: int = static_field()
 
     def __post_init__(self):
-        n = _check_num_steps(self.num_steps)
-        start = _check_fraction("start", self.start)
-        stop = _check_fraction("stop", self.stop)
+        n = check_int("num_steps", self.num_steps, minimum=1)
+        start = check_fraction("start", self.start)
+        stop = check_fraction("stop", self.stop)
         if start > stop:
             raise ValueError(f"start must not exceed stop; got start={start!r} > stop={stop!r}")
         object.__setattr__(self, "num_steps", n)
@@ -222,7 +208,7 @@ def guidance_rescale(v_guided: Array, v_cond: Array, rescale) -> Array:
     return rescale * (v_guided * factor) + (1 - rescale) * v_guided
 
 
-@_rule
+@guidance_rule
 class GuidanceRescale(_Wrapper):
     """``rule`` followed by guidance rescale (Lin et al. 2023, §3.4) with factor ``φ = rescale``.
 
@@ -245,7 +231,8 @@ class GuidanceRescale(_Wrapper):
     rescale: float = 0.7
 
     def __post_init__(self):
-        _check_leaf("rescale", self.rescale, lambda x: 0.0 <= x <= 1.0, "in [0, 1]")
+        object.__setattr__(self, "rescale", check_leaf("rescale", self.rescale, lambda x: 0.0 <= x <= 1.0,
+                                                       "a number in [0, 1]"))
 
     def apply(self, state, v_cond, v_uncond, step=0):
         v, state = apply_rule(self.rule, state, v_cond, v_uncond, step)
@@ -271,7 +258,7 @@ def _apg_update(diff: Array, v_cond: Array, eta, norm_threshold) -> Array:
     return orthogonal.astype(dtype) + eta * parallel.astype(dtype)
 
 
-@_rule
+@guidance_rule
 class APG(_Stateful):
     """Adaptive projected guidance (Sadat et al. 2024) as diffusers' ``AdaptiveProjectedGuidance``.
 
@@ -303,10 +290,13 @@ class APG(_Stateful):
     momentum: float = 0.0
     norm_threshold: float = 15.0
     eta: float = 1.0
-    use_original_formulation: bool = _static(False)
+    use_original_formulation: bool = static_field(False)
 
     def __post_init__(self):
-        _check_leaf("norm_threshold", self.norm_threshold, lambda x: x >= 0, ">= 0")
+        for name in ("scale", "momentum", "eta"):
+            object.__setattr__(self, name, check_leaf(name, getattr(self, name), lambda x: True, "a finite number"))
+        object.__setattr__(self, "norm_threshold", check_leaf("norm_threshold", self.norm_threshold,
+                                                              lambda x: x >= 0, "a number >= 0"))
         if not isinstance(self.use_original_formulation, (bool, np.bool_)):
             raise ValueError(f"use_original_formulation must be a bool; got {self.use_original_formulation!r}")
         object.__setattr__(self, "use_original_formulation", bool(self.use_original_formulation))
@@ -349,7 +339,7 @@ def tangential_cfg(v_cond: Array, v_uncond: Array, scale, use_original_formulati
     return base + scale * (v_cond - u_proj)
 
 
-@_rule
+@guidance_rule
 class TangentialCFG:
     """Tangential CFG (arXiv:2503.18137) as diffusers' ``TangentialClassifierFreeGuidance``.
 
@@ -368,7 +358,13 @@ class TangentialCFG:
     """
 
     scale: float
-    use_original_formulation: bool = _static(False)
+    use_original_formulation: bool = static_field(False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "scale", check_leaf("scale", self.scale, lambda x: True, "a finite number"))
+        if not isinstance(self.use_original_formulation, (bool, np.bool_)):
+            raise ValueError(f"use_original_formulation must be a bool; got {self.use_original_formulation!r}")
+        object.__setattr__(self, "use_original_formulation", bool(self.use_original_formulation))
 
     def __call__(self, v_cond, v_uncond, step=0):
         return tangential_cfg(v_cond, v_uncond, self.scale, self.use_original_formulation)
@@ -379,7 +375,7 @@ class TangentialCFG:
 
 
 # ----------------------------------------------------------------------------- Lumina
-@_rule
+@guidance_rule
 class ChannelSubset(_Wrapper):
     """``rule`` on the first ``channels`` channels (axis 1); the rest is taken from ``v_c``.
 
@@ -392,13 +388,11 @@ class ChannelSubset(_Wrapper):
     """
 
     rule: GuidanceRule
-    channels: int | None = _static(3)
+    channels: int | None = static_field(3)
 
     def __post_init__(self):
-        k = self.channels
-        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
-            raise ValueError(f"channels must be a positive integer or None; got {k!r}")
-        object.__setattr__(self, "channels", None if k is None else int(k))
+        if self.channels is not None:
+            object.__setattr__(self, "channels", check_int("channels", self.channels, minimum=1))
 
     def init_state(self, v_like):
         v_like = jnp.asarray(v_like)
@@ -419,7 +413,7 @@ class ChannelSubset(_Wrapper):
         return f"{describe(self.rule)} on {where}"
 
 
-@_rule
+@guidance_rule
 class Renormalize(_Wrapper):
     """Lumina2's ``cfg_normalization``: rescale ``ṽ = rule(v_c, v_u)`` to the conditional's norm.
 
@@ -436,8 +430,8 @@ class Renormalize(_Wrapper):
     """
 
     rule: GuidanceRule
-    axis: int | tuple | None = _static(-1)
-    clamp: bool = _static(False)
+    axis: int | tuple | None = static_field(-1)
+    clamp: bool = static_field(False)
 
     def __post_init__(self):
         axis = self.axis
@@ -480,7 +474,7 @@ class Renormalize(_Wrapper):
         return f"{describe(self.rule)} + {kind} (axis={self.axis})"
 
 
-@_rule
+@guidance_rule
 class CFGTruncation(_Wrapper):
     """Lumina2's ``cfg_trunc_ratio``: ``rule`` on steps with ``(i + 1)/N <= ratio``, ``v_c`` after.
 
@@ -496,16 +490,12 @@ class CFGTruncation(_Wrapper):
     """
 
     rule: GuidanceRule
-    ratio: float = _static()
-    num_steps: int = _static()
+    ratio: float = static_field()
+    num_steps: int = static_field()
 
     def __post_init__(self):
-        n = _check_num_steps(self.num_steps)
-        r = self.ratio
-        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not float(r) >= 0:
-            raise ValueError(f"ratio must be a number >= 0; got {r!r}")
-        object.__setattr__(self, "num_steps", n)
-        object.__setattr__(self, "ratio", float(r))
+        object.__setattr__(self, "num_steps", check_int("num_steps", self.num_steps, minimum=1))
+        object.__setattr__(self, "ratio", check_real("ratio", self.ratio, minimum=0.0))
 
     @property
     def guided_steps(self) -> int:

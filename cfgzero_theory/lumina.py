@@ -1,6 +1,6 @@
 """Lumina-Next's sampling convention, as diffusers' ``LuminaPipeline`` drives its network.
 
-Lumina-Next's network works in the theory convention (DESIGN.md §2): it is conditioned on
+Lumina-Next's network works in the theory convention (docs/design.md §2): it is conditioned on
 ``t = 1 − τ/1000`` (``τ`` the scheduler timestep, so ``t = 1 − σ`` with ``t = 1`` the
 image) and predicts the theory velocity ``u_t = x_data − ε`` in the first half of its
 output channels (the second half is a learned variance the sampler drops).  The pipeline

@@ -2,7 +2,7 @@
 
 Every function here takes samples (or sampler trajectories) and the exact
 :class:`~cfgzero_theory.GaussianMixture` (or any log-density), and returns numbers; nothing
-is plotted and nothing is fitted.  Conventions (DESIGN.md §2-3): theory time ``t ∈ [0, 1]``,
+is plotted and nothing is fitted.  Conventions (docs/design.md §2, §4): theory time ``t ∈ [0, 1]``,
 data at ``t = 1``; logarithms are natural (JSD in nats, at most ``log 2``).
 
 * :func:`jsd_to_density_on_grid` — Jensen–Shannon divergence between a 2-D sample
@@ -14,7 +14,7 @@ data at ``t = 1``; logarithms are natural (JSD in nats, at most ``log 2``).
   Gaussian–Gaussian kernel expectations are closed form;
 * :func:`mode_coverage` — share of samples per component against the class weights;
 * :func:`cfg_first_step_bias` and :func:`guidance_bias_along_trajectory` — the guidance
-  bias ``ṽ* − u_c`` of DESIGN.md §3, in closed form at ``t = 0`` and measured along a
+  bias ``ṽ* − u_c`` of docs/design.md §4, in closed form at ``t = 0`` and measured along a
   sampler's own trajectory.
 
 Inputs are validated eagerly (``ValueError`` naming the argument); the numerical work is
@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfgzero_theory.guidance import GuidanceRule, decompose_guidance_error, exact_guided_velocity
+from cfgzero_theory.validation import check_open_fraction
 
 Array = jax.Array
 
@@ -379,7 +380,7 @@ def _mode_coverage(mixture, x: Array, weights: Array) -> ModeCoverage:
 def cfg_first_step_bias(mixture, label, scale) -> Array:
     """Closed-form guidance bias of exact CFG at ``t = 0``: ``ṽ*_0 − u_c = (w − 1)(μ_c − μ̄)``.
 
-    At ``t = 0`` the exact fields are ``u_c = μ_c − x0`` and ``u_u = μ̄ − x0`` (DESIGN.md §3),
+    At ``t = 0`` the exact fields are ``u_c = μ_c − x0`` and ``u_u = μ̄ − x0`` (docs/design.md §4),
     so ``v_u + w(v_c − v_u) − v_c = (w − 1)(μ_c − μ̄)`` for every noise ``x0``.  ``μ_c`` is
     the class mean, ``μ̄`` the whole mixture's mean.  Shape ``(d,)``.
     """
@@ -403,7 +404,7 @@ def guidance_bias_along_trajectory(mixture, trajectory, times, label, rule: Guid
 
     ``ṽ*`` is the exact guided field of ``rule`` at solver step ``i`` (so zero-init rules
     give ``‖u_c‖`` on their zeroed steps) and ``u_c`` the exact class velocity, both
-    recomputed from the mixture at the states ``x_i`` a sampler visited (DESIGN.md §3: the
+    recomputed from the mixture at the states ``x_i`` a sampler visited (docs/design.md §4: the
     bias is what guidance adds on top of the true conditional field, separate from any
     learning error).  ``trajectory`` is ``(N + 1, B, d)`` (``x_0 … x_N`` as returned by
     :func:`~cfgzero_theory.sampling.sample` with ``return_trajectory=True``; the final state
@@ -510,16 +511,6 @@ def _frechet_samples(x: Array, mean: Array, cov: Array) -> Array:
 HDR_NUM_REFERENCE = 20_000
 
 
-def _check_mass(mass) -> float:
-    try:
-        value = float(mass)
-    except (TypeError, ValueError):
-        raise ValueError(f"mass must be a number in (0, 1), got {mass!r}") from None
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"mass must lie strictly between 0 and 1, got {mass!r}")
-    return value
-
-
 def hdr_log_density_threshold(mixture, label=None, *, key, mass: float = 0.95, num_reference: int = HDR_NUM_REFERENCE) -> Array:
     """Log-density level ``τ`` whose super-level set ``{x: log p(x | label) >= τ}`` holds ``mass``.
 
@@ -532,7 +523,7 @@ def hdr_log_density_threshold(mixture, label=None, *, key, mass: float = 0.95, n
     if mixture.is_singular:
         raise ValueError("mixture has a singular covariance: its data distribution has no density")
     label = mixture.check_label(label)
-    mass = _check_mass(mass)
+    mass = check_open_fraction("mass", mass)
     if not (isinstance(num_reference, (int, np.integer)) and num_reference >= 2):
         raise ValueError(f"num_reference must be an integer >= 2, got {num_reference!r}")
     if key is None:

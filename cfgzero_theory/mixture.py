@@ -1,6 +1,6 @@
 """Exact Gaussian mixtures on the linear flow-matching path.
 
-Theory convention (DESIGN.md §2-3): ``t = 0`` is noise ``x0 ~ N(0, I)``, ``t = 1`` is data
+Theory convention (docs/design.md §2, §4): ``t = 0`` is noise ``x0 ~ N(0, I)``, ``t = 1`` is data
 ``x1 ~ p1 = Σ_k π_k N(μ_k, Σ_k)``, and ``x_t = t·x1 + (1 − t)·x0``.  Given component ``k``,
 ``x_t ~ N(t·μ_k, S_k)`` with ``S_k(t) = t²Σ_k + (1 − t)²I``.  Every quantity below is a
 responsibility-weighted sum over components, computed in each component's eigenbasis

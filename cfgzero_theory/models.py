@@ -1,6 +1,6 @@
 """Class-conditional flow-matching velocity networks ``v_θ(x, t, y)`` in Flax NNX.
 
-Theory convention (DESIGN.md §2): ``t = 0`` noise, ``t = 1`` data; the network regresses
+Theory convention (docs/design.md §2): ``t = 0`` noise, ``t = 1`` data; the network regresses
 ``x1 − x0``.  The unconditional branch of CFG is a learned *null class*: label
 ``NULL_LABEL = -1`` selects an extra embedding row (index ``num_classes``), trained by label
 dropout.  The conditioning is ``c = [sin(π·2^j·t), cos(π·2^j·t) (j < F), embed(y)]``; the

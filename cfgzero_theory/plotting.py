@@ -16,15 +16,16 @@ family              colour               line        marker
 ``conditional``     reddish purple       dash-dot    ``D``
 ``unconditional``   sky blue             dotted      ``v``
 ``cfg``             vermillion           solid       ``o``
-``cfg_star``        blue                 dashed      ``s``
-``zero_init``       orange               dotted      ``^``
-``cfg_zero_star``   bluish green         solid       ``P``
+``cfg-star``        blue                 dashed      ``s``
+``zero-init``       orange               dotted      ``^``
+``cfg-zero-star``   bluish green         solid       ``P``
 ``other``           grey                 solid       ``.``
 ==================  ===================  ==========  ======
 
-Family of a rule (:func:`rule_family`): ``CFG`` with scale 1 is ``conditional`` (conditional
-only) and with scale 0 ``unconditional``; ``ZeroInit(CFGStar)`` is ``cfg_zero_star`` (the
-same rule); ``ZeroInit`` of anything else is ``zero_init``; the other wrappers of
+Families are the guidance kinds of :data:`cfgzero_theory.guidance.KINDS` plus ``exact``,
+``unconditional`` and ``other``; a rule says its own family
+(:func:`cfgzero_theory.guidance.rule_family`): its kind, ``unconditional`` for CFG at
+``w = 0``, ``other`` for rules outside the kinds (APG, TCFG, …), and the wrappers of
 :mod:`cfgzero_theory.guidance_family` (interval, rescale, channel subset, …) take their inner
 rule's family.
 """
@@ -37,7 +38,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from cfgzero_theory.guidance import CFG, CFGStar, CFGZeroStar, ZeroInit
+from cfgzero_theory import guidance
 
 #: The Okabe–Ito palette.
 OKABE_ITO = {
@@ -58,9 +59,9 @@ FAMILY_COLORS = {
     "conditional": OKABE_ITO["reddish_purple"],
     "unconditional": OKABE_ITO["sky_blue"],
     "cfg": OKABE_ITO["vermillion"],
-    "cfg_star": OKABE_ITO["blue"],
-    "zero_init": OKABE_ITO["orange"],
-    "cfg_zero_star": OKABE_ITO["bluish_green"],
+    "cfg-star": OKABE_ITO["blue"],
+    "zero-init": OKABE_ITO["orange"],
+    "cfg-zero-star": OKABE_ITO["bluish_green"],
     "other": OKABE_ITO["grey"],
 }
 
@@ -69,9 +70,9 @@ FAMILY_LINESTYLES = {
     "conditional": "-.",
     "unconditional": ":",
     "cfg": "-",
-    "cfg_star": "--",
-    "zero_init": ":",
-    "cfg_zero_star": "-",
+    "cfg-star": "--",
+    "zero-init": ":",
+    "cfg-zero-star": "-",
     "other": "-",
 }
 
@@ -80,9 +81,9 @@ FAMILY_MARKERS = {
     "conditional": "D",
     "unconditional": "v",
     "cfg": "o",
-    "cfg_star": "s",
-    "zero_init": "^",
-    "cfg_zero_star": "P",
+    "cfg-star": "s",
+    "zero-init": "^",
+    "cfg-zero-star": "P",
     "other": ".",
 }
 
@@ -119,17 +120,7 @@ def rule_family(rule) -> str:
         if rule not in FAMILY_COLORS:
             raise ValueError(f"rule family must be one of {sorted(FAMILY_COLORS)}, got {rule!r}")
         return rule
-    if isinstance(rule, CFG):
-        scale = float(rule.scale)
-        return "conditional" if scale == 1.0 else "unconditional" if scale == 0.0 else "cfg"
-    if isinstance(rule, CFGStar):
-        return "cfg_star"
-    if isinstance(rule, CFGZeroStar):
-        return "cfg_zero_star"
-    if isinstance(rule, ZeroInit):
-        return "cfg_zero_star" if isinstance(rule.rule, CFGStar) else "zero_init"
-    inner = getattr(rule, "rule", None)  # wrappers of guidance_family (interval, rescale, channel subset, ...)
-    return rule_family(inner) if inner is not None else "other"
+    return guidance.rule_family(rule)
 
 
 def rule_color(rule) -> str:

@@ -2,7 +2,8 @@
 
 A :class:`SamplerPreset` is a small frozen record; :meth:`~SamplerPreset.schedule`,
 :meth:`~SamplerPreset.solver` and :meth:`~SamplerPreset.rule` turn it into the three
-arguments :func:`~cfgzero_theory.sampling.sample_flow` needs.  Guidance kinds (``rule``):
+arguments :func:`~cfgzero_theory.sampling.sample_flow` needs.  Guidance kinds are the one
+vocabulary of :func:`cfgzero_theory.guidance.make_rule` (:data:`~cfgzero_theory.guidance.KINDS`):
 
 * ``"cfg"``            CFG with the preset's scale (Lumina: on its first three channels);
 * ``"cfg-star"``       the optimized scale, no zero-init;
@@ -12,7 +13,10 @@ arguments :func:`~cfgzero_theory.sampling.sample_flow` needs.  Guidance kinds (`
   Flux-dev, whose guidance is an input of the network; ``zero_init_steps > 0`` makes it
   Flux-dev's "zero-init only" variant.
 
-Sources: the paper's settings (DESIGN.md §4: SD3.5-large 28 steps, scale 3.5, zero-init 1;
+A preset is the one place a model's sampler defaults are declared: the pipelines and the
+command lines read their default step count, scale and ``K`` from it.
+
+Sources: the paper's settings (docs/design.md §5: SD3.5-large 28 steps, scale 3.5, zero-init 1;
 Wan2.1 T2V 50 UniPC steps, ``flow_shift`` 3.0 at 480p / 5.0 at 720p, scale 5.0, zero-init 2;
 Flux-dev 50 steps, distilled guidance 3.5) and otherwise the defaults of the corresponding
 diffusers pipelines and scheduler configurations (SD3: 28 steps, shift 3.0, scale 7.0; Flux:
@@ -24,13 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from cfgzero_theory.guidance import CFG, CFGStar, CFGZeroStar, GuidanceRule, ZeroInit
-from cfgzero_theory.guidance_family import ChannelSubset
+from cfgzero_theory.guidance import KINDS, GuidanceRule, make_rule
 from cfgzero_theory.sampling import FlowSampleResult, sample_flow
 from cfgzero_theory.schedules import FlowMatchEuler, FlowSchedule, flow_match_euler_schedule, flux_mu, flux_sigmas
 from cfgzero_theory.unipc import UniPC, unipc_flow_schedule
 
-GUIDANCE_KINDS = ("cfg", "cfg-star", "zero-init", "cfg-zero-star", "conditional")
+#: The guidance kinds (the same tuple as :data:`cfgzero_theory.guidance.KINDS`).
+GUIDANCE_KINDS = KINDS
 SOLVERS = ("flow_match_euler", "unipc")
 
 
@@ -83,19 +87,10 @@ class SamplerPreset:
         if kind not in GUIDANCE_KINDS:
             raise ValueError(f"guidance must be one of {GUIDANCE_KINDS}, got {kind!r}")
         w = self.scale if scale is None else scale
-        k = self.zero_init_steps if zero_init_steps is None else zero_init_steps
-        if not (isinstance(k, int) and k >= 0):
-            raise ValueError(f"zero_init_steps must be a non-negative integer, got {k!r}")
-        if kind == "conditional":
-            rule = CFG(1.0)
-            return ZeroInit(rule, k) if k else rule
-        rule = {
-            "cfg": lambda: CFG(w),
-            "cfg-star": lambda: CFGStar(w),
-            "zero-init": lambda: ZeroInit(CFG(w), k),
-            "cfg-zero-star": lambda: CFGZeroStar(w, k),
-        }[kind]()
-        return rule if self.guidance_channels is None else ChannelSubset(rule, self.guidance_channels)
+        k = zero_init_steps
+        if k is None and kind != "cfg" and kind != "cfg-star":
+            k = self.zero_init_steps
+        return make_rule(kind, None if kind == "conditional" else w, k, channels=self.guidance_channels)
 
     def sample(self, model_fn, params, latents, context, uncond_context, guidance: str | None = None, *,
                image_seq_len: int | None = None, return_trajectory: bool = False, **rule_options) -> FlowSampleResult:

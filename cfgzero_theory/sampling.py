@@ -1,31 +1,38 @@
-"""Guided ODE sampling in the theory convention, each whole loop one compiled program.
+"""Guided ODE sampling, the whole loop one compiled program: one loop, two conventions.
 
-The ODE ``dx/dt = ṽ_t(x)`` is integrated from ``t = 0`` (noise) to ``t = 1`` (data) on a
-time grid ``0 = t_0 < t_1 < … < t_N = 1``.  At solver step ``i`` the guided velocity is
-``ṽ = rule(v(x, t_i, label), v(x, t_i, NULL_LABEL), step=i)``, the two branches evaluated
-in one batched call.  Solvers:
+:func:`sample_flow` is *the* sampling loop, in diffusers' σ convention: a
+:class:`~cfgzero_theory.schedules.FlowSchedule`, a solver object, any guidance rule (stateful
+ones included) and a model ``model_fn(params, x, sigma, timestep, context)`` whose
+conditional and unconditional contexts are batched into one call.  :func:`sample` is a thin
+adapter onto it for the theory convention (docs/design.md §2): the ODE ``dx/dt = ṽ_t(x)``
+integrated from ``t = 0`` (noise) to ``t = 1`` (data) on a time grid
+``0 ≤ t_0 < t_1 < … < t_N ≤ 1``, with ``σ = 1 − t`` and ``v_σ = −u_t``.  At solver step ``i``
+the guided velocity is ``ṽ = rule(v(x, t_i, label), v(x, t_i, NULL_LABEL), step=i)``, the
+two branches evaluated in one batched call.  Solvers (:data:`SOLVERS` by name in
+:func:`sample`):
 
-* Euler: ``x_{i+1} = x_i + h_i·ṽ(x_i, t_i)``, ``h_i = t_{i+1} − t_i``;
-* Heun:  ``x̂ = x_i + h_i·ṽ(x_i, t_i)``, ``x_{i+1} = x_i + h_i/2·(ṽ(x_i, t_i) + ṽ(x̂, t_{i+1}))``,
-  both stages guided with the same step index ``i`` (so zero-init zeroes whole steps).
-  Heun's last stage evaluates the field at ``t_N = 1``; for a mixture with a singular
-  covariance the exact field is undefined there, so use Euler or end the grid below 1.
+* Euler (:class:`~cfgzero_theory.schedules.FlowMatchEuler`): ``x_{i+1} = x_i + h_i·ṽ(x_i, t_i)``,
+  ``h_i = t_{i+1} − t_i``;
+* Heun (:class:`~cfgzero_theory.schedules.Heun`): ``x̂ = x_i + h_i·ṽ(x_i, t_i)``,
+  ``x_{i+1} = x_i + h_i/2·(ṽ(x_i, t_i) + ṽ(x̂, t_{i+1}))``, both stages guided with the same
+  step index ``i`` (so zero-init zeroes whole steps).  Heun's last stage evaluates the field
+  at ``t_N``; for a mixture with a singular covariance the exact field is undefined at
+  ``t = 1``, so use Euler or end the grid below 1.
+* UniPC (:class:`~cfgzero_theory.unipc.UniPC`, σ convention only): Wan's multistep solver.
 
 A velocity function has the signature ``velocity_fn(params, x, t, label)`` with ``params`` a
 pytree (a :class:`~cfgzero_theory.GaussianMixture`, network weights, …), ``x`` of shape
 ``(B, ...)``, ``t`` a scalar and ``label`` an integer array ``(B,)`` in which ``NULL_LABEL``
 asks for the unconditional branch; ``GaussianMixture.velocity`` is one.
 
-Diffusers' σ convention (DESIGN.md §2) is linked by ``σ = 1 − t`` and ``v_σ = −u_t``:
 :func:`sigma_velocity_fn` and :func:`theory_velocity_fn` convert a velocity function between
-the two, and :func:`sigmas_to_times` converts a σ schedule into a time grid.
+the two conventions, :func:`sigmas_to_times` converts a σ schedule into a time grid, and
+:func:`mixture_flow_model` makes the exact Gaussian-mixture field a σ-convention model.
 
-:func:`sample_flow` is the loop of the model ports, in the σ convention: a
-:class:`~cfgzero_theory.schedules.FlowSchedule`, a solver
-(:class:`~cfgzero_theory.schedules.FlowMatchEuler`, :class:`~cfgzero_theory.unipc.UniPC`), any
-guidance rule (stateful ones included) and a model ``model_fn(params, x, sigma, timestep,
-context)`` whose conditional and unconditional contexts are batched into one call.
-:func:`mixture_flow_model` makes the exact Gaussian-mixture field such a model.
+The guidance rule is traced data: for the rules of :func:`cfgzero_theory.guidance.make_rule`
+the kind, the scale and ``K`` are numbers in the compiled program, so switching CFG ↔
+CFG-Zero*, or changing ``w`` or ``K``, reuses it; changing the step count, the shapes, the
+solver or the model function compiles anew.
 """
 
 from __future__ import annotations
@@ -39,14 +46,18 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
 from cfgzero_theory.guidance import GuidanceRule, apply_rule, init_rule_state, optimized_scale
 from cfgzero_theory.mixture import NULL_LABEL
-from cfgzero_theory.schedules import FlowMatchEuler, FlowSchedule, FlowSolver
+from cfgzero_theory.schedules import FlowMatchEuler, FlowSchedule, FlowSolver, Heun
+from cfgzero_theory.validation import check_choice, check_int, check_real
 
 Array = jax.Array
 VelocityFn = Callable[..., Array]
 
-SOLVERS = ("euler", "heun")
+#: The solvers :func:`sample` takes by name.
+SOLVERS = {"euler": FlowMatchEuler(), "heun": Heun()}
 
 
 def shift_sigmas(sigma: Array, shift) -> Array:
@@ -59,10 +70,8 @@ def time_grid(num_steps: int, shift: float = 1.0, dtype=None) -> Array:
 
     ``shift > 1`` spends more steps near the noise end (as SD3 does with ``shift = 3``).
     """
-    if not (isinstance(num_steps, int) and num_steps >= 1):
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    if not shift > 0:
-        raise ValueError(f"shift must be positive, got {shift!r}")
+    num_steps = check_int("num_steps", num_steps, minimum=1)
+    shift = check_real("shift", shift, positive=True)
     sigma = jnp.linspace(1.0, 0.0, num_steps + 1, dtype=dtype or jnp.result_type(float))
     return 1 - shift_sigmas(sigma, shift)
 
@@ -120,62 +129,58 @@ def sample(
 ) -> SampleResult:
     """Integrate the guided ODE from ``x0`` (at ``times[0]``) to ``times[-1]``; one compiled loop.
 
+    The theory-convention face of :func:`sample_flow`: ``σ = 1 − t``, the model
+    ``v_σ = −velocity_fn(params, x, 1 − σ, label)``, the labels as the conditional context
+    and ``NULL_LABEL`` as the unconditional one, the velocities of the result negated back.
+
     Args:
       velocity_fn: ``(params, x, t, label) -> velocity`` (see the module docstring); static
         under ``jit``, so pass the same function object to reuse the compilation.
       params: pytree handed to ``velocity_fn`` (traced).
       x0: initial noise ``(B, ...)``.
-      times: increasing time grid ``(N + 1,)``, e.g. :func:`time_grid`.
+      times: strictly increasing time grid in ``[0, 1]``, ``(N + 1,)``, e.g. :func:`time_grid`.
       label: an integer class, ``(B,)`` integers, or ``None``; ``None`` and ``NULL_LABEL``
         make the "conditional" branch unconditional too.
-      rule: a guidance rule (e.g. ``CFGZeroStar(4.0)``), traced, so scales can be vmapped.
+      rule: a guidance rule (e.g. ``make_rule("cfg-zero-star", 4.0)``), traced, so kinds and
+        scales share one compiled loop and scales can be vmapped.
       solver: ``"euler"`` or ``"heun"``.
       return_trajectory: also return the states and per-step velocities.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    check_choice("solver", solver, tuple(SOLVERS))
     x0 = jnp.asarray(x0)
     if x0.ndim < 2:
         raise ValueError(f"x0 must have shape (B, ...) with at least 2 axes, got {x0.shape}")
     times = jnp.asarray(times)
     if times.ndim != 1 or times.shape[0] < 2:
         raise ValueError(f"times must be a 1-D grid with at least 2 entries, got shape {times.shape}")
+    if not isinstance(times, jax.core.Tracer):
+        grid = np.asarray(times, np.float64)
+        if not (np.all(np.isfinite(grid)) and np.all(np.diff(grid) > 0) and grid[0] >= 0 and grid[-1] <= 1):
+            raise ValueError(f"times must be finite and strictly increasing within [0, 1], got {grid}")
     check = getattr(params, "check_label", None)
     if check is not None:
         check(label, (x0.shape[0],))
     labels = jnp.broadcast_to(jnp.asarray(NULL_LABEL if label is None else label, jnp.int32), (x0.shape[0],))
-    return _sample_jit(velocity_fn, params, x0, times, labels, rule, solver, return_trajectory)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 6, 7))
-def _sample_jit(velocity_fn, params, x0, times, labels, rule, solver, return_trajectory):
-    both_labels = jnp.concatenate([labels, jnp.full_like(labels, NULL_LABEL)])
-
-    def branches(x, t):
-        v = velocity_fn(params, jnp.concatenate([x, x]), t, both_labels)
-        return v[: x.shape[0]], v[x.shape[0] :]
-
-    def step(carry, inputs):
-        x, state = carry
-        i, t, t_next = inputs
-        h = (t_next - t).astype(x.dtype)
-        v_c, v_u = branches(x, t)
-        v, next_state = apply_rule(rule, state, v_c, v_u, i)
-        if solver == "euler":
-            x_next = x + h * v
-        else:  # the corrector stage reuses the step's incoming guidance state
-            v_next, _ = apply_rule(rule, state, *branches(x + h * v, t_next), i)
-            x_next = x + 0.5 * h * (v + v_next)
-        return (x_next, next_state), ((x_next, v, v_c, v_u) if return_trajectory else None)
-
-    steps = jnp.arange(times.shape[0] - 1)
-    carry = (x0, init_rule_state(rule, x0))
-    (x_final, _), record = jax.lax.scan(step, carry, (steps, times[:-1], times[1:]))
+    sigmas = 1 - times
+    flow = sample_flow(TheoryModel(velocity_fn), params, x0, FlowSchedule(sigmas, sigmas[:-1]), labels,
+                       jnp.full_like(labels, NULL_LABEL), rule, solver=SOLVERS[solver],
+                       return_trajectory=return_trajectory)
     if not return_trajectory:
-        return SampleResult(x_final)
-    states, guided, v_c, v_u = record
-    trajectory = jnp.concatenate([x0[None], states])
-    return SampleResult(x_final, trajectory, guided, v_c, v_u)
+        return SampleResult(flow.samples)
+    return SampleResult(flow.samples, flow.trajectory, -flow.guided, -flow.v_cond, -flow.v_uncond)
+
+
+@dataclasses.dataclass(frozen=True)
+class TheoryModel:
+    """A theory-convention velocity function as a σ-convention model of :func:`sample_flow`:
+    ``model(params, x, σ, timestep, labels) = −velocity_fn(params, x, 1 − σ, labels)``
+    (the timestep is not used).  Equal for equal ``velocity_fn``, so ``jit`` reuses its
+    compilation across calls."""
+
+    velocity_fn: VelocityFn
+
+    def __call__(self, params, x, sigma, timestep, labels):
+        return -self.velocity_fn(params, x, 1 - sigma, labels)
 
 
 # ----------------------------------------------------------------------------- σ convention
@@ -293,6 +298,10 @@ def sample_flow(
         raise ValueError(
             f"schedule must hold N + 1 sigmas and N >= 1 timesteps, got {sigmas.shape} and {timesteps.shape}"
         )
+    if not isinstance(sigmas, jax.core.Tracer):
+        values = np.asarray(sigmas, np.float64)
+        if not (np.all(np.isfinite(values)) and np.all(np.diff(values) < 0)):
+            raise ValueError(f"schedule.sigmas must be finite and strictly decreasing, got {values}")
     batch = latents.shape[0]
     for name, tree in (("context", context), ("uncond_context", uncond_context)):
         for leaf in jax.tree_util.tree_leaves(tree):
@@ -313,9 +322,8 @@ def _sample_flow_jit(model_fn, params, latents, schedule, context, uncond_contex
     batch = latents.shape[0]
     num_steps = schedule.timesteps.shape[0]
 
-    def step(carry, i):
-        x, rule_state, solver_state = carry
-        sigma, timestep = schedule.sigmas[i], schedule.timesteps[i]
+    def guided_at(x, sigma, timestep, i, rule_state):
+        """The guided prediction at ``(x, σ)`` for step ``i``: ``(ṽ, rule_state', v_c, v_u)``."""
         v = model_fn(params, jnp.concatenate([x, x]), sigma, timestep, both)
         v_c, v_u = v[:batch], v[batch:]
         guided, rule_state = apply_rule(rule, rule_state, v_c, v_u, i)
@@ -323,16 +331,24 @@ def _sample_flow_jit(model_fn, params, latents, schedule, context, uncond_contex
             v_p = jax.lax.cond(perturbed.active(i, num_steps),
                                lambda: perturbed.model_fn(params, x, sigma, timestep, context), lambda: v_c)
             guided = guided + perturbed.scale * (v_c - v_p)
-        guided = guided.astype(v_c.dtype)
-        x_next, solver_state = solver.step(solver_state, schedule, i, x, guided)
+        return guided.astype(v_c.dtype), rule_state, v_c, v_u
+
+    def step(carry, i):
+        x, rule_state, solver_state = carry
+        guided, next_rule_state, v_c, v_u = guided_at(x, schedule.sigmas[i], schedule.timesteps[i], i, rule_state)
+
+        def field(y, sigma, timestep):  # a later stage of step i: same index, same incoming guidance state
+            return guided_at(y, sigma, timestep, i, rule_state)[0]
+
+        x_next, solver_state = solver.step(solver_state, schedule, i, x, guided, field=field)
         x_next = x_next.astype(x.dtype)
         record = None
         if return_trajectory:
             record = (x_next, guided, v_c, v_u, optimized_scale(v_c, v_u).reshape(batch))
-        return (x_next, rule_state, solver_state), record
+        return (x_next, next_rule_state, solver_state), record
 
     carry = (latents, init_rule_state(rule, latents), solver.init(latents, schedule))
-    (x_final, _, _), record = jax.lax.scan(step, carry, jnp.arange(schedule.timesteps.shape[0]))
+    (x_final, _, _), record = jax.lax.scan(step, carry, jnp.arange(num_steps))
     if not return_trajectory:
         return FlowSampleResult(x_final)
     states, guided, v_c, v_u, opt_scale = record

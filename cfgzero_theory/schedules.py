@@ -1,4 +1,4 @@
-"""Noise schedules and solver steps in diffusers' σ convention (DESIGN.md §2).
+"""Noise schedules and solver steps in diffusers' σ convention (docs/design.md §2).
 
 ``σ`` runs from ≈1 (noise) down to 0 (data); ``x_σ = (1 − σ)·x_data + σ·ε`` and the network
 predicts ``v = ε − x_data``.  A :class:`FlowSchedule` holds what a diffusers scheduler holds
@@ -29,7 +29,9 @@ list to a float32 ulp: XLA's float32 division is not always correctly rounded); 
 mode to a few float32 ulps.
 ``shift`` and ``μ`` may be traced (``jit``/``vmap``); integer and boolean options are static.
 
-:class:`FlowMatchEuler` is the matching solver: ``x_{i+1} = x_i + (σ_{i+1} − σ_i)·v_i``.
+:class:`FlowMatchEuler` is the matching solver: ``x_{i+1} = x_i + (σ_{i+1} − σ_i)·v_i``;
+:class:`Heun` is the second-order one, which evaluates the guided field a second time
+through the ``field`` callback every solver step receives.
 """
 
 from __future__ import annotations
@@ -70,15 +72,17 @@ class FlowSolver(Protocol):
     """One solver of the σ-convention ODE ``dx/dσ = v``.
 
     ``init(x, schedule)`` gives the initial solver state for latents ``x``;
-    ``step(state, schedule, i, x, v)`` takes the guided prediction ``v`` at step ``i``
-    (``σ_i``, ``timesteps[i]``, ``i`` possibly traced) and returns ``(x_next, state')``.
-    Solvers are pytrees whose configuration is static (aux data), so they can be passed
-    to ``jit`` as ordinary arguments.
+    ``step(state, schedule, i, x, v, field=None)`` takes the guided prediction ``v`` at step
+    ``i`` (``σ_i``, ``timesteps[i]``, ``i`` possibly traced) and returns ``(x_next, state')``.
+    ``field(y, sigma, timestep)`` is the guided prediction at another point of the same step
+    (same step index and guidance state): solvers with several stages per step (Heun) call
+    it, single-stage ones ignore it.  Solvers are pytrees whose configuration is static
+    (aux data), so they can be passed to ``jit`` as ordinary arguments.
     """
 
     def init(self, x: Array, schedule: FlowSchedule): ...
 
-    def step(self, state, schedule: FlowSchedule, i, x: Array, v: Array): ...
+    def step(self, state, schedule: FlowSchedule, i, x: Array, v: Array, field=None): ...
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -338,12 +342,13 @@ def flux_sigmas(num_inference_steps: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- solver
 def euler_step(x: Array, v: Array, sigma, sigma_next) -> Array:
-    """``x + (σ_next − σ)·v`` with diffusers' precision: the sample is upcast to float32, the
-    product ``(σ_next − σ)·v`` is formed in ``v``'s dtype, and the result is cast to ``v``'s dtype.
+    """``x + (σ_next − σ)·v`` with diffusers' precision: the sample is upcast to at least
+    float32, the product ``(σ_next − σ)·v`` is formed in ``v``'s dtype, and the result is cast
+    to ``v``'s dtype.
     """
-    v = jnp.asarray(v)
+    v, x = jnp.asarray(v), jnp.asarray(x)
     step = (jnp.asarray(sigma_next) - jnp.asarray(sigma)).astype(v.dtype)
-    return (jnp.asarray(x).astype(jnp.float32) + step * v).astype(v.dtype)
+    return (x.astype(jnp.promote_types(x.dtype, jnp.float32)) + step * v).astype(v.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,8 +361,40 @@ class FlowMatchEuler:
     def init(self, x: Array, schedule: FlowSchedule):
         return ()
 
-    def step(self, state, schedule: FlowSchedule, i, x: Array, v: Array):
+    def step(self, state, schedule: FlowSchedule, i, x: Array, v: Array, field=None):
         return euler_step(x, v, schedule.sigmas[i], schedule.sigmas[i + 1]), state
 
 
 jax.tree_util.register_pytree_node(FlowMatchEuler, lambda solver: ((), None), lambda _, children: FlowMatchEuler())
+
+
+@dataclasses.dataclass(frozen=True)
+class Heun:
+    """Heun's method (the explicit trapezoid rule) on ``dx/dσ = v``, ``h = σ_{i+1} − σ_i``::
+
+        x̂ = x_i + h·v_i,      x_{i+1} = x_i + h/2·(v_i + v(x̂, σ_{i+1}))
+
+    The second prediction comes from the ``field`` callback of the sampling loop: guided with
+    the same step index ``i`` (so zero-init zeroes whole steps) and the step's incoming
+    guidance state.  The network is conditioned there on the timestep
+    ``σ_{i+1}·num_train_timesteps``, as flow-matching schedulers define timesteps.  Every step
+    has both stages, the last one too (its second stage evaluates the field at ``σ_N``).
+    Stateless; ``num_train_timesteps`` is static.
+    """
+
+    num_train_timesteps: int = 1000
+
+    def init(self, x: Array, schedule: FlowSchedule):
+        return ()
+
+    def step(self, state, schedule: FlowSchedule, i, x: Array, v: Array, field=None):
+        if field is None:
+            raise ValueError("Heun needs the field callback of the sampling loop (sample_flow passes it)")
+        sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+        x_hat = euler_step(x, v, sigma, sigma_next)
+        v_next = field(x_hat.astype(x.dtype), sigma_next, sigma_next * self.num_train_timesteps)
+        return euler_step(x, 0.5 * (v + v_next.astype(v.dtype)), sigma, sigma_next), state
+
+
+jax.tree_util.register_pytree_node(Heun, lambda solver: ((), solver.num_train_timesteps),
+                                   lambda aux, children: Heun(aux))

@@ -1,6 +1,6 @@
 """Conditional flow matching on a finite dataset, many seeds at once, with exact resume.
 
-Objective (theory convention, DESIGN.md §2): for data ``(x1, y)``, noise ``x0 ~ N(0, I)``,
+Objective (theory convention, docs/design.md §2): for data ``(x1, y)``, noise ``x0 ~ N(0, I)``,
 ``t ~ U(0, 1)`` and ``x_t = t·x1 + (1 − t)·x0``,
 
     L(θ) = E ‖v_θ(x_t, t, ỹ) − (x1 − x0)‖²,   ỹ = NULL_LABEL with probability p (label dropout).

@@ -217,7 +217,7 @@ class UniPC:
             lower_order_nums=jnp.zeros((), jnp.int32),
         )
 
-    def step(self, state: UniPCState, schedule: FlowSchedule, i, x: Array, v: Array):
+    def step(self, state: UniPCState, schedule: FlowSchedule, i, x: Array, v: Array, field=None):
         """One ``scheduler.step``: correct ``x`` (UniC), then predict ``x`` at ``σ_{i+1}`` (UniP).
 
         The orders are traced values, so nothing branches on ``i``: the corrector is
@@ -230,6 +230,7 @@ class UniPC:
             i: the step index, an int or traced int scalar.
             x: the latents at ``σ_i`` as returned by the previous step (uncorrected).
             v: the (guided) flow prediction at ``(x, σ_i)``.
+            field: unused (UniPC takes one prediction per step).
 
         Returns:
             ``(x_next, state')``, ``x_next`` at ``σ_{i+1}`` in ``x``'s dtype.

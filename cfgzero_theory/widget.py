@@ -3,7 +3,8 @@
 :func:`guidance_widget` returns an ``ipywidgets`` container with
 
 * a rule selector — ``CFG``, ``CFG + zero-init``, ``CFG*`` (optimized scale) and
-  ``CFG-Zero*`` (optimized scale + zero-init), built by :func:`make_rule`;
+  ``CFG-Zero*`` (optimized scale + zero-init): the kinds :data:`WIDGET_KINDS`, built by
+  :func:`cfgzero_theory.guidance.make_rule`;
 * sliders for the guidance scale ``w``, the number ``K`` of zero-init steps (active for the
   two zero-init rules) and — when ``networks`` are given — the training epoch (and the seed,
   when the networks hold several);
@@ -32,7 +33,7 @@ The figure is a plain :class:`matplotlib.figure.Figure` rendered to PNG into an
 and never touches pyplot.  ``ipywidgets`` is an optional dependency
 (``pip install -e ".[demo]"``); it is imported when :func:`guidance_widget` is called.
 
-Conventions (DESIGN.md §2): theory time (``t = 0`` noise, ``t = 1`` data), ``w = 1`` is
+Conventions (docs/design.md §2 and §3): theory time (``t = 0`` noise, ``t = 1`` data), ``w = 1`` is
 conditional only, zero-init zeroes solver steps ``i < K``.
 """
 
@@ -50,51 +51,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfgzero_theory import analysis, checkpoint, metrics, plotting
-from cfgzero_theory.animation import default_view
-from cfgzero_theory.guidance import CFG, CFGStar, CFGZeroStar, ZeroInit, describe
+from cfgzero_theory.animation import check_view, default_view
+from cfgzero_theory.guidance import KIND_LABELS, ZERO_INIT_KINDS, describe, make_rule
 from cfgzero_theory.mixture import GaussianMixture
 from cfgzero_theory.models import Network, network_velocity, select
 from cfgzero_theory.sampling import SOLVERS, sample, time_grid
 
-__all__ = ["RULE_NAMES", "guidance_widget", "make_rule", "networks_from_checkpoints"]
+__all__ = ["WIDGET_KINDS", "guidance_widget", "networks_from_checkpoints"]
 
-#: Rules offered by the selector, in order.
-RULE_NAMES = ("CFG", "CFG + zero-init", "CFG*", "CFG-Zero*")
-
-#: The rules among :data:`RULE_NAMES` that use the zero-init slider ``K``.
-ZERO_INIT_RULES = ("CFG + zero-init", "CFG-Zero*")
+#: The guidance kinds offered by the selector, in order (labels: ``guidance.KIND_LABELS``).
+WIDGET_KINDS = ("cfg", "zero-init", "cfg-star", "cfg-zero-star")
 
 #: Probability mass of the highest-density region behind the precision metric.
 HDR_MASS = 0.95
 
 _INSTALL_HINT = 'the guidance widget needs ipywidgets: pip install -e ".[demo]"'
-
-
-def make_rule(name: str, scale: float, zero_init_steps: int = 1):
-    """The guidance rule called ``name`` (one of :data:`RULE_NAMES`) with scale ``w`` and ``K``.
-
-    ``"CFG"`` → ``CFG(w)``; ``"CFG + zero-init"`` → ``ZeroInit(CFG(w), K)``; ``"CFG*"`` →
-    ``CFGStar(w)``; ``"CFG-Zero*"`` → ``CFGZeroStar(w, K)``.  ``K`` is ignored by the rules
-    without zero-init.  Scale and ``K`` become pytree leaves (Python numbers), so a sampler
-    compiled for one rule kind serves every value.
-    """
-    if name not in RULE_NAMES:
-        raise ValueError(f"name must be one of {RULE_NAMES}, got {name!r}")
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"scale must be a number, got {scale!r}") from None
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale!r}")
-    if isinstance(zero_init_steps, bool) or not isinstance(zero_init_steps, (int, np.integer)) or zero_init_steps < 0:
-        raise ValueError(f"zero_init_steps must be a non-negative integer, got {zero_init_steps!r}")
-    k = int(zero_init_steps)
-    return {
-        "CFG": lambda: CFG(scale),
-        "CFG + zero-init": lambda: ZeroInit(CFG(scale), k),
-        "CFG*": lambda: CFGStar(scale),
-        "CFG-Zero*": lambda: CFGZeroStar(scale, k),
-    }[name]()
 
 
 # ----------------------------------------------------------------------------- networks
@@ -164,7 +135,7 @@ def _checked_networks(networks, mixture) -> dict[int, Network]:
             raise ValueError(f"networks: epochs must be non-negative integers, got {epoch!r}")
         if not isinstance(net, Network):
             raise ValueError(f"networks[{epoch}] must be a models.Network (stacked over seeds), got {type(net).__name__}")
-        seeds.add(analysis._num_seeds(net.state))
+        seeds.add(analysis.num_seeds(net.state))
         checked[int(epoch)] = net
     if len(seeds) != 1:
         raise ValueError(f"networks: every epoch must hold the same number of seeds, got {sorted(seeds)}")
@@ -177,7 +148,7 @@ def guidance_widget(
     label: int,
     *,
     networks=None,
-    rule: str = "CFG-Zero*",
+    rule: str = "cfg-zero-star",
     scale: float = 4.0,
     zero_init_steps: int = 1,
     epoch: int | None = None,
@@ -201,8 +172,8 @@ def guidance_widget(
       networks: ``None`` (the exact field), a mapping ``epoch → Network`` stacked over seeds
         (``TrainResult.networks``), or a checkpoint directory of a training run on this
         mixture (loaded with :func:`networks_from_checkpoints`).
-      rule, scale, zero_init_steps: initial rule name (one of :data:`RULE_NAMES`), ``w`` and
-        ``K``.
+      rule, scale, zero_init_steps: initial guidance kind (one of :data:`WIDGET_KINDS`), ``w``
+        and ``K``.
       epoch: initial epoch (default: the first epoch after 0, where zero usually beats CFG).
       max_scale, max_zero_init_steps: slider ranges (``K`` up to ``min(8, num_steps)`` by
         default).
@@ -244,8 +215,8 @@ def guidance_widget(
         raise ValueError("label must be a class, not the null label")
     if mixture.is_singular:
         raise ValueError("mixture must have nonsingular covariances (the metrics need a data density)")
-    if rule not in RULE_NAMES:
-        raise ValueError(f"rule must be one of {RULE_NAMES}, got {rule!r}")
+    if rule not in WIDGET_KINDS:
+        raise ValueError(f"rule must be one of {WIDGET_KINDS}, got {rule!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     for name, value, low in (("num_points", num_points, 1), ("num_trajectories", num_trajectories, 0),
@@ -274,15 +245,13 @@ def guidance_widget(
             epoch = next((e for e in epochs if e > 0), epochs[0])
         if epoch not in networks:
             raise ValueError(f"epoch must be one of the networks' epochs {epochs}, got {epoch!r}")
-        num_seeds = analysis._num_seeds(networks[epochs[0]].state)
+        num_seeds = analysis.num_seeds(networks[epochs[0]].state)
     elif epoch is not None:
         raise ValueError("epoch needs networks")
     if grid is None:
         lo, hi = default_view(mixture, label)
     else:
-        from cfgzero_theory.animation import _view
-
-        lo, hi = _view(grid)
+        lo, hi = check_view(grid)
 
     # ---- fixed inputs and the truth, computed once
     times = time_grid(int(num_steps))
@@ -299,7 +268,8 @@ def guidance_widget(
     # ---- controls
     style = {"description_width": "initial"}
     controls = {
-        "rule": widgets.ToggleButtons(options=list(RULE_NAMES), value=rule, description="rule", style=style),
+        "rule": widgets.ToggleButtons(options=[(KIND_LABELS[k], k) for k in WIDGET_KINDS], value=rule,
+                                      description="rule", style=style),
         "scale": widgets.FloatSlider(value=float(scale), min=0.0, max=float(max_scale), step=0.25,
                                      description="guidance scale w", continuous_update=False, style=style),
         "zero_init_steps": widgets.IntSlider(value=int(zero_init_steps), min=0, max=int(max_zero_init_steps),
@@ -353,7 +323,8 @@ def guidance_widget(
 
     def current():
         name = controls["rule"].value
-        chosen = make_rule(name, float(controls["scale"].value), int(controls["zero_init_steps"].value))
+        k = int(controls["zero_init_steps"].value) if name in ZERO_INIT_KINDS else None
+        chosen = make_rule(name, float(controls["scale"].value), k)
         if networks is None:
             return name, chosen, GaussianMixture.velocity, mixture, exact_stack, "exact field"
         e = controls["epoch"].value
@@ -365,7 +336,7 @@ def guidance_widget(
     def render():
         started = time.perf_counter()
         name, chosen, velocity_fn, params, stacked, field = current()
-        controls["zero_init_steps"].disabled = name not in ZERO_INIT_RULES
+        controls["zero_init_steps"].disabled = name not in ZERO_INIT_KINDS
         steps = analysis.per_step_errors(velocity_fn, stacked, mixture, label, chosen, x0, times, solver)
         paths = sample(velocity_fn, params, x0_traj, times, label, chosen, solver=solver, return_trajectory=True)
         samples = np.asarray(steps.samples[0], np.float64)

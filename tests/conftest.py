@@ -1,6 +1,7 @@
 """Shared test fixtures.
 
 * ``x64``: run a test with ``jax_enable_x64`` on (build mixtures inside the test).
+* the persistent compilation cache is off (``CFGZERO_COMPILATION_CACHE=off``).
 * ``torch`` / ``diffusers``: the parity references.  Outside CI they skip when missing; in CI
   (``CI`` set) a missing reference is a failure, and a run in which a ``parity`` test was
   skipped fails the session, so parity can never pass by being skipped.
@@ -13,6 +14,10 @@ import jax
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+# Pipelines turn JAX's persistent compilation cache on by default; tests must not write
+# into the user's cache folder (tests/test_compilation.py checks the mechanism itself).
+os.environ.setdefault("CFGZERO_COMPILATION_CACHE", "off")
 
 
 @pytest.fixture

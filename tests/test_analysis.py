@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfgzero_theory import CFG, CFGStar, CFGZeroStar, GaussianMixture, ZeroInit, analysis, metrics, mixtures
+from cfgzero_theory import CFG, CFGStar, CFGZeroStar, GaussianMixture, analysis, make_rule, metrics, mixtures
 from cfgzero_theory.guidance import exact_guided_velocity
 from cfgzero_theory.sampling import sample, time_grid
 
@@ -73,7 +73,7 @@ def setup(x64):
     return truth, models, x0
 
 
-RULES = {"cfg": CFG(W), "cfg*": CFGStar(W), "cfg-zero*": CFGZeroStar(W, 1), "zero-init cfg": ZeroInit(CFG(W), 2)}
+RULES = {"cfg": CFG(W), "cfg*": CFGStar(W), "cfg-zero*": CFGZeroStar(W, 1), "zero-init cfg": make_rule("zero-init", W, 2)}
 
 
 # ----------------------------------------------------------------------------- first step
@@ -221,9 +221,8 @@ def test_validation(setup):
 
 def test_rule_helpers():
     assert analysis.without_zero_init(CFGZeroStar(2.0, 3)) == CFGStar(2.0)
-    assert analysis.without_zero_init(ZeroInit(ZeroInit(CFG(2.0), 1), 2)) == CFG(2.0)
+    assert analysis.without_zero_init(make_rule("zero-init", 2.0, 2)) == CFG(2.0)
     assert analysis.without_zero_init(CFG(2.0)) == CFG(2.0)
-    assert int(analysis.zero_init_steps(ZeroInit(ZeroInit(CFG(2.0), 3), 2))) == 3
     assert int(analysis.zero_init_steps(CFGZeroStar(2.0, 2))) == 2 and analysis.zero_init_steps(CFGStar(1.0)) == 0
 
 

@@ -1,5 +1,5 @@
 """Checkpoints: bit-exact round trips of a seed-stacked training state, atomic writes,
-strict loaders that name what is wrong, and checkpoint listing (DESIGN.md §6)."""
+strict loaders that name what is wrong, and checkpoint listing (docs/design.md §7)."""
 
 import json
 import os

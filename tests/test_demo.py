@@ -137,7 +137,7 @@ def test_widget_exact_field_rerenders_on_every_slider(mixture):
         box.controls[name].value = value
         assert _changed(before, box), name
     assert box.state["per_step"]["zeroed"].tolist() == [True] * 3 + [False] * 3
-    assert type(box.state["rule"]) is CFGZeroStar and float(box.state["rule"].scale) == 2.0
+    assert box.state["rule"] == CFGZeroStar(2.0, 3)
     assert not box.controls["zero_init_steps"].disabled
 
 
@@ -211,12 +211,10 @@ def test_widget_rejects_bad_arguments(mixture, kwargs, argument):
         guidance_widget(mixture, **kwargs)
 
 
-def test_make_rule_builds_the_four_rules():
-    from cfgzero_theory.guidance import CFGStar, ZeroInit
-    from cfgzero_theory.widget import RULE_NAMES, make_rule
+def test_widget_offers_kinds_of_the_one_vocabulary():
+    from cfgzero_theory.guidance import KIND_LABELS, KINDS
+    from cfgzero_theory.widget import WIDGET_KINDS
 
-    built = [make_rule(name, 3.0, 2) for name in RULE_NAMES]
-    assert [type(r) for r in built] == [CFG, ZeroInit, CFGStar, CFGZeroStar]
-    assert built[1].steps == 2 and built[3].zero_init_steps == 2
-    with pytest.raises(ValueError, match="name"):
-        make_rule("APG", 3.0)
+    assert set(WIDGET_KINDS) <= set(KINDS) and all(kind in KIND_LABELS for kind in WIDGET_KINDS)
+
+

@@ -81,8 +81,9 @@ def test_zero_init_with_traced_step():
             np.testing.assert_array_equal(out, 0.0)
         else:
             np.testing.assert_allclose(out, guidance.cfg_star(v_c, v_u, 4.0), atol=1e-6)
-    np.testing.assert_allclose(ZeroInit(CFG(2.0), 1)(v_c, v_u, 0), 0.0)
-    np.testing.assert_allclose(ZeroInit(CFG(2.0), 1)(v_c, v_u, 1), guidance.cfg(v_c, v_u, 2.0), atol=1e-6)
+    zero_init_cfg = guidance.make_rule("zero-init", 2.0, 1)
+    np.testing.assert_allclose(zero_init_cfg(v_c, v_u, 0), 0.0)
+    np.testing.assert_allclose(zero_init_cfg(v_c, v_u, 1), guidance.cfg(v_c, v_u, 2.0), atol=1e-6)
 
 
 def test_rules_are_pytrees_that_vmap_over_scales():
@@ -91,14 +92,13 @@ def test_rules_are_pytrees_that_vmap_over_scales():
     out = jax.vmap(lambda w: CFGStar(w)(v_c, v_u))(scales)
     for i, w in enumerate(scales):
         np.testing.assert_allclose(out[i], guidance.cfg_star(v_c, v_u, float(w)), atol=1e-6)
-    leaves = jax.tree_util.tree_leaves(ZeroInit(CFGZeroStar(3.0, 2), 1))
-    assert leaves == [3.0, 2, 1]
+    assert jax.tree_util.tree_leaves(CFGZeroStar(3.0, 2)) == [3.0, True, 2]  # scale, optimized, K
     assert guidance.describe(CFGZeroStar(4.0, 1)) == "CFG-Zero* (w=4, K=1)"
-    assert guidance.describe(ZeroInit(CFG(2.5), 2)) == "CFG (w=2.5) + zero-init (K=2)"
+    assert guidance.describe(guidance.make_rule("zero-init", 2.5, 2)) == "CFG + zero-init (w=2.5, K=2)"
 
 
 def test_errata_counterexample_plain_cfg_beats_optimized_scale():
-    """DESIGN.md §4: v_c = (2, 1), v_u = (1, 0), w = 2, true v* = (3, 2): CFG is exact, CFG* is not."""
+    """docs/design.md §5: v_c = (2, 1), v_u = (1, 0), w = 2, true v* = (3, 2): CFG is exact, CFG* is not."""
     v_c, v_u, target = np.array([[2.0, 1.0]]), np.array([[1.0, 0.0]]), np.array([[3.0, 2.0]])
     np.testing.assert_allclose(guidance.cfg(v_c, v_u, 2.0), target)
     star = np.asarray(guidance.cfg_star(v_c, v_u, 2.0))
@@ -141,11 +141,77 @@ def test_decomposition_triangle_inequality():
     np.testing.assert_allclose(e.zero_error, np.linalg.norm(exact.reshape(20, -1), axis=1), rtol=1e-6)
 
 
-def test_rule_classes_never_share_a_compilation():
-    """Different rule classes have unequal tree structures, so ``jit`` caches them apart."""
-    structures = [jax.tree_util.tree_structure(r) for r in (CFG(2.0), CFGStar(2.0), CFGZeroStar(2.0, 1))]
-    assert len({s for s in structures}) == 3 and structures[0] != structures[1]
+def test_every_kind_scale_and_k_share_one_compilation():
+    """Kind, scale and K are traced data: one compiled program serves all the rules of make_rule."""
     v_c, v_u = pair((3, 4), 9)
-    run = jax.jit(lambda rule: rule(v_c, v_u, 0))
-    np.testing.assert_allclose(run(CFG(2.0)), guidance.cfg(v_c, v_u, 2.0), atol=1e-6)
-    np.testing.assert_allclose(run(CFGStar(2.0)), guidance.cfg_star(v_c, v_u, 2.0), atol=1e-6)
+    run = jax.jit(lambda rule, step: rule(v_c, v_u, step))
+    expected = {
+        ("cfg", 2.0, None): guidance.cfg(v_c, v_u, 2.0),
+        ("cfg-star", 3.0, None): guidance.cfg_star(v_c, v_u, 3.0),
+        ("zero-init", 2.0, 1): guidance.cfg(v_c, v_u, 2.0),
+        ("cfg-zero-star", 5.0, 1): guidance.cfg_star(v_c, v_u, 5.0),
+        ("conditional", None, 0): v_c,
+    }
+    for (kind, w, k), want in expected.items():
+        rule = guidance.make_rule(kind, w, k)
+        np.testing.assert_allclose(run(rule, 1), want, atol=1e-6)
+        if k is not None:  # with K = 2 step 1 is zeroed
+            np.testing.assert_array_equal(run(guidance.make_rule(kind, w, 2), 1), 0.0)
+    assert run._cache_size() == 1
+    # a rule of another class is another program (tree structures differ)
+    from cfgzero_theory.guidance_family import TangentialCFG
+
+    run(TangentialCFG(2.0), 0)
+    assert run._cache_size() == 2
+
+
+def test_make_rule_is_the_one_vocabulary():
+    rules = {kind: guidance.make_rule(kind, 4.0 if kind != "conditional" else None) for kind in guidance.KINDS}
+    assert {kind: r.kind for kind, r in rules.items()} == {kind: kind for kind in guidance.KINDS}
+    assert [guidance.zero_init_steps(rules[k]) for k in guidance.KINDS] == [0, 0, 1, 1, 0]
+    assert rules["cfg-zero-star"] == CFGZeroStar(4.0, 1) and rules["cfg-star"] == CFGStar(4.0)
+    assert rules["cfg"] == CFG(4.0)
+    # one encoding: zero-init folds into the rule's own K, and ZeroInit refuses these rules
+    assert guidance.with_zero_init(CFGStar(4.0), 2) == CFGZeroStar(4.0, 2)
+    assert guidance.with_zero_init(CFGZeroStar(4.0, 3), 1) == CFGZeroStar(4.0, 3)
+    with pytest.raises(ValueError, match="with_zero_init"):
+        ZeroInit(CFGStar(4.0), 1)
+    for bad, match in [
+        (lambda: guidance.make_rule("cfg_zero_star", 4.0), "kind must be one of"),
+        (lambda: guidance.make_rule("cfg", None), "scale is required"),
+        (lambda: guidance.make_rule("cfg", 4.0, 2), "'zero-init'"),
+        (lambda: guidance.make_rule("cfg-star", 4.0, 1), "'cfg-zero-star'"),
+        (lambda: guidance.make_rule("conditional", 3.0), "scale of the conditional"),
+        (lambda: guidance.make_rule("cfg", float("nan")), "scale must be a finite number"),
+        (lambda: guidance.make_rule("zero-init", 4.0, True), "zero_init_steps must be an integer"),
+        (lambda: CFG(float("inf")), "scale must be a finite number"),
+        (lambda: CFGZeroStar(4.0, -1), "zero_init_steps must be an integer >= 0"),
+        (lambda: CFGZeroStar(4.0, 1.5), "zero_init_steps must be an integer >= 0"),
+        (lambda: guidance.Guidance(4.0, 1, 0), "optimized must be a bool"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            bad()
+    assert guidance.make_rule("zero-init", 4, np.int64(2)) == guidance.make_rule("zero-init", 4.0, 2)
+    with pytest.raises(ValueError, match="share a shape"):  # no silent broadcasting of (4, 2) against (4, 1)
+        CFG(4.0)(np.ones((4, 2)), np.ones((4, 1)))
+
+
+def test_rules_describe_themselves_through_wrappers():
+    from cfgzero_theory.guidance_family import APG, ChannelSubset, GuidanceInterval, GuidanceRescale
+
+    star0 = guidance.make_rule("cfg-zero-star", 4.0, 2)
+    wrapped = GuidanceRescale(GuidanceInterval(ChannelSubset(star0, 3), 0.0, 0.5, 10), 0.7)
+    assert guidance.rule_kind(wrapped) == "cfg-zero-star" and guidance.rule_family(wrapped) == "cfg-zero-star"
+    assert guidance.zero_init_steps(wrapped) == 2
+    stripped = guidance.without_zero_init(wrapped)  # through every wrapper, not only the outermost
+    assert guidance.zero_init_steps(stripped) == 0 and guidance.rule_kind(stripped) == "cfg-star"
+    assert stripped.rule.rule.rule == CFGStar(4.0)
+    assert guidance.rule_family(CFG(0.0)) == "unconditional" and guidance.rule_family(CFG(1.0)) == "conditional"
+    assert guidance.describe(guidance.make_rule("conditional", zero_init_steps=1)) == "conditional + zero-init (K=1)"
+    apg = ZeroInit(APG(3.0), 2)
+    assert guidance.rule_family(APG(3.0)) == "other" and guidance.rule_family(apg) == "zero-init"
+    assert guidance.zero_init_steps(ZeroInit(ZeroInit(APG(3.0), 1), 3)) == 3
+    assert guidance.without_zero_init(apg) == APG(3.0)
+    # works on traced rules too (analysis strips zero-init inside jit)
+    k = jax.jit(lambda r: guidance.zero_init_steps(guidance.with_zero_init(r, 0)))(star0)
+    assert int(k) == 2

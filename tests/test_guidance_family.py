@@ -303,10 +303,11 @@ def test_jit_with_traced_step_matches_eager():
 
 def test_numbers_are_leaves_and_options_are_static():
     interval = F.GuidanceInterval(G.CFG(2.0), 0.1, 0.6, N)
-    assert jax.tree_util.tree_leaves(interval) == [2.0]
+    assert jax.tree_util.tree_leaves(interval) == [2.0, False, 0]  # scale, optimized, K
     apg = F.APG(4.0, -0.5, 2.0, 0.0, use_original_formulation=True)
     assert jax.tree_util.tree_leaves(apg) == [4.0, -0.5, 2.0, 0.0]
-    assert jax.tree_util.tree_leaves(F.Renormalize(F.ChannelSubset(G.CFG(3.0), 3), axis=(1, 2), clamp=True)) == [3.0]
+    assert jax.tree_util.tree_leaves(F.Renormalize(F.ChannelSubset(G.CFG(3.0), 3), axis=(1, 2), clamp=True)) == [
+        3.0, False, 0]
     for rule in _family(np.ones((1, 2), np.float32)):
         leaves, tree = jax.tree_util.tree_flatten(rule)
         assert jax.tree_util.tree_unflatten(tree, leaves) == rule
@@ -336,9 +337,9 @@ def test_special_cases():
     np.testing.assert_allclose(F.GuidanceRescale(G.CFG(4.0), 0.0)(c, u), G.cfg(c, u, 4.0), rtol=1e-6)
     rescaled = F.GuidanceRescale(G.CFG(4.0), 1.0)(c, u)
     _close(np.std(np.asarray(rescaled), axis=1, ddof=1), np.std(c, axis=1, ddof=1))
-    zero = F.GuidanceRescale(G.ZeroInit(G.CFG(4.0), 1), 0.7)(c, u, 0)  # σ(ṽ) = 0: no NaN
+    zero = F.GuidanceRescale(G.make_rule("zero-init", 4.0, 1), 0.7)(c, u, 0)  # σ(ṽ) = 0: no NaN
     np.testing.assert_array_equal(zero, 0.0)
-    np.testing.assert_array_equal(F.Renormalize(G.ZeroInit(G.CFG(4.0), 1))(c, u, 0), 0.0)
+    np.testing.assert_array_equal(F.Renormalize(G.make_rule("zero-init", 4.0, 1))(c, u, 0), 0.0)
 
 
 def test_describe_labels():

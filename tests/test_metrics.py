@@ -11,7 +11,7 @@ from scipy import integrate, stats
 from scipy.spatial.distance import jensenshannon
 from scipy.special import logsumexp
 
-from cfgzero_theory import CFG, CFGStar, CFGZeroStar, GaussianMixture, ZeroInit, metrics
+from cfgzero_theory import CFG, CFGStar, CFGZeroStar, GaussianMixture, make_rule, metrics
 from cfgzero_theory.guidance import exact_guided_velocity
 from cfgzero_theory.sampling import sample, time_grid
 
@@ -282,7 +282,7 @@ def test_bias_along_trajectory_matches_sampler_records(two_class):
     mix, _ = two_class
     x0 = jax.random.normal(jax.random.PRNGKey(16), (128, 2))
     times = time_grid(12)
-    for rule in (CFG(3.0), CFGStar(3.0), ZeroInit(CFG(3.0), 2), CFGZeroStar(3.0, 1), CFG(1.0)):
+    for rule in (CFG(3.0), CFGStar(3.0), make_rule("zero-init", 3.0, 2), CFGZeroStar(3.0, 1), CFG(1.0)):
         for solver in ("euler", "heun"):
             out = sample(GaussianMixture.velocity, mix, x0, times, 1, rule, solver=solver, return_trajectory=True)
             bias = np.asarray(metrics.guidance_bias_along_trajectory(mix, out.trajectory, times, 1, rule))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cfgzero_theory import CFG, CFGStar, CFGZeroStar, ZeroInit, plotting
+from cfgzero_theory import CFG, CFGStar, CFGZeroStar, ZeroInit, make_rule, plotting
 from cfgzero_theory.guidance_family import APG, ChannelSubset, GuidanceInterval, GuidanceRescale
 
 
@@ -12,14 +12,16 @@ from cfgzero_theory.guidance_family import APG, ChannelSubset, GuidanceInterval,
         (CFG(4.0), "cfg"),
         (CFG(1.0), "conditional"),
         (CFG(0.0), "unconditional"),
-        (CFGStar(4.0), "cfg_star"),
-        (CFGZeroStar(4.0), "cfg_zero_star"),
-        (ZeroInit(CFGStar(4.0), 1), "cfg_zero_star"),
-        (ZeroInit(CFG(4.0), 1), "zero_init"),
+        (CFGStar(4.0), "cfg-star"),
+        (CFGZeroStar(4.0), "cfg-zero-star"),
+        (make_rule("zero-init", 4.0, 1), "zero-init"),
+        (make_rule("conditional", zero_init_steps=1), "conditional"),
         (GuidanceInterval(CFG(4.0), 0.1, 0.6, 10), "cfg"),
-        (GuidanceRescale(CFGZeroStar(4.0), 0.7), "cfg_zero_star"),
-        (ChannelSubset(CFGStar(4.0), 3), "cfg_star"),
+        (GuidanceRescale(CFGZeroStar(4.0), 0.7), "cfg-zero-star"),
+        (ChannelSubset(CFGStar(4.0), 3), "cfg-star"),
+        (ZeroInit(ChannelSubset(CFGStar(4.0), 3), 1), "cfg-zero-star"),
         (APG(4.0), "other"),
+        (ZeroInit(APG(4.0), 1), "zero-init"),
     ],
 )
 def test_rule_family(rule, family):

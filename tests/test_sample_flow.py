@@ -147,3 +147,32 @@ def test_perturbed_guidance_adds_its_term_inside_its_interval_only():
         PerturbedGuidance("skip")
     with pytest.raises(ValueError, match="perturbed must be a PerturbedGuidance"):
         sample_flow(mixture_flow_model, gm, x, schedule, labels, labels, CFG(3.0), perturbed=2.0)
+
+
+def test_switching_kind_scale_or_k_does_not_recompile():
+    """One compiled loop serves every rule of make_rule; only the step count (a shape) recompiles.
+
+    Counted with the jitted loop's own compilation cache, not with timings.
+    """
+    from cfgzero_theory import make_rule, sampling
+
+    gm = mixtures.class_conditional_2d()
+    x0 = jax.random.normal(jax.random.key(3), (16, 2))
+    labels = jnp.full((16,), 1)
+    preset = presets.get("sd3")
+
+    def run(rule, steps=7):
+        return sample_flow(mixture_flow_model, gm, x0, preset.schedule(steps), labels, jnp.full_like(labels, NULL_LABEL),
+                           rule, solver=preset.solver()).samples
+
+    before = sampling._sample_flow_jit._cache_size()
+    outputs = {}
+    for kind in ("cfg", "cfg-star", "zero-init", "cfg-zero-star", "conditional"):
+        for w, k in ((2.0, 1), (5.5, 3)):
+            scale = None if kind == "conditional" else w
+            k = k if kind in ("zero-init", "cfg-zero-star", "conditional") else None
+            outputs[kind, w, k] = run(make_rule(kind, scale, k))
+    assert sampling._sample_flow_jit._cache_size() == before + 1
+    assert len({np.asarray(o).tobytes() for o in outputs.values()}) == len(outputs)  # every setting took effect
+    run(make_rule("cfg", 2.0), steps=9)
+    assert sampling._sample_flow_jit._cache_size() == before + 2

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfgzero_theory import CFG, NULL_LABEL, CFGStar, CFGZeroStar, GaussianMixture, ZeroInit
+from cfgzero_theory import CFG, NULL_LABEL, CFGStar, CFGZeroStar, GaussianMixture, make_rule
 from cfgzero_theory.sampling import (
     sample,
     shift_sigmas,
@@ -91,7 +91,7 @@ def test_trajectory_outputs_and_zero_init():
     h = ts[3] - ts[2]
     np.testing.assert_allclose(res.trajectory[3], res.trajectory[2] + h * res.guided[2], rtol=1e-5, atol=1e-6)
     # zero-init composes with any rule
-    plain = sample(velocity, gm, x0, ts, 1, ZeroInit(CFG(3.0), 1), return_trajectory=True)
+    plain = sample(velocity, gm, x0, ts, 1, make_rule("zero-init", 3.0, 1), return_trajectory=True)
     np.testing.assert_array_equal(plain.trajectory[1], x0)
 
 

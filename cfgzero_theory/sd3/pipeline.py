@@ -32,8 +32,8 @@ Sampling
 downsampling factor; or the caller's ``latents``), the scheduler's σ schedule
 (:func:`~cfgzero_theory.schedules.flow_match_euler_schedule` with the ``shift`` of
 ``scheduler/scheduler_config.json``), the guidance rule of
-:meth:`cfgzero_theory.presets.SamplerPreset.rule` (``"cfg"``, ``"cfg-star"``, ``"zero-init"``,
-``"cfg-zero-star"``, ``"conditional"``), and the whole loop one compiled
+:meth:`cfgzero_theory.presets.SamplerPreset.rule` (kinds ``"cfg"``, ``"cfg-star"``, ``"zero-init"``,
+``"cfg-zero-star"``, ``"conditional"``; defaults from the ``"sd3"`` preset), and the whole loop one compiled
 :func:`~cfgzero_theory.sampling.sample_flow`.  Then the decoder receives ``latents /
 scaling_factor + shift_factor`` and the images are ``clip(x / 2 + 1/2, 0, 1)`` in NHWC.
 
@@ -59,6 +59,8 @@ import numpy as np
 from flax import nnx
 
 from cfgzero_theory import presets
+from cfgzero_theory.compilation import enable_compilation_cache
+from cfgzero_theory.guidance import KINDS as GUIDANCE_KINDS
 from cfgzero_theory.sampling import FlowSampleResult, PerturbedGuidance, sample_flow
 from cfgzero_theory.schedules import flow_match_euler_schedule
 from cfgzero_theory.sd3.clip import load_clip_text_encoder
@@ -66,10 +68,12 @@ from cfgzero_theory.sd3.sharding import ParamSharding
 from cfgzero_theory.sd3.t5 import load_t5_encoder
 from cfgzero_theory.sd3.vae import load_vae
 from cfgzero_theory.sd3.weights import load_sd3_transformer, sd3_model_fn
+from cfgzero_theory.validation import check_int
 
 __all__ = ["GUIDANCE_KINDS", "SD3Pipeline", "encode_prompt", "load_tokenizer", "save_png"]
 
-GUIDANCE_KINDS = presets.GUIDANCE_KINDS
+#: The sampler defaults of :meth:`SD3Pipeline.sample` (guidance kind, scale, ``K``, steps).
+PRESET = presets.get("sd3")
 PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
 REQUIRED = ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 OPTIONAL = ("text_encoder_3", "tokenizer_3")
@@ -229,15 +233,20 @@ class SD3Pipeline:
         return float(self.scheduler_config.get("shift", 1.0))
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, dtype=None, sharding: ParamSharding | None = None
-                        ) -> SD3Pipeline:
+    def from_pretrained(cls, folder: str | os.PathLike, dtype=None, sharding: ParamSharding | None = None, *,
+                        compilation_cache: bool = True) -> SD3Pipeline:
         """Load a diffusers ``StableDiffusion3Pipeline`` folder (``model_index.json`` and subfolders).
 
         ``dtype`` casts every weight (``None`` keeps the stored dtypes); ``sharding`` (e.g.
         :func:`~cfgzero_theory.sd3.sharding.mesh_sharding` ``()``) splits every model's weights
         over a device mesh as they are read, for models that do not fit one device.  Raises ``ValueError``
         when the folder is not an SD3 pipeline or a subfolder it lists is missing.
+        ``compilation_cache`` turns on JAX's persistent compilation cache
+        (:func:`cfgzero_theory.compilation.enable_compilation_cache`), so a second process
+        reuses the compiled sampling loop.
         """
+        if compilation_cache:
+            enable_compilation_cache()
         root = Path(folder)
         if not root.is_dir():
             raise ValueError(f"{root} is not a folder")
@@ -280,12 +289,14 @@ class SD3Pipeline:
         """:func:`encode_prompt` with this pipeline's components (``options``: ``prompts_2``, …, ``clip_skip``)."""
         return encode_prompt(self, prompts, negative_prompts, max_sequence_length, **options)
 
-    def skip_layer_guidance(self, layers, scale: float = 2.8, start: float = 0.01, stop: float = 0.2):
+    def skip_layer_guidance(self, layers, scale: float | None = None, start: float | None = None,
+                            stop: float | None = None):
         """Skip-layer guidance as a :class:`~cfgzero_theory.sampling.PerturbedGuidance` term.
 
         The perturbed prediction is the transformer with the blocks ``layers`` skipped
         (SD3.5-medium's model card: ``(7, 8, 9)``); one model function per ``layers`` tuple is
-        kept, so repeated calls reuse the compiled loop.
+        kept, so repeated calls reuse the compiled loop.  ``scale``, ``start`` and ``stop``
+        default to :class:`~cfgzero_theory.sampling.PerturbedGuidance`'s (diffusers' defaults).
         """
         layers = tuple(sorted({int(i) for i in layers}))
         if not layers or not all(0 <= i < self.transformer.config.num_layers for i in layers):
@@ -293,7 +304,8 @@ class SD3Pipeline:
                              f", got {layers!r}")
         if layers not in self._skip_model_fns:
             self._skip_model_fns[layers] = sd3_model_fn(self.transformer, skip_layers=layers)
-        return PerturbedGuidance(self._skip_model_fns[layers], scale, start, stop)
+        options = {k: v for k, v in dict(scale=scale, start=start, stop=stop).items() if v is not None}
+        return PerturbedGuidance(self._skip_model_fns[layers], **options)
 
     def decode(self, latents) -> jax.Array:
         """Denoiser latents ``(B, C, h, w)`` → images ``(B, H, W, 3)`` in ``[0, 1]`` (float32)."""
@@ -318,24 +330,24 @@ class SD3Pipeline:
         shape = (batch, config.in_channels, height // factor, width // factor)
         return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32).astype(dtype)
 
-    def sample(self, embeddings, latents, *, guidance: str = "cfg", scale: float = 7.0, zero_init_steps: int = 1,
-               num_steps: int = 28, skip_guidance_layers=None, skip_layer_guidance_scale: float = 2.8,
-               skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2,
-               return_trajectory: bool = False) -> FlowSampleResult:
+    def sample(self, embeddings, latents, *, guidance: str | None = None, scale: float | None = None,
+               zero_init_steps: int | None = None, num_steps: int | None = None, skip_guidance_layers=None,
+               skip_layer_guidance_scale: float | None = None, skip_layer_guidance_start: float | None = None,
+               skip_layer_guidance_stop: float | None = None, return_trajectory: bool = False) -> FlowSampleResult:
         """The denoising loop alone, one compiled :func:`~cfgzero_theory.sampling.sample_flow`.
 
         ``embeddings`` is :meth:`encode_prompt`'s ``(cond, pooled, uncond, uncond_pooled)``
         (precomputed embeddings are fine); ``latents`` the initial noise ``(B, C, h, w)``, cast
         to the embeddings' dtype as diffusers does (bf16 weights sample bf16 latents).
-        ``guidance`` is a rule kind of :mod:`cfgzero_theory.presets`; ``skip_guidance_layers``
-        adds skip-layer guidance (:meth:`skip_layer_guidance`, diffusers' names and defaults).
+        ``guidance`` is a rule kind of :data:`cfgzero_theory.guidance.KINDS`; ``guidance``,
+        ``scale``, ``zero_init_steps`` and ``num_steps`` left ``None`` take the ``"sd3"``
+        preset's values (:data:`PRESET`: CFG-Zero*, scale 7.0 — diffusers' default — ``K = 1``,
+        28 steps).  ``skip_guidance_layers`` adds skip-layer guidance
+        (:meth:`skip_layer_guidance`, diffusers' names and defaults).
         Returns the :class:`~cfgzero_theory.sampling.FlowSampleResult` (per-step predictions
         and ``s*`` with ``return_trajectory``).
         """
-        if guidance not in GUIDANCE_KINDS:
-            raise ValueError(f"guidance must be one of {GUIDANCE_KINDS}, got {guidance!r}")
-        if not (isinstance(num_steps, int) and num_steps >= 1):
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        num_steps = check_int("num_steps", PRESET.num_steps if num_steps is None else num_steps, minimum=1)
         if not (isinstance(embeddings, (tuple, list)) and len(embeddings) == 4):
             raise ValueError("embeddings must be (cond, pooled, uncond, uncond_pooled) as encode_prompt returns")
         cond, pooled, uncond, uncond_pooled = (jnp.asarray(e) for e in embeddings)
@@ -345,17 +357,18 @@ class SD3Pipeline:
             raise ValueError(f"latents must have shape ({batch}, {config.in_channels}, h, w), got {latents.shape}")
         perturbed = None if skip_guidance_layers is None else self.skip_layer_guidance(
             skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop)
-        rule = presets.get("sd3").rule(guidance, scale=scale, zero_init_steps=zero_init_steps)
+        rule = PRESET.rule(guidance, scale=scale, zero_init_steps=zero_init_steps)
         return sample_flow(self._model_fn, nnx.state(self.transformer), latents.astype(cond.dtype),
                            self.schedule(num_steps), (cond, pooled), (uncond, uncond_pooled), rule,
                            perturbed=perturbed, return_trajectory=return_trajectory)
 
-    def __call__(self, prompts=None, *, negative_prompts=None, embeddings=None, guidance: str = "cfg",
-                 scale: float = 7.0, zero_init_steps: int = 1, num_steps: int = 28, height: int | None = None,
-                 width: int | None = None, seed: int = 0, latents=None, max_sequence_length: int = 256,
-                 prompts_2=None, prompts_3=None, negative_prompts_2=None, negative_prompts_3=None,
-                 clip_skip: int | None = None, skip_guidance_layers=None, skip_layer_guidance_scale: float = 2.8,
-                 skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2):
+    def __call__(self, prompts=None, *, negative_prompts=None, embeddings=None, guidance: str | None = None,
+                 scale: float | None = None, zero_init_steps: int | None = None, num_steps: int | None = None,
+                 height: int | None = None, width: int | None = None, seed: int = 0, latents=None,
+                 max_sequence_length: int = 256, prompts_2=None, prompts_3=None, negative_prompts_2=None,
+                 negative_prompts_3=None, clip_skip: int | None = None, skip_guidance_layers=None,
+                 skip_layer_guidance_scale: float | None = None, skip_layer_guidance_start: float | None = None,
+                 skip_layer_guidance_stop: float | None = None):
         """Generate images; returns ``(latents (B, C, h, w), images (B, H, W, 3) float in [0, 1])``.
 
         Either ``prompts`` (encoded by :meth:`encode_prompt` with the negative and per-encoder
