@@ -14,7 +14,9 @@ Public API
 * :func:`read_metadata` ``(path) -> dict[str, str]``;
 * :func:`checkpoint_path` ``(directory, epoch) -> str``,
   :func:`list_checkpoints` ``(directory) -> list[tuple[int, str]]``,
-  :func:`latest_checkpoint` ``(directory) -> tuple[int, str] | None``.
+  :func:`latest_checkpoint` ``(directory) -> tuple[int, str] | None``;
+* :func:`remove_temporaries` ``(directory) -> list[str]`` — leftovers of killed writes;
+* :class:`FolderLock` ``(directory)`` — one writer per folder (a context manager).
 
 File format
 -----------
@@ -44,12 +46,22 @@ and other dtypes safetensors lacks raise ``ValueError`` on save.  Typed PRNG key
 *Metadata* (safetensors header, ``str -> str``): the caller's ``metadata`` plus reserved
 keys prefixed ``checkpoint.`` (callers may not use that prefix):
 
-* ``checkpoint.format`` = ``"cfgzero_theory.checkpoint/1"``;
+* ``checkpoint.format`` = ``"cfgzero_theory.checkpoint/2"``;
 * ``checkpoint.prng_keys`` = JSON object ``{tensor name: PRNG impl name}`` (e.g.
-  ``"threefry2x32"``) listing the tensors that are key data.
+  ``"threefry2x32"``) listing the tensors that are key data;
+* ``checkpoint.digests`` = JSON object ``{tensor name: SHA-256}`` of each tensor's dtype,
+  shape and bytes as stored.
 
 :func:`read_metadata` returns all of it.  A safetensors file without ``checkpoint.format``
 (e.g. weights written elsewhere) still loads if its names, shapes and dtypes fit.
+
+Verification
+------------
+:func:`load_pytree` recomputes every tensor's digest and compares it with the stored one:
+a flipped bit, a NaN written over a value, or two tensors' names or offsets swapped in the
+header is a ``ValueError`` naming the tensor and the file.  Files of format ``/1`` (written
+before digests existed) still load, with a ``UserWarning`` that they are unverified;
+foreign safetensors files (no ``checkpoint.format``) load unverified, silently.
 
 Atomicity
 ---------
@@ -58,7 +70,10 @@ directory (``.<name>.<random>.tmp``), flushed and ``fsync``-ed, then ``os.replac
 the target and the directory is ``fsync``-ed.  A process killed at any moment leaves the
 old checkpoint or the new one, never a partial file; on any error (including
 ``KeyboardInterrupt``) the temporary file is removed and the error re-raised.
-:func:`list_checkpoints` ignores temporary files.
+:func:`list_checkpoints` ignores temporary files; a ``kill -9`` can leave one behind, and
+:func:`remove_temporaries` deletes them (the writer holding the folder's
+:class:`FolderLock` calls it when it starts).  :func:`atomic_write_bytes` is the same
+mechanism for any file (JSON, figures).
 
 Loading
 -------
@@ -80,11 +95,15 @@ this module runs under ``jit``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import operator
 import os
 import re
 import secrets
+import socket
+import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,20 +116,27 @@ from safetensors.numpy import save as _st_save
 
 __all__ = [
     "FORMAT",
+    "FolderLock",
+    "atomic_write_bytes",
     "checkpoint_path",
     "latest_checkpoint",
     "list_checkpoints",
     "load_pytree",
     "read_metadata",
+    "remove_temporaries",
     "save_pytree",
 ]
 
-FORMAT = "cfgzero_theory.checkpoint/1"
+FORMAT = "cfgzero_theory.checkpoint/2"
 """Value of the ``checkpoint.format`` metadata entry."""
 
 _RESERVED_PREFIX = "checkpoint."
 _FORMAT_KEY = "checkpoint.format"
 _PRNG_KEY = "checkpoint.prng_keys"
+_DIGESTS_KEY = "checkpoint.digests"
+_UNVERIFIED_FORMATS = ("cfgzero_theory.checkpoint/1",)
+_TEMPORARY_RE = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
+_LOCK_NAME = ".lock"
 _ROOT_NAME = "_root"
 _CHECKPOINT_RE = re.compile(r"epoch_(\d+)\.safetensors")
 _MAX_LISTED = 20
@@ -289,6 +315,120 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a unique temporary file in the same folder,
+    flushed and ``fsync``-ed, then renamed onto ``path`` (readers see the old file or the new
+    one, never a partial one; concurrent writers never share a temporary file)."""
+    _atomic_write(os.fspath(path), data)
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Delete the temporary files killed atomic writes left in ``directory``; returns their paths.
+
+    Only names of the form ``.<name>.<12 hex digits>.tmp`` (what :func:`atomic_write_bytes`
+    creates) are touched.  Call it only while holding the folder's :class:`FolderLock`, so
+    no live write loses its temporary file.
+    """
+    directory = os.fspath(directory)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    removed = []
+    for name in names:
+        path = os.path.join(directory, name)
+        if _TEMPORARY_RE.fullmatch(name) and os.path.isfile(path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return sorted(removed)
+
+
+class FolderLock:
+    """One writer per folder: ``with FolderLock(directory): ...``.
+
+    Entering creates ``directory/.lock`` exclusively (``O_EXCL``) holding the owner's process
+    id, host and start time; leaving removes it.  A second writer gets a ``ValueError``
+    naming the holder.  A lock whose holder is gone (same host, process no longer running,
+    e.g. after ``kill -9``) is stale: it is taken over, and :attr:`stale_holder` says whose it
+    was.  Locks held from another host are never taken over (remove the file by hand if
+    that host is gone).
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = os.fspath(directory)
+        self.path = os.path.join(self.directory, _LOCK_NAME)
+        self.stale_holder: dict | None = None
+        self._held = False
+
+    def __enter__(self) -> FolderLock:
+        os.makedirs(self.directory, exist_ok=True)
+        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and self._alive(holder):
+                    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+                    raise ValueError(
+                        f"{self.directory} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                        f"(since {started}); wait for it to finish or choose another folder") from None
+                self.stale_holder = holder or {}
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as file:
+                file.write(owner)
+            self._held = True
+            return self
+        raise ValueError(f"{self.directory}: could not take the folder lock {self.path}")
+
+    def __exit__(self, *exc) -> None:
+        if self._held:
+            self._held = False
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.path) as file:
+                holder = json.load(file)
+            return holder if isinstance(holder, dict) else None
+        except (OSError, ValueError):
+            return None  # unreadable or half-written: treat as stale
+
+    @staticmethod
+    def _alive(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return True  # cannot tell: assume alive
+        pid = holder.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return False
+        if pid == os.getpid():
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def _digest(array: np.ndarray) -> str:
+    """SHA-256 of a tensor's dtype, shape and C-order bytes."""
+    sha = hashlib.sha256(f"{array.dtype.str}{tuple(array.shape)}".encode())
+    sha.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    return sha.hexdigest()
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
@@ -359,6 +499,7 @@ def save_pytree(
         **user_metadata,
         _FORMAT_KEY: FORMAT,
         _PRNG_KEY: json.dumps(prng_impls, sort_keys=True),
+        _DIGESTS_KEY: json.dumps({name: _digest(array) for name, array in tensors.items()}, sort_keys=True),
     }
     data = _st_save(tensors, metadata=header)
     directory = os.path.dirname(path)
@@ -400,7 +541,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 def _prng_impls(path: str, metadata: dict[str, str]) -> dict[str, str]:
     text = metadata.get(_PRNG_KEY)
     fmt = metadata.get(_FORMAT_KEY)
-    if fmt is not None and fmt != FORMAT:
+    if fmt is not None and fmt != FORMAT and fmt not in _UNVERIFIED_FORMATS:
         raise ValueError(f"{path} has checkpoint format {fmt!r}; this reader knows {FORMAT!r}")
     if text is None:
         return {}
@@ -413,6 +554,31 @@ def _prng_impls(path: str, metadata: dict[str, str]) -> dict[str, str]:
             f"{path} is not a readable safetensors checkpoint: bad {_PRNG_KEY} entry: {err}"
         ) from err
     return impls
+
+
+def _verify(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Compare every tensor with its stored digest; ``ValueError`` naming the first bad one."""
+    fmt = metadata.get(_FORMAT_KEY)
+    if fmt is None:
+        return  # a foreign safetensors file: nothing to verify against
+    text = metadata.get(_DIGESTS_KEY)
+    if text is None:
+        if fmt in _UNVERIFIED_FORMATS:
+            warnings.warn(f"{path} was written without digests ({fmt}); it is loaded unverified", stacklevel=3)
+            return
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: no {_DIGESTS_KEY} entry")
+    try:
+        digests = json.loads(text)
+        if not isinstance(digests, dict):
+            raise TypeError("expected a JSON object")
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: bad {_DIGESTS_KEY}: {err}") from err
+    if set(digests) != set(tensors):
+        raise ValueError(f"{path} is corrupted: its digests list {sorted(digests)[:5]}…, its tensors "
+                         f"{sorted(tensors)[:5]}…")
+    for name in sorted(tensors):
+        if _digest(tensors[name]) != digests[name]:
+            raise ValueError(f"{path} is corrupted: tensor {name!r} does not match its stored digest")
 
 
 def _convert_weak(x: jax.Array, weak: bool) -> jax.Array:
@@ -497,13 +663,15 @@ def load_pytree(path: str | os.PathLike, template: Any) -> Any:
 
     ``template`` is a pytree of arrays or :class:`jax.ShapeDtypeStruct` (e.g.
     ``jax.eval_shape`` of the state initialiser) with the structure, shapes and dtypes
-    expected.  Raises ``ValueError`` naming every missing key, unexpected key and
-    shape/dtype mismatch, or naming the file if it is not readable safetensors;
-    ``FileNotFoundError`` if ``path`` does not exist.
+    expected.  Every tensor is checked against its stored digest first (module docstring).
+    Raises ``ValueError`` naming every missing key, unexpected key and shape/dtype mismatch,
+    naming the tensor whose digest does not match, or naming the file if it is not readable
+    safetensors; ``FileNotFoundError`` if ``path`` does not exist.
     """
     path = os.fspath(path)
     tensors, metadata = _read_file(path)
     impls = _prng_impls(path, metadata)
+    _verify(path, tensors, metadata)
     names, template_leaves, treedef = _named_leaves(template)
 
     missing = [name for name in names if name not in tensors]

@@ -23,11 +23,14 @@ its configuration: resuming from a checkpoint reproduces an uninterrupted run bi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -268,7 +271,22 @@ def initial_state(net_config: NetworkConfig, config: TrainConfig, init_keys) -> 
     return networks.graphdef, jax.device_put(state, seed_sharding(config.num_networks)[0])
 
 
+def run_fingerprint(net_config: NetworkConfig, config: TrainConfig, mixture: GaussianMixture) -> str:
+    """SHA-256 of everything a run depends on: both configurations (data and network seeds
+    included) and the mixture's parameters as stored bytes (weights, means, covariances,
+    labels, with dtypes and shapes).  Two runs resume each other only if these are equal."""
+    sha = hashlib.sha256(json.dumps({"network": dataclasses.asdict(net_config),
+                                     "training": dataclasses.asdict(config)}, sort_keys=True).encode())
+    for array in (mixture.weights, mixture.means, mixture.covs, mixture.labels):
+        array = np.ascontiguousarray(np.asarray(array))
+        sha.update(f"{array.dtype.str}{array.shape}".encode())
+        sha.update(array.reshape(-1).view(np.uint8))
+    return sha.hexdigest()
+
+
 def _run_metadata(net_config: NetworkConfig, config: TrainConfig, mixture: GaussianMixture) -> str:
+    """The ``run`` entry of every checkpoint: the configurations and a summary of the mixture as
+    JSON (read back by ``widget.networks_from_checkpoints``)."""
     fingerprint = {
         "network": dataclasses.asdict(net_config),
         "training": dataclasses.asdict(config),
@@ -301,11 +319,21 @@ def train(
       checkpoint epoch only (parameters, optimizer moments and EMA, so three to four times
       the size of a network file), replaced at each checkpoint.
 
-    A later call with the same configuration loads the kept networks and resumes from the
-    training state; it ends bit-identical to an uninterrupted run.  If a checkpoint epoch
-    before the saved state has no network file, training restarts from epoch 0 (the run is
-    deterministic, so the result is the same, only slower).  A folder holding a run of
-    another configuration is a ``ValueError``.
+    Every file carries the run's :func:`run_fingerprint` and its epoch.  A later call with
+    the same configuration loads the kept networks and resumes from the training state; it
+    ends bit-identical to an uninterrupted run.  Resume is checked, never trusting file names:
+
+    * a folder holding a run of another configuration (another fingerprint) is a
+      ``ValueError``;
+    * a file that is unreadable, fails its digests (:mod:`cfgzero_theory.checkpoint`) or
+      whose stored epoch differs from its name is skipped with a ``UserWarning`` saying so;
+    * resume starts from the training state only if it is valid and every checkpoint epoch up
+      to it has a valid network file; otherwise training restarts from epoch 0 (the run is
+      deterministic: the same result, only slower) and the warning says why.
+
+    While it runs, ``out_dir`` is locked (:class:`~cfgzero_theory.checkpoint.FolderLock`): a
+    second run in the same folder is a ``ValueError`` naming the holder.  Temporary files of
+    killed writes are removed at the start.
     """
     if net_config.dim != mixture.dim:
         raise ValueError(f"net_config.dim ({net_config.dim}) must equal the mixture's dimension ({mixture.dim})")
@@ -323,6 +351,7 @@ def train(
     graphdef, state = initial_state(net_config, config, jax.random.split(init_root, count))
     losses = np.full((config.epochs, count), np.nan, np.float32)
     metadata = _run_metadata(net_config, config, mixture)
+    fingerprint = run_fingerprint(net_config, config, mixture)
     saved = set(config.checkpoint_epochs) | {config.epochs}
     networks: dict[int, Network] = {}
     start = 0
@@ -335,42 +364,83 @@ def train(
             return
         networks[epoch] = Network(graphdef, kept_params(state))
         if out_dir is not None:
-            tags = {"run": metadata, "epoch": str(epoch)}
+            tags = {"run": metadata, "fingerprint": fingerprint, "epoch": str(epoch)}
             checkpoint.save_pytree(checkpoint.checkpoint_path(out_dir, epoch),
                                    {"networks": kept_params(state), "losses": losses}, tags)
             checkpoint.save_pytree(training_state_path(out_dir), {"state": state, "losses": losses}, tags)
 
-    if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        found = checkpoint.list_checkpoints(out_dir)
-        state_file = training_state_path(out_dir)
-        for path in [p for _, p in found] + ([state_file] if os.path.isfile(state_file) else []):
-            if checkpoint.read_metadata(path).get("run") != metadata:
-                raise ValueError(f"out_dir {out_dir!r} holds a checkpoint of a different run configuration ({path})")
-        net_template = {"networks": state.params, "losses": losses}
-        for epoch, path in found:
-            kept = checkpoint.load_pytree(path, net_template)["networks"]
-            networks[epoch] = Network(graphdef, jax.device_put(kept, seed_axis))
-        if os.path.isfile(state_file):
-            resumed = int(checkpoint.read_metadata(state_file)["epoch"])
-            if all(e in networks for e in saved if e <= resumed):
-                restored = checkpoint.load_pytree(state_file, {"state": state, "losses": losses})
-                state = jax.device_put(restored["state"], seed_axis)
-                losses = np.array(restored["losses"])
-                start = resumed
-    if start == 0:
-        record(0, state)
+    with contextlib.ExitStack() as stack:
+        if out_dir is not None:
+            stack.enter_context(checkpoint.FolderLock(out_dir))
+            for path in checkpoint.remove_temporaries(out_dir):
+                warnings.warn(f"removed the temporary file of an interrupted write: {path}", stacklevel=2)
+            kept, resumed = _resume(out_dir, fingerprint, {"networks": state.params, "losses": losses},
+                                    {"state": state, "losses": losses}, saved)
+            networks.update({e: Network(graphdef, jax.device_put(n, seed_axis)) for e, n in kept.items()})
+            if resumed is not None:
+                start, restored = resumed
+                state, losses = jax.device_put(restored["state"], seed_axis), np.array(restored["losses"])
+        if start == 0:
+            record(0, state)
 
-    floor = loss_floor(mixture, config.label_dropout, jax.random.key(config.data_seed + 1))
-    epoch_fn = make_epoch_fn(graphdef, config)
-    bar = _progress(range(start, config.epochs), progress, floor)
-    for epoch in bar:
-        state, epoch_loss = epoch_fn(state, seed_keys, epoch, x1, labels)
-        losses[epoch] = np.asarray(epoch_loss)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{losses[epoch].mean():.4f}", floor=f"{floor:.4f}")
-        record(epoch + 1, state)
+        floor = loss_floor(mixture, config.label_dropout, jax.random.key(config.data_seed + 1))
+        epoch_fn = make_epoch_fn(graphdef, config)
+        bar = _progress(range(start, config.epochs), progress, floor)
+        for epoch in bar:
+            state, epoch_loss = epoch_fn(state, seed_keys, epoch, x1, labels)
+            losses[epoch] = np.asarray(epoch_loss)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{losses[epoch].mean():.4f}", floor=f"{floor:.4f}")
+            record(epoch + 1, state)
     return TrainResult(networks, losses, floor, dataset)
+
+
+def _resume(out_dir: str, fingerprint: str, network_template, state_template, saved: set[int]):
+    """What a run in ``out_dir`` can resume from: ``(networks {epoch: params}, (epoch, state) or None)``.
+
+    Files of another run are a ``ValueError``; unreadable, corrupted or misnamed files are
+    skipped with a warning; the training state is used only when every checkpoint epoch up to
+    it has a valid network file (see :func:`train`).
+    """
+    def load(path: str, template, epoch: int | None):
+        """The file's content, or ``None`` (with a warning) when it cannot be trusted."""
+        try:
+            metadata = checkpoint.read_metadata(path)
+        except ValueError as err:
+            warnings.warn(f"skipping {path}: {err}", stacklevel=3)
+            return None
+        if metadata.get("fingerprint") != fingerprint:
+            raise ValueError(f"out_dir {out_dir!r} holds a checkpoint of a different run configuration ({path}); "
+                             "use another folder or delete it")
+        stored = metadata.get("epoch")
+        if epoch is not None and stored != str(epoch):
+            warnings.warn(f"skipping {path}: it stores epoch {stored}, not the epoch {epoch} of its name", stacklevel=3)
+            return None
+        try:
+            return int(stored), checkpoint.load_pytree(path, template)
+        except ValueError as err:
+            warnings.warn(f"skipping {path}: {err}", stacklevel=3)
+            return None
+
+    networks = {}
+    for epoch, path in checkpoint.list_checkpoints(out_dir):
+        loaded = load(path, network_template, epoch)
+        if loaded is not None:
+            networks[epoch] = loaded[1]["networks"]
+    state_file = training_state_path(out_dir)
+    if not os.path.isfile(state_file):
+        return networks, None
+    loaded = load(state_file, state_template, None)
+    if loaded is None:
+        warnings.warn("the training state is unusable: training restarts from epoch 0", stacklevel=2)
+        return networks, None
+    epoch, restored = loaded
+    missing = sorted(e for e in saved if e <= epoch and e not in networks)
+    if missing:
+        warnings.warn(f"no valid network file for epochs {missing}: training restarts from epoch 0 "
+                      f"instead of resuming at epoch {epoch}", stacklevel=2)
+        return networks, None
+    return networks, (epoch, restored)
 
 
 def training_state_path(out_dir: str) -> str:

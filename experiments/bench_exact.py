@@ -27,24 +27,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import math
-import os
-import platform
-import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
-import scipy
 import scipy.linalg
 
 import jax
 import jax.numpy as jnp
 
 from cfgzero_theory.mixture import DEFAULT_CHUNK_ELEMENTS, GaussianMixture
+from experiments._common import usage_error
+from experiments.bench_common import (
+    LoadMeter, environment, format_number, loadavg, openblas_libraries, print_report,
+)
 
 FLOP_MODEL = (
     "useful flops = 4*n*K*d^2: the two matrix products x @ [Q_1..Q_K] and y @ [Q_1..Q_K]^T "
@@ -101,78 +100,11 @@ def numpy_velocity(x, t, log_pi, means, covs):
     return np.einsum("nk,knd->nd", w, u_k)
 
 
-# --------------------------------------------------------------------------- machine state
-def _busy_jiffies() -> int | None:
-    """Busy CPU time of the whole machine (all processes), in clock ticks, from /proc/stat."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = [int(v) for v in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
-
-
-def _own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-class _LoadMeter:
-    """CPU cores used by *other* processes while a section ran (a contamination indicator)."""
-
-    def __enter__(self):
-        self.busy, self.own, self.wall = _busy_jiffies(), _own_cpu_seconds(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        busy = _busy_jiffies()
-        wall = time.perf_counter() - self.wall
-        if busy is None or self.busy is None or wall <= 0:
-            self.background_cores = None
-        else:
-            other = (busy - self.busy) / os.sysconf("SC_CLK_TCK") - (_own_cpu_seconds() - self.own)
-            self.background_cores = max(0.0, other / wall)
-        return False
-
-
-def _openblas_libraries() -> list:
-    """The OpenBLAS libraries loaded in this process (NumPy's and SciPy's are separate copies)."""
-    paths = set()
-    try:
-        with open("/proc/self/maps") as fh:
-            for line in fh:
-                path = line.split()[-1]
-                name = os.path.basename(path).lower()
-                if "openblas" in name and ".so" in name:
-                    paths.add(path)
-    except OSError:
-        return []
-    libs = []
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        setter = getter = None
-        for suffix in ("", "64_", "_64_"):
-            for prefix in ("scipy_openblas", "openblas"):
-                setter = setter or getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                getter = getter or getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-        if setter is not None and getter is not None:
-            getter.restype = ctypes.c_int
-            libs.append((os.path.basename(path), setter, getter))
-    return libs
-
-
-def blas_threads() -> dict:
-    return {name: int(getter()) for name, _, getter in _openblas_libraries()}
-
-
+# --------------------------------------------------------------------------- BLAS threads
 @contextlib.contextmanager
 def limit_blas_threads(n: int | None):
     """Temporarily set every loaded OpenBLAS to ``n`` threads (``None``: leave as is)."""
-    libs = _openblas_libraries() if n is not None else []
+    libs = openblas_libraries() if n is not None else []
     before = [int(getter()) for _, _, getter in libs]
     try:
         for _, setter, _ in libs:
@@ -198,7 +130,7 @@ def time_call(fn: Callable[[], object], repeats: int, min_time: float, warmup: i
     single = time.perf_counter() - start
     inner = max(1, math.ceil(min_time / max(single, 1e-9)))
     samples = []
-    with _LoadMeter() as load:
+    with LoadMeter() as load:
         for _ in range(repeats):
             start = time.perf_counter()
             for _ in range(inner):
@@ -256,7 +188,7 @@ def bench_config(d, k, n, t, seed, repeats, min_time, chunk_elements, peak_gflop
     # The reference is timed with the BLAS's default threading and with one BLAS thread (tiny
     # multi-threaded solves can be slower than serial ones); the faster one is reported.
     np_runs = {}
-    if not _openblas_libraries():
+    if not openblas_libraries():
         blas_settings = (None,)
     for threads in blas_settings:
         with limit_blas_threads(threads):
@@ -367,61 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fmt(v):
-    return "?" if v is None else f"{v:.2f}"
-
-
-def environment() -> dict:
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {
-        "jax_version": jax.__version__,
-        "jaxlib_version": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
-        "numpy_version": np.__version__,
-        "scipy_version": scipy.__version__,
-        "python_version": platform.python_version(),
-        "backend": jax.default_backend(),
-        "device": str(jax.devices()[0]),
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": usable,
-        "cpu_model": cpu_model,
-        "dtype": "float32",
-        "xla_flags": os.environ.get("XLA_FLAGS"),
-        "blas_threads_default": blas_threads(),
-        "thread_env": {
-            key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-        },
-        "loadavg_at_start": _loadavg(),
-    }
-
-
-def _loadavg():
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return None
-
-
-def _jaxlib_version():
-    try:
-        import jaxlib
-
-        return jaxlib.__version__
-    except Exception:  # pragma: no cover - informational only
-        return None
-
-
 def _background_values(peak, results):
     yield peak["jax_timing"]["background_cores"]
     if "numpy_timing" in peak:
@@ -432,7 +309,8 @@ def _background_values(peak, results):
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", False)  # the benchmark is float32 throughout
     peak_size, warmup = PEAK_SIZE, 2
     if args.quick:
@@ -440,9 +318,9 @@ def main(argv=None) -> dict:
         peak_size, warmup = QUICK_PEAK_SIZE, 1
     blas_settings = {"both": (None, 1), "default": (None,), "1": (1,)}[args.blas_threads]
     if args.n < 1 or args.repeats < 1:
-        raise SystemExit("--n and --repeats must be positive")
+        usage_error(parser, "--n and --repeats must be positive")
     if not 0.0 < args.t < 1.0:
-        raise SystemExit("--t must lie strictly between 0 and 1")
+        usage_error(parser, "--t must lie strictly between 0 and 1")
 
     env = environment()
     print(f"jax {env['jax_version']} on {env['backend']} ({env['cpu_cores']} cores, {env['cpu_model']}), float32", flush=True)
@@ -465,7 +343,8 @@ def main(argv=None) -> dict:
             f"{100 * r['jax_fraction_of_peak']:.1f}% of peak) | numpy {r['numpy_seconds'] * 1e3:9.3f} ms "
             f"({r['numpy_throughput']:.3g} pts*comp/s) | speed-up {r['speedup']:.1f}x | "
             f"max rel err {r['max_rel_err']:.2e} | background load "
-            f"{_fmt(r['jax_timing']['background_cores'])}/{_fmt(r['numpy_timing']['background_cores'])} cores",
+            f"{format_number(r['jax_timing']['background_cores'])}/"
+            f"{format_number(r['numpy_timing']['background_cores'])} cores",
             flush=True,
         )
 
@@ -498,7 +377,7 @@ def main(argv=None) -> dict:
         "matmul_peak": peak,
         "peak_gflops": peak["jax_gflops"],
         "configs": results,
-        "loadavg_at_end": _loadavg(),
+        "loadavg_at_end": loadavg(),
         "max_background_cores": max(
             (v for v in _background_values(peak, results) if v is not None), default=None
         ),
@@ -512,7 +391,7 @@ def main(argv=None) -> dict:
         if target is None
         else bool(target["jax_fraction_of_peak"] >= TARGET["fraction_of_peak_min"]),
     }
-    print(json.dumps(report), flush=True)
+    print_report(report)
     return report
 
 

@@ -32,7 +32,9 @@ returns images):
 * ``decode``: latents to ``[0, 1]`` images (VAE decoder and post-processing);
 * ``end_to_end``: prompt to NumPy images — ours ``pipe(prompts, guidance="cfg", scale=4,
   latents=...)`` after its first call, whose time (tracing + compilation of encoders, loop
-  and decoder + one run) is ``compile_s``; diffusers ``pipe(prompts, latents=...,
+  and decoder + one run) is ``compile_s`` (the persistent compilation cache of
+  :mod:`cfgzero_theory.compilation` is on unless ``--no-compilation-cache``: when it already
+  holds the programs, ``compile_s`` is mostly loading them); diffusers ``pipe(prompts, latents=...,
   num_inference_steps=N, guidance_scale=4, output_type="np")`` (its first call is reported
   as ``first_call_s``).
 
@@ -43,6 +45,14 @@ or with TF32), not a test.  With ``--fp32-matmul highest`` (default) float32 mat
 precision on both sides (``jax_default_matmul_precision="highest"``, torch TF32 off);
 ``tf32`` allows TF32 on both.  ``medium`` needs ~20 GB and is refused on a CPU unless
 ``--allow-cpu-medium``.
+
+FLOPs of one step: ``transformer_step_flops`` counted from the architecture
+(:func:`cfgzero_theory.sd3.flops.mmdit_step_flops`; ``achieved_tflops`` divides it by the
+step medians) and ``transformer_step_flops_xla``, XLA's cost analysis of our compiled step
+(blind to cuDNN's fused attention on a GPU).
+
+Output: progress lines and a table, then the report as one strict JSON object on the last
+stdout line (also written to ``--out`` when given).
 """
 
 from __future__ import annotations
@@ -66,8 +76,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from experiments._common import run_or_exit, strict_json, write_json  # noqa: E402
-from experiments.bench_exact import _loadavg  # noqa: E402
+from cfgzero_theory.compilation import enable_compilation_cache  # noqa: E402
+from cfgzero_theory.sd3.flops import mmdit_step_flops  # noqa: E402
+from experiments._common import prepare_output_dir, run_or_exit, strict_json, write_json  # noqa: E402
+from experiments.bench_common import environment as machine_environment  # noqa: E402
+from experiments.bench_common import loadavg, print_report, xla_flops  # noqa: E402
 
 CONFIGS = ("tiny", "mid", "medium")
 PROMPT = "a photo of a cat"
@@ -79,6 +92,14 @@ TEXT_ENCODERS_NOTE = {
     "medium": ("text encoders SHRUNK: SD3 widths (CLIP-L 768, CLIP-bigG 1280, T5 4096) but 1 layer each, T5 d_ff "
                "1024 and 4 heads, tiny hand-written tokenizers; the transformer and VAE are SD3-medium's"),
 }
+
+
+def guidance_options(guidance: str) -> dict:
+    """Our pipeline's options for the two timed rules: CFG at :data:`GUIDANCE_SCALE`, and
+    CFG-Zero* at the same scale with :data:`ZERO_INIT_STEPS` zeroed steps (CFG takes no ``K``)."""
+    if guidance == "cfg":
+        return {"guidance": "cfg", "scale": GUIDANCE_SCALE}
+    return {"guidance": "cfg-zero-star", "scale": GUIDANCE_SCALE, "zero_init_steps": ZERO_INIT_STEPS}
 
 
 # --------------------------------------------------------------------------- timing
@@ -120,47 +141,6 @@ def _count(tree) -> int:
     return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def mmdit_step_flops(config, image_tokens: int, text_tokens: int, batch: int) -> float:
-    """Multiply-add FLOPs (2 per MAC) of one SD3 transformer call on ``batch`` samples, counted
-    from the architecture: the linear maps at their token counts and attention's ``QKᵀ`` and
-    ``AV`` (``4·T·S·D``); norms, activations and softmax are left out.  Independent of XLA's
-    cost analysis, which does not see inside cuDNN's fused attention.
-
-    Per block (``D`` the width, ``N = N_img + N_txt``): AdaLN ``2·D·kD`` per stream (``k`` = 6,
-    9 with dual attention, 2 for the context-pre-only text stream), q/k/v ``6·D²`` and out
-    ``2·D²`` per token, joint attention ``4·N_q·N·D`` (in the last block the text side gives
-    keys and values only: ``4·D²`` per text token and ``N_q = N_img``), the 4×-wide MLP ``16·D²`` per token, and with dual
-    attention an image-only attention ``8·D²·N_img + 4·N_img²·D``.
-    """
-    d, n_img, n_txt = config.inner_dim, image_tokens, text_tokens
-    n = n_img + n_txt
-    patch = config.patch_size ** 2
-    flops = 2 * n_img * patch * config.in_channels * d + 2 * n_txt * config.joint_attention_dim * d
-    flops += 2 * (256 * d + d * d) + 2 * (config.pooled_projection_dim * d + d * d)  # time and pooled MLPs
-    for index in range(config.num_layers):
-        pre_only = index == config.num_layers - 1
-        dual = index in config.dual_attention_layers
-        flops += 2 * d * (9 if dual else 6) * d + 2 * d * (2 if pre_only else 6) * d
-        flops += 6 * d * d * n_img + (4 if pre_only else 6) * d * d * n_txt + 4 * (n_img if pre_only else n) * n * d
-        txt_out = 0 if pre_only else n_txt
-        flops += 2 * d * d * (n_img + txt_out) + 16 * d * d * (n_img + txt_out)
-        if dual:
-            flops += 8 * d * d * n_img + 4 * n_img * n_img * d
-    flops += 2 * d * 2 * d + 2 * n_img * d * patch * config.out_channels
-    return float(batch * flops)
-
-
-def _flops(compiled):
-    try:
-        cost = compiled.cost_analysis()
-        if isinstance(cost, (list, tuple)):
-            cost = cost[0] if cost else None
-        flops = None if cost is None else cost.get("flops")
-        return float(flops) if flops is not None and flops > 0 else None
-    except Exception:  # noqa: BLE001 - optional; not every backend reports costs
-        return None
-
-
 # --------------------------------------------------------------------------- device / dtype
 def resolve_device(requested: str, torch) -> tuple[str, str, object]:
     """``(device, torch_device, jax_device)``: ``cpu`` or ``gpu`` on both sides."""
@@ -187,9 +167,7 @@ def set_fp32_matmul(mode: str, torch, dtype: str) -> None:
 
 
 def environment(torch, diffusers, device: str, jax_device) -> dict:
-    from experiments.bench_exact import environment as base
-
-    env = base()
+    env = machine_environment()
     env.pop("dtype", None)
     env.update(
         platform=platform.platform(),
@@ -284,8 +262,8 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
     with jax.default_device(jax_device), torch.no_grad():
         # ---- end to end, first (compiling) calls of ours
         def ours_e2e(guidance):
-            latents, images = ours(prompts, guidance=guidance, scale=GUIDANCE_SCALE, zero_init_steps=ZERO_INIT_STEPS,
-                                   num_steps=steps, latents=init_j, max_sequence_length=seq)
+            latents, images = ours(prompts, **guidance_options(guidance), num_steps=steps, latents=init_j,
+                                   max_sequence_length=seq)
             return np.asarray(latents.astype(jnp.float32)), np.asarray(images)
 
         print(f"[{name}] ours: first calls (compilation) ...", flush=True)
@@ -330,7 +308,7 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
         step_fn = jax.jit(ours.model_fn)
         step_args = (params, x2, schedule.sigmas[0], schedule.timesteps[0], both)
         try:
-            flops = _flops(step_fn.lower(*step_args).compile())
+            flops = xla_flops(step_fn.lower(*step_args).compile())
         except Exception:  # noqa: BLE001
             flops = None
         out = step_fn(*step_args)
@@ -354,8 +332,7 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
 
         # ---- the denoising loop alone
         def ours_denoise(guidance):
-            return ours.sample((cond, pooled, uncond, uncond_pooled), init_j, guidance=guidance,
-                               scale=GUIDANCE_SCALE, zero_init_steps=ZERO_INIT_STEPS,
+            return ours.sample((cond, pooled, uncond, uncond_pooled), init_j, **guidance_options(guidance),
                                num_steps=steps).samples.block_until_ready()
 
         ours_sec["denoise"] = _time(lambda: ours_denoise("cfg"), args.repeats)
@@ -468,7 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256, as SD3)")
     p.add_argument("--seed", type=int, default=0, help="weights and initial latents seed")
     p.add_argument("--allow-cpu-medium", action="store_true", help="allow --config medium on a CPU (~20 GB)")
-    p.add_argument("--out", default=None, help="JSON path (default figures/bench/pipeline_<device>.json)")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="also write the JSON report to this file (default: stdout only, its last line)")
+    p.add_argument("--no-compilation-cache", action="store_true",
+                   help="compile from scratch: no persistent compilation cache (with it, a repeated run's compile_s "
+                   "is mostly the time to load the cached programs)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny only, 2 steps, 1 repeat, 2 step repeats")
     return p
 
@@ -501,7 +482,6 @@ def run(args) -> dict:
         raise ValueError("--config medium needs ~20 GB and hours on a CPU; use a GPU or pass --allow-cpu-medium")
     set_fp32_matmul(args.fp32_matmul, torch, args.dtype)
     env = environment(torch, diffusers, device, jax_device)
-    out = args.out or os.path.join("figures", "bench", f"pipeline_{device}.json")
     print(f"jax {env['jax_version']} on {env['jax_device_kind']} ({env['jax_backend']}); torch {env['torch_version']} "
           f"({torch_device}, {env['torch_num_threads']} threads), diffusers {env['diffusers_version']}; "
           f"{args.dtype}; configs {configs}, {args.steps} steps, batch {args.batch}", flush=True)
@@ -527,6 +507,7 @@ def run(args) -> dict:
             "step_repeats": args.step_repeats, "max_sequence_length": args.max_sequence_length, "seed": args.seed,
             "guidance_scale": GUIDANCE_SCALE, "zero_init_steps": ZERO_INIT_STEPS, "fp32_matmul": args.fp32_matmul,
             "quick": bool(args.quick),
+            "compilation_cache_dir": jax.config.jax_compilation_cache_dir or None,
         },
         "definitions": {
             "step": "one transformer call on the doubled CFG batch 2B (ours: jitted model_fn; diffusers: "
@@ -537,25 +518,36 @@ def run(args) -> dict:
             "loop_per_step": "denoise / steps",
             "decode": "VAE decode + post-processing to [0, 1] NumPy images",
             "end_to_end": "prompt -> NumPy images, plain CFG scale 4 (ours after compilation)",
-            "compile_s": "ours' first end-to-end call (tracing + XLA compilation + one run)",
+            "compile_s": "ours' first end-to-end call (tracing + XLA compilation + one run; with a persistent "
+                         "compilation cache that already holds the programs, loading them instead of compiling: "
+                         "settings.compilation_cache_dir)",
             "first_call_s": "diffusers' first end-to-end call",
             "ratios": "diffusers median / ours median (> 1: ours faster)",
             "timing": "medians; whole-pipeline sections over --repeats, step over --step-repeats; one warm-up "
                       "call each; JAX block_until_ready, torch cuda.synchronize on GPU",
         },
         "configs": results,
-        "loadavg_at_end": _loadavg(),
+        "loadavg_at_end": loadavg(),
         "runtime_s": time.perf_counter() - started,
     }
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    write_json(out, report)
     print(table(results), flush=True)
-    print(f"wrote {out}", flush=True)
+    if args.out is not None:
+        write_json(args.out, report)
+        print(f"wrote {args.out}", flush=True)
+    print_report(report)
     return strict_json(report)
 
 
 def main(argv=None):
-    return run_or_exit(run, build_parser().parse_args(argv))
+    """Run the benchmark: a folder for ``--out`` that cannot be written is refused before any
+    work; the persistent compilation cache is on unless ``--no-compilation-cache``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out is not None:
+        prepare_output_dir(parser, os.path.dirname(os.path.abspath(args.out)))
+    if not args.no_compilation_cache:
+        enable_compilation_cache()
+    return run_or_exit(run, args)
 
 
 if __name__ == "__main__":

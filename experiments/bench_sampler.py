@@ -20,7 +20,7 @@ Cases (2 workloads × 2 schedulers, each reported separately):
   - ``network``: a tiny ``VelocityMLP`` (width 64, depth 3, silu, 3 classes + the null
     class, random weights from seed ``--seed``: :func:`make_network`), ours through
     ``network_velocity`` and the peer the same network in PyTorch
-    (``bench_training.build_torch_model``) with the same weights copied in; both read as
+    (``bench_common.build_torch_model``) with the same weights copied in; both read as
     ``v_σ = −v_θ(x, 1 − σ, label)``;
 
 * schedulers, with CFG-Zero* guidance (``CFGZeroStar`` / diffusers'
@@ -70,15 +70,16 @@ per case and for all cases together (booleans, never asserted).
 Timing: each contender of each case is one section (ours; the peer per PyTorch thread
 setting), which runs enough pairs in a row to last ``--min-time`` seconds; the sections are
 timed in interleaved rounds with the order rotated each round
-(``bench_training.interleaved_timings``), after ``--warmup`` untimed pairs, so that all see
+(``bench_common.interleaved_timings``), after ``--warmup`` untimed pairs, so that all see
 the same background load.  Totals and model times per step are medians over all the pairs'
 calls; ``overhead_round_min/max_seconds`` give the spread of the per-round medians of the
 overhead per step (``--repeats`` rounds).  The peer is timed with PyTorch's default thread
 count (``torch.get_num_threads()``) and with one thread (``--torch-threads``; ``--quick``
-uses one): on a small shared machine intra-op threads can make tiny ops far slower.  The setting with the lower peer total per step is the one
-reported as ``peer`` (its thread count in ``num_threads``), the other is kept in
-``peer_by_num_threads``.  Each timing records ``background_cores`` (``bench_exact``'s load
-meter): timings taken while it is large are contaminated.
+uses one): on a small shared machine intra-op threads can make tiny ops far slower.  The
+setting with the lower peer total per step is the one reported as ``peer`` (its thread count
+in ``num_threads``), the other is kept in ``peer_by_num_threads``.  Each timing records
+``background_cores`` (``bench_common.LoadMeter``): timings taken while it is large are
+contaminated.
 
 Correctness: before timing, our final samples are compared with the peer loop's
 (``max_abs_diff_final``; float32 on both sides, CFG-Zero* amplifying the field's rounding
@@ -91,7 +92,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import platform
 import sys
@@ -106,9 +106,10 @@ from flax import nnx
 from cfgzero_theory import NULL_LABEL, mixtures, presets
 from cfgzero_theory.models import Network, NetworkConfig, VelocityMLP, network_velocity
 from cfgzero_theory.sampling import mixture_flow_model, sample_flow
-from experiments._common import strict_json, write_json
-from experiments.bench_exact import _fmt, _loadavg, environment
-from experiments.bench_training import _pure_dict, build_torch_model, interleaved_timings
+from experiments._common import usage_error, write_json
+from experiments.bench_common import (
+    build_torch_model, environment, format_number, interleaved_timings, loadavg, print_report, pure_dict,
+)
 
 TARGET = {"overhead_ratio_min": 5.0}
 WORKLOADS = ("mixture", "network")
@@ -182,7 +183,7 @@ def torch_mixture_model(torch, mixture):
 
 def torch_network_model(config: NetworkConfig, network):
     """``(x2, σ, labels) -> −v_θ(x2, 1 − σ, labels)`` with the PyTorch copy of ``network``."""
-    module = build_torch_model(config, _pure_dict(network.state))
+    module = build_torch_model(config, pure_dict(network.state))
     module.eval()
 
     def model(x2, sigma, labels):
@@ -273,7 +274,7 @@ class PairedTiming:
     Each call of the object runs ``prepare()`` (timed apart: e.g. ``set_timesteps``), then
     one ``loop()`` and one ``model()`` call in alternating order, each timed with
     ``perf_counter`` (both must block until their result is ready).  ``calls`` is the number
-    of pairs per round of :func:`bench_training.interleaved_timings`.
+    of pairs per round of :func:`bench_common.interleaved_timings`.
     """
 
     def __init__(self, loop, model, prepare=None):
@@ -363,12 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", False)  # float32 throughout
     if args.quick:
         args.repeats, args.min_time, args.warmup, args.torch_threads = 1, 0.0, 0, "1"
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0 or args.min_time < 0:
-        raise SystemExit("--batch and --repeats must be positive, --warmup and --min-time non-negative")
+        usage_error(parser, "--batch and --repeats must be positive, --warmup and --min-time non-negative")
 
     torch, diffusers, peer_missing = peer_status(args.no_peer)
     env = environment()
@@ -551,7 +553,7 @@ def main(argv=None) -> dict:
         "max_abs_diff_final": max((c["max_abs_diff_final"] for c in cases if "max_abs_diff_final" in c), default=None),
         "targets": TARGET,
         "meets_target": bool(min(ratios) >= TARGET["overhead_ratio_min"]) if ratios else None,
-        "loadavg_at_end": _loadavg(),
+        "loadavg_at_end": loadavg(),
         "max_background_cores": max(backgrounds, default=None),
         "note": (
             "background_cores = CPU cores used by other processes during a timed section (time-weighted mean "
@@ -563,8 +565,8 @@ def main(argv=None) -> dict:
     if ratios:
         print(f"overhead ratio (peer / ours): min {min(ratios):.1f}x over {len(ratios)} cases; target "
               f">= {TARGET['overhead_ratio_min']:g}x: {'met' if report['meets_target'] else 'NOT met'}; "
-              f"max background load {_fmt(report['max_background_cores'])} cores", flush=True)
-    print(json.dumps(strict_json(report), allow_nan=False), flush=True)
+              f"max background load {format_number(report['max_background_cores'])} cores", flush=True)
+    print_report(report)
     return report
 
 

@@ -27,17 +27,15 @@ compared with the machine's float32 matmul peak, measured as in ``bench_exact`` 
 JSON object with every number, the environment and the targets (``meets_speedup_target`` /
 ``meets_peak_target``: booleans for the target configurations, ``None`` for others; never
 asserted).  Every timing records ``background_cores``, the CPU used by other processes
-meanwhile (``bench_exact``'s load meter): timings taken while it is large are contaminated.
+meanwhile (``bench_common.LoadMeter``): timings taken while it is large are contaminated.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -50,7 +48,10 @@ import optax
 
 from cfgzero_theory.models import ACTIVATIONS, NetworkConfig
 from cfgzero_theory.training import TrainConfig, initial_state, make_epoch_fn, seed_sharding
-from experiments.bench_exact import _fmt, _LoadMeter, _loadavg, environment
+from experiments._common import usage_error
+from experiments.bench_common import (
+    build_torch_model, environment, format_number, interleaved_timings, layer_sizes, loadavg, print_report, pure_dict,
+)
 
 FLOP_MODEL = (
     "flops per training step = seeds * 3 * forward, forward = 2*B*sum over the Linear layers of in*out "
@@ -71,13 +72,6 @@ EPOCH_FLOPS = 2.5e10
 
 
 # --------------------------------------------------------------------------- flop model
-def layer_sizes(net: NetworkConfig) -> list[tuple[int, int]]:
-    """``(in, out)`` of every Linear layer of ``VelocityMLP``, in order."""
-    first = net.dim + 2 * net.time_frequencies + net.class_embedding
-    widths = [first] + [net.width] * net.depth
-    return list(zip(widths[:-1], widths[1:])) + [(net.width, net.dim)]
-
-
 def step_flops(net: NetworkConfig, batch: int, seeds: int = 1) -> float:
     """Model flops of one training step (see ``FLOP_MODEL``)."""
     forward = 2.0 * batch * sum(a * b for a, b in layer_sizes(net))
@@ -145,51 +139,6 @@ def torch_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def build_torch_model(net: NetworkConfig, params: dict | None = None):
-    """``VelocityMLP`` in PyTorch; with ``params`` (one seed's pure dict of the NNX state), its weights."""
-    import torch
-    import torch.nn.functional as F
-
-    acts = {
-        "silu": F.silu,
-        "relu": F.relu,
-        "gelu": lambda h: F.gelu(h, approximate="tanh"),  # jax.nn.gelu's default
-        "tanh": torch.tanh,
-    }
-    if set(acts) != set(ACTIVATIONS):
-        raise RuntimeError(f"activation table out of date: {sorted(ACTIVATIONS)}")
-
-    class TorchVelocityMLP(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.class_embed = torch.nn.Embedding(net.num_classes + 1, net.class_embedding)
-            sizes = layer_sizes(net)
-            self.hidden = torch.nn.ModuleList([torch.nn.Linear(a, b) for a, b in sizes[:-1]])
-            self.out = torch.nn.Linear(*sizes[-1])
-            freqs = math.pi * 2.0 ** torch.arange(net.time_frequencies, dtype=torch.float32)
-            self.register_buffer("freqs", freqs)
-            self.act = acts[net.activation]
-
-        def forward(self, x, t, label):
-            phases = t[:, None] * self.freqs
-            classes = torch.where(label < 0, net.num_classes, label)  # NULL_LABEL = -1
-            h = torch.cat([x, torch.sin(phases), torch.cos(phases), self.class_embed(classes)], dim=-1)
-            for layer in self.hidden:
-                h = self.act(layer(h))
-            return self.out(h)
-
-    model = TorchVelocityMLP()
-    if params is not None:
-        with torch.no_grad():
-            model.class_embed.weight.copy_(torch.from_numpy(np.array(params["class_embed"]["embedding"])))
-            layers = list(model.hidden) + [model.out]
-            sources = [params["hidden"][i] for i in range(net.depth)] + [params["out"]]
-            for layer, src in zip(layers, sources):
-                layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(np.asarray(src["kernel"]).T)))
-                layer.bias.copy_(torch.from_numpy(np.array(src["bias"])))
-    return model
 
 
 def setup_torch(net: NetworkConfig, params: dict, data, batch: int, steps: int, config: TrainConfig, seed: int):
@@ -295,50 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def interleaved_timings(sections: dict, rounds: int, warmup: int) -> dict:
-    """Median seconds per call of every ``sections[name] = (fn, calls)``, timed in interleaved rounds.
-
-    After ``warmup`` untimed calls of each, every round times each section once (``calls``
-    calls of ``fn`` in a row, the mean recorded), in an order rotated from round to round, so
-    that every contender sees the same background load (a shared machine's load drifts over a
-    run).  Same fields as ``bench_exact.time_call``, plus the per-round samples and loads.
-    """
-    names = list(sections)
-    for name in names:
-        fn, _ = sections[name]
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in names}
-    loads = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            fn, calls = sections[name]
-            with _LoadMeter() as load:
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                elapsed = time.perf_counter() - start
-            samples[name].append(elapsed / calls)
-            loads[name].append((load.background_cores, elapsed))
-    out = {}
-    for name in names:
-        known = [(b, w) for b, w in loads[name] if b is not None]
-        out[name] = {
-            "seconds": statistics.median(samples[name]),
-            "min_seconds": min(samples[name]),
-            "max_seconds": max(samples[name]),
-            "calls_per_repeat": sections[name][1],
-            "repeats": rounds,
-            # time-weighted mean over the rounds
-            "background_cores": sum(b * w for b, w in known) / sum(w for _, w in known) if known else None,
-            "samples_seconds": samples[name],
-            "background_cores_per_repeat": [b for b, _ in loads[name]],
-        }
-    return out
-
-
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", False)  # float32 throughout
     peak_size, peak_min_time = PEAK_SIZE, 0.2
     if args.quick:
@@ -346,9 +254,9 @@ def main(argv=None) -> dict:
         peak_size, peak_min_time = QUICK_PEAK_SIZE, 0.0
     for name in ("width", "depth", "batch", "dim", "num_classes", "repeats", "seeds"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be positive")
+            usage_error(parser, f"--{name.replace('_', '-')} must be positive")
     if args.warmup < 0 or (args.steps is not None and args.steps < 1):
-        raise SystemExit("--warmup must be non-negative and --steps positive")
+        usage_error(parser, "--warmup must be non-negative and --steps positive")
     net = NetworkConfig(dim=args.dim, num_classes=args.num_classes, width=args.width, depth=args.depth,
                         activation=args.activation)
     steps = args.steps or default_steps(net, args.batch)
@@ -396,7 +304,7 @@ def main(argv=None) -> dict:
     torch_losses, parity, thread_settings = [], None, []
     if have_torch:
         params0 = jax.tree_util.tree_map(lambda a: a[0], holder["initial_params"])
-        run_torch, model = setup_torch(net, _pure_dict(params0), data, args.batch, steps, config, args.seed)
+        run_torch, model = setup_torch(net, pure_dict(params0), data, args.batch, steps, config, args.seed)
         parity = torch_parity(net, model, graphdef, params0, args.seed)
         thread_settings = list(dict.fromkeys({"both": (os.cpu_count(), 1), "all": (os.cpu_count(),), "1": (1,)}[
             args.torch_threads]))
@@ -415,7 +323,7 @@ def main(argv=None) -> dict:
     peak_gflops = 2.0 * peak_size**3 / peak_t["seconds"] / 1e9
     peak = {"size": peak_size, "dtype": "float32", "jax_gflops": peak_gflops, "jax_timing": peak_t}
     print(f"matmul peak ({peak_size}x{peak_size} float32): jax {peak_gflops:.1f} GFLOP/s "
-          f"(background load {_fmt(peak_t['background_cores'])} cores)", flush=True)
+          f"(background load {format_number(peak_t['background_cores'])} cores)", flush=True)
 
     jax_t = timings["jax"]
     jax_steps_per_s = steps / jax_t["seconds"]
@@ -435,7 +343,7 @@ def main(argv=None) -> dict:
     print(f"jax:   {jax_steps_per_s:10.1f} steps/s ({steps} steps/epoch, {jax_t['seconds'] * 1e3:.2f} ms/epoch), "
           f"{gflops:.1f} GFLOP/s = {100 * gflops / peak_gflops:.1f}% of peak | loss "
           f"{jax_result['mean_loss_first_epoch']:.4f} -> {jax_result['mean_loss_last_epoch']:.4f} | "
-          f"background load {_fmt(jax_t['background_cores'])} cores", flush=True)
+          f"background load {format_number(jax_t['background_cores'])} cores", flush=True)
 
     torch_result = None
     if have_torch:
@@ -457,7 +365,7 @@ def main(argv=None) -> dict:
             "epochs_run": len(torch_losses),
         }
         by = ", ".join(
-            f"{k} thr {steps / r['seconds']:.1f} (bg {_fmt(r['background_cores'])})" for k, r in runs.items()
+            f"{k} thr {steps / r['seconds']:.1f} (bg {format_number(r['background_cores'])})" for k, r in runs.items()
         )
         print(f"torch: {torch_steps_per_s:10.1f} steps/s ({torch_t['seconds'] * 1e3:.2f} ms/epoch; {by}) | loss "
               f"{torch_losses[0]:.4f} -> {torch_losses[-1]:.4f} | parity {parity:.1e}", flush=True)
@@ -520,7 +428,7 @@ def main(argv=None) -> dict:
             "torch.set_num_threads(os.cpu_count()) and torch.set_num_threads(1) (torch.num_threads_used); "
             "speedup_vs_torch_all_threads compares with the os.cpu_count() setting alone"
         ),
-        "loadavg_at_end": _loadavg(),
+        "loadavg_at_end": loadavg(),
         "max_background_cores": max((v for v in backgrounds if v is not None), default=None),
         "note": (
             "background_cores = CPU cores used by other processes during a timed section (time-weighted "
@@ -534,14 +442,8 @@ def main(argv=None) -> dict:
         if is_target(t_peak)
         else None,
     }
-    print(json.dumps(report), flush=True)
+    print_report(report)
     return report
-
-
-def _pure_dict(state) -> dict:
-    from flax import nnx
-
-    return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
 
 
 if __name__ == "__main__":

@@ -1,27 +1,58 @@
 """Sample an image with a diffusers SD3 / SD3.5 folder, the sampler in JAX.
 
     python -m experiments.sample_image --checkpoint DIR --prompt "a photo of a cat" \\
-        --guidance cfg-zero-star --scale 4 --zero-init-steps 1 --out figures/sample_image
-    python -m experiments.sample_image --tiny-random --out /tmp/sample_image
+        --guidance cfg-zero-star --scale 4 --zero-init-steps 1 --compare
+    python -m experiments.sample_image --tiny-random
 
-Writes ``OUT/<guidance>.png`` and, with ``--compare`` (always with ``--tiny-random``),
+Writes ``OUT/<guidance>.png`` (``OUT`` is ``--out``, default ``runs/sample_image`` under the
+current folder) and, with ``--compare`` (always with ``--tiny-random``),
 ``OUT/cfg_vs_cfg-zero-star.png``: CFG (left) and CFG-Zero* (right) from the same initial
-noise.  ``--tiny-random`` builds a tiny randomly initialised pipeline with diffusers and
+noise, captioned with the rule and the settings.  The sampler's numbers that are not given
+(``--scale``, ``--steps``, ``--zero-init-steps``, the skip-layer options) are the pipeline's
+own defaults, which come from the library: the ``"sd3"`` preset of
+:mod:`cfgzero_theory.presets` and :class:`cfgzero_theory.sampling.PerturbedGuidance`
+(``--help`` shows their values).  Every argument is checked before the pipeline is built or
+loaded; a bad one ends the program with one line ``PROG: error: ...`` and exit status 2.  (What
+needs the weights stays the pipeline's to check: skip-layer block indices against the
+transformer's depth, image sizes against its positional table.)
+
+``--tiny-random`` builds a tiny randomly initialised pipeline with diffusers and
 transformers classes (hand-written tokenizer vocabularies, nothing downloaded), saves it to a
-temporary folder and runs the whole path on it (the images are noise-like: the point is the
-plumbing, not the picture).  :func:`build_tiny_random_pipeline` is also the fixture of
+temporary folder and runs the whole path on it: the images are noise by design, the point is
+the plumbing, not the picture.  :func:`build_tiny_random_pipeline` is also the fixture of
 ``tests/test_sd3_pipeline_parity.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import math
 import os
 import tempfile
 
 import numpy as np
 
-from experiments._common import run_or_exit
+from experiments._common import announce, default_out, outputs_line, prepare_output_dir, run_or_exit, usage_error
+
+PROG = "python -m experiments.sample_image"
+DEFAULT_OUT = default_out("sample_image")
+#: Image sides must be multiples of the VAE's downsampling factor times the transformer's patch
+#: size (``SD3Pipeline.initial_latents``): 8 × 2 for every SD3 / SD3.5 checkpoint.
+SIDE_MULTIPLE = 16
+#: The two rules of the side-by-side comparison: caption, and the options each takes (CFG has
+#: no zero-init steps).
+COMPARED = {"cfg": ("CFG", ("scale",)), "cfg-zero-star": ("CFG-Zero*", ("scale", "zero_init_steps"))}
+COMPARISON_FILE = "cfg_vs_cfg-zero-star.png"
+#: Sampler options handed to the pipeline only when given (``None``: the pipeline's default),
+#: besides ``scale`` and ``zero_init_steps``, which depend on the rule.
+SKIP_LAYER_NUMBERS = ("skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop")
+LOOP_OPTIONS = ("num_steps", "skip_guidance_layers", *SKIP_LAYER_NUMBERS)
+TINY_NOTE = ("--tiny-random: a tiny SD3 pipeline with random weights, so the images are noise by design; "
+             "this run checks the plumbing (prompt -> text encoders -> sampling loop -> VAE -> PNG), not the picture")
+MIN_PANEL_PIXELS = 256
+DPI = 100
 
 TINY_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "on", "the", "beach")
 CLIP_MAX_LENGTH = 77
@@ -169,66 +200,283 @@ def build_tiny_random_pipeline(folder, seed: int = 0):
     return build_random_pipeline(folder, "tiny", seed)
 
 
-def run(args):
-    import jax
+# ----------------------------------------------------------------------------- defaults and arguments
+def library_defaults() -> dict:
+    """The pipeline's sampler defaults, read where the pipeline reads them, by its keyword names.
+
+    ``guidance``, ``scale``, ``num_steps`` and ``zero_init_steps`` from the ``"sd3"`` preset
+    (:func:`cfgzero_theory.presets.get`); ``skip_layer_guidance_scale`` / ``_start`` / ``_stop``
+    from the field defaults of :class:`cfgzero_theory.sampling.PerturbedGuidance`.
+    """
+    from cfgzero_theory import presets
+    from cfgzero_theory.sampling import PerturbedGuidance
+
+    preset = presets.get("sd3")
+    perturbed = {field.name: field.default for field in dataclasses.fields(PerturbedGuidance)}
+    return {"guidance": preset.guidance, "scale": preset.scale, "num_steps": preset.num_steps,
+            "zero_init_steps": preset.zero_init_steps,
+            **{f"skip_layer_guidance_{name}": perturbed[name] for name in ("scale", "start", "stop")}}
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose own errors (a bad choice, a value that is not a number) are
+    one line ``PROG: error: ...`` with exit status 2 too (:func:`experiments._common.usage_error`)."""
+
+    def error(self, message):
+        usage_error(self, message)
+
+
+def build_parser(defaults: dict) -> argparse.ArgumentParser:
+    """The command line; ``defaults`` (:func:`library_defaults`) fills the help texts, the
+    guidance kinds are :data:`cfgzero_theory.guidance.KINDS`, the compilation cache's folder
+    that of :mod:`cfgzero_theory.compilation`."""
+    from cfgzero_theory.compilation import ENV_VAR, default_cache_dir
+    from cfgzero_theory.guidance import KINDS
+
+    pipeline_default = "default: the pipeline's, {}".format
+    p = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="a diffusers StableDiffusion3Pipeline folder (with model_index.json); exactly one of "
+                   "--checkpoint and --tiny-random")
+    p.add_argument("--tiny-random", action="store_true",
+                   help="build a tiny pipeline with random weights and run the whole path on it (nothing "
+                   "downloaded; the images are noise by design)")
+    p.add_argument("--prompt", default="a photo of a cat", help="the prompt (default: %(default)r)")
+    p.add_argument("--negative-prompt", default="", help="the negative prompt (default: %(default)r)")
+    p.add_argument("--guidance", choices=KINDS, default=defaults["guidance"],
+                   help="guidance rule (default: the pipeline's, %(default)s)")
+    p.add_argument("--scale", type=float, metavar="W",
+                   help=f"guidance scale w ({pipeline_default(defaults['scale'])})")
+    p.add_argument("--steps", dest="num_steps", type=int, metavar="N",
+                   help=f"denoising steps ({pipeline_default(defaults['num_steps'])})")
+    p.add_argument("--zero-init-steps", type=int, metavar="K",
+                   help="steps whose velocity is zeroed, for zero-init, cfg-zero-star and conditional "
+                   f"({pipeline_default(defaults['zero_init_steps'])})")
+    for side in ("height", "width"):
+        p.add_argument(f"--{side}", type=int, metavar="PIXELS",
+                       help=f"image {side}, a positive multiple of {SIDE_MULTIPLE} (default: the checkpoint's, "
+                       "sample_size x the VAE factor)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of the tiny pipeline's "
+                   "weights (default: %(default)s)")
+    p.add_argument("--max-sequence-length", type=int, default=256, metavar="TOKENS",
+                   help="T5 prompt tokens (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast every weight (default: the stored dtypes)")
+    p.add_argument("--skip-guidance-layers", type=int, nargs="+", metavar="I",
+                   help="skip-layer guidance on these transformer blocks, e.g. 7 8 9 for SD3.5-medium "
+                   "(default: none)")
+    for name, what in (("scale", "its scale"), ("start", "applied after this fraction of the steps"),
+                       ("stop", "applied before this fraction of the steps")):
+        p.add_argument(f"--skip-layer-guidance-{name}", type=float, metavar="X",
+                       help=f"skip-layer guidance: {what}; needs --skip-guidance-layers "
+                       f"({pipeline_default(defaults[f'skip_layer_guidance_{name}'])})")
+    p.add_argument("--compare", action="store_true",
+                   help="also write CFG and CFG-Zero* side by side, captioned (always on with --tiny-random)")
+    p.add_argument("--no-compilation-cache", action="store_true",
+                   help="do not keep compiled programs on disk for later runs (default: kept, in "
+                   f"${ENV_VAR} or {default_cache_dir()}; cfgzero_theory.compilation)")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help="output folder, created if missing (default: %(default)s, under the current folder)")
+    return p
+
+
+def check_source(parser, args) -> None:
+    """Exactly one of ``--checkpoint`` and ``--tiny-random``; a checkpoint must be a folder
+    holding ``model_index.json``.  ``args.checkpoint`` becomes the expanded path."""
+    if (args.checkpoint is None) == (not args.tiny_random):
+        usage_error(parser, "give exactly one of --checkpoint DIR and --tiny-random")
+    if args.checkpoint is None:
+        return
+    folder = os.path.expanduser(args.checkpoint)
+    if not os.path.isdir(folder):
+        usage_error(parser, f"--checkpoint {args.checkpoint!r} is not a folder")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        usage_error(parser, f"--checkpoint {args.checkpoint!r} has no model_index.json: not a diffusers pipeline "
+                    "folder")
+    args.checkpoint = folder
+
+
+def check_sizes(parser, args) -> None:
+    """Positive step and token counts, ``K ≥ 0``, image sides positive multiples of :data:`SIDE_MULTIPLE`."""
+    if args.num_steps is not None and args.num_steps < 1:
+        usage_error(parser, f"--steps must be a positive integer, got {args.num_steps}")
+    if args.max_sequence_length < 1:
+        usage_error(parser, f"--max-sequence-length must be a positive integer, got {args.max_sequence_length}")
+    if args.zero_init_steps is not None and args.zero_init_steps < 0:
+        usage_error(parser, f"--zero-init-steps must be a non-negative integer, got {args.zero_init_steps}")
+    for side in ("height", "width"):
+        value = getattr(args, side)
+        if value is not None and (value < 1 or value % SIDE_MULTIPLE):
+            usage_error(parser, f"--{side} must be a positive multiple of {SIDE_MULTIPLE} (the VAE's factor 8 x the "
+                        f"transformer's patch size 2), got {value}")
+
+
+def check_guidance(parser, args) -> None:
+    """A finite ``--scale``, and a rule the pipeline can build from ``--guidance``, ``--scale``
+    and ``--zero-init-steps`` (it builds it with the ``"sd3"`` preset's ``rule``, which refuses
+    e.g. zero-init steps for ``cfg``)."""
+    from cfgzero_theory import presets
+
+    if args.scale is not None and not math.isfinite(args.scale):
+        usage_error(parser, f"--scale must be a finite number, got {args.scale}")
+    try:
+        presets.get("sd3").rule(args.guidance, scale=args.scale, zero_init_steps=args.zero_init_steps)
+    except ValueError as err:
+        usage_error(parser, f"--guidance {args.guidance}: {err}")
+
+
+def check_skip_layers(parser, args, defaults: dict) -> None:
+    """Block indices ``≥ 0``; the skip-layer numbers finite, given only with
+    ``--skip-guidance-layers``, and ``0 ≤ start ≤ stop ≤ 1`` (``defaults`` for those not given)."""
+    if args.skip_guidance_layers is not None and min(args.skip_guidance_layers) < 0:
+        usage_error(parser, f"--skip-guidance-layers must be block indices >= 0, got {args.skip_guidance_layers}")
+    for name in SKIP_LAYER_NUMBERS:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            usage_error(parser, f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if value is not None and args.skip_guidance_layers is None:
+            usage_error(parser, f"--{name.replace('_', '-')} needs --skip-guidance-layers")
+    start, stop = (defaults[name] if getattr(args, name) is None else getattr(args, name)
+                   for name in ("skip_layer_guidance_start", "skip_layer_guidance_stop"))
+    if not 0 <= start <= stop <= 1:
+        usage_error(parser, f"skip-layer guidance needs 0 <= start <= stop <= 1, got start {start}, stop {stop}")
+
+
+def parse_args(argv=None):
+    """Parse and check every argument, and create ``--out``, before anything is built or loaded."""
+    defaults = library_defaults()
+    parser = build_parser(defaults)
+    args = parser.parse_args(argv)
+    check_source(parser, args)
+    check_sizes(parser, args)
+    check_guidance(parser, args)
+    check_skip_layers(parser, args, defaults)
+    args.out = prepare_output_dir(parser, args.out)
+    return args
+
+
+def sampler_options(args, names) -> dict:
+    """The pipeline's keyword arguments among ``names`` that the user gave (the rest: its defaults)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+# ----------------------------------------------------------------------------- running
+@contextlib.contextmanager
+def quiet_hugging_face():
+    """transformers', diffusers' and huggingface_hub's loggers at ``ERROR`` and their progress
+    bars off inside the block (the tiny build's advisory warnings and "Writing model shards"
+    bars), restored after.  transformers is silenced before diffusers is imported: importing
+    diffusers' pipelines makes transformers warn."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as transformers_logging
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(hub.logging.set_verbosity, hub.logging.get_verbosity())
+        stack.callback(hub.disable_progress_bars if hub.are_progress_bars_disabled() else hub.enable_progress_bars)
+        hub.logging.set_verbosity_error()
+        hub.disable_progress_bars()
+        silence_library_logging(stack, transformers_logging)
+        from diffusers.utils import logging as diffusers_logging
+
+        silence_library_logging(stack, diffusers_logging)
+        yield
+
+
+def silence_library_logging(stack: contextlib.ExitStack, logging_module) -> None:
+    """``logging_module`` (transformers' or diffusers' ``utils.logging``) at ``ERROR`` with its
+    progress bars off until ``stack`` closes, which restores both."""
+    stack.callback(logging_module.set_verbosity, logging_module.get_verbosity())
+    enabled = logging_module.is_progress_bar_enabled()
+    stack.callback(logging_module.enable_progress_bar if enabled else logging_module.disable_progress_bar)
+    logging_module.set_verbosity_error()
+    logging_module.disable_progress_bar()
+
+
+def load_pipeline(args):
+    """``--checkpoint`` loaded, or the tiny random pipeline built (quietly) into a temporary folder and loaded."""
     import jax.numpy as jnp
 
-    from cfgzero_theory.sd3.pipeline import SD3Pipeline, save_png
+    from cfgzero_theory.sd3.pipeline import SD3Pipeline
 
-    if (args.checkpoint is None) == (not args.tiny_random):
-        raise ValueError("give exactly one of --checkpoint DIR and --tiny-random")
-    if args.compilation_cache:
-        # compiled programs persist across runs: the loop of a real checkpoint compiles once per
-        # shape and rule kind (about 40 s on an H100), later runs load it in seconds
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
+    if not args.tiny_random:
+        return SD3Pipeline.from_pretrained(args.checkpoint, dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.tiny_random:
+        with quiet_hugging_face():
             build_tiny_random_pipeline(tmp, seed=args.seed)
-        pipe = SD3Pipeline.from_pretrained(tmp if args.tiny_random else args.checkpoint, dtype=dtype)
-    steps = args.steps if args.steps is not None else (4 if args.tiny_random else 28)
+            return SD3Pipeline.from_pretrained(tmp, dtype=dtype)
+
+
+def settings_caption(args, defaults: dict) -> str:
+    """The settings under the comparison: prompt, seed, steps, scale and the CFG-Zero* ``K``
+    (the pipeline's defaults where not given)."""
+    value = {name: defaults[name] if getattr(args, name) is None else getattr(args, name)
+             for name in ("num_steps", "scale", "zero_init_steps")}
+    text = (f"prompt {args.prompt!r}, negative {args.negative_prompt!r}, seed {args.seed}\n"
+            f"{value['num_steps']} steps, scale {value['scale']:g}, "
+            f"CFG-Zero* zero-init steps {value['zero_init_steps']}")
+    if args.skip_guidance_layers is not None:
+        text += f", skip-layer guidance on blocks {' '.join(map(str, args.skip_guidance_layers))}"
+    return text + (", random weights (noise by design)" if args.tiny_random else "")
+
+
+def save_comparison(images: dict, caption: str, path: str) -> str:
+    """The images of each rule side by side (``images``: kind → ``(B, H, W, 3)`` in ``[0, 1]``,
+    a batch tiled left to right), each panel titled with its rule, ``caption`` underneath;
+    panels at least :data:`MIN_PANEL_PIXELS` wide (small images enlarged, nearest neighbour)."""
+    from matplotlib.figure import Figure
+
+    tiles = {kind: np.concatenate(list(np.asarray(batch, np.float32)), axis=1) for kind, batch in images.items()}
+    height, width = next(iter(tiles.values())).shape[:2]
+    panel_w = max(width, MIN_PANEL_PIXELS) / DPI
+    panel_h = panel_w * height / width
+    gap, top, bottom = 0.1, 0.35, 0.55  # inches
+    fig_w, fig_h = len(tiles) * (panel_w + gap) + gap, panel_h + top + bottom
+    fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)
+    for i, (kind, tile) in enumerate(tiles.items()):
+        ax = fig.add_axes(((gap + i * (panel_w + gap)) / fig_w, bottom / fig_h, panel_w / fig_w, panel_h / fig_h))
+        ax.imshow(np.clip(tile, 0.0, 1.0), interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(COMPARED[kind][0], fontsize=12)
+    fig.text(0.5, bottom / 2 / fig_h, caption, ha="center", va="center", fontsize=7)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def run(args) -> list[str]:
+    """Load or build the pipeline, sample ``--guidance`` (and the comparison), write the PNGs."""
+    from cfgzero_theory.sd3.pipeline import save_png
+
+    if args.tiny_random:
+        announce(TINY_NOTE)
+    pipe = load_pipeline(args)
     embeddings = pipe.encode_prompt(args.prompt, args.negative_prompt, args.max_sequence_length)
-    options = dict(embeddings=embeddings, scale=args.scale, zero_init_steps=args.zero_init_steps,
-                   skip_guidance_layers=args.skip_guidance_layers or None, num_steps=steps, height=args.height,
-                   width=args.width, seed=args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    _, images = pipe(guidance=args.guidance, **options)
+    common = dict(embeddings=embeddings, height=args.height, width=args.width, seed=args.seed,
+                  **sampler_options(args, LOOP_OPTIONS))
+    _, images = pipe(guidance=args.guidance, **common, **sampler_options(args, ("scale", "zero_init_steps")))
     written = [save_png(images, os.path.join(args.out, f"{args.guidance}.png"))]
-    if args.compare or args.tiny_random:
-        pair = [images if args.guidance == kind else pipe(guidance=kind, **options)[1]
-                for kind in ("cfg", "cfg-zero-star")]
-        written.append(save_png(np.concatenate([pair[0], pair[1]], axis=2),
-                                os.path.join(args.out, "cfg_vs_cfg-zero-star.png")))
-    for path in written:
-        print(f"wrote {path}")
+    if args.compare or args.tiny_random:  # the rule already sampled is not sampled again
+        pair = {kind: images if kind == args.guidance else pipe(guidance=kind, **common,
+                                                                **sampler_options(args, options))[1]
+                for kind, (_, options) in COMPARED.items()}
+        written.append(save_comparison(pair, settings_caption(args, library_defaults()),
+                                       os.path.join(args.out, COMPARISON_FILE)))
+    print(outputs_line(args.out, written), flush=True)
     return written
 
 
 def main(argv=None):
-    from cfgzero_theory.sd3.pipeline import GUIDANCE_KINDS
+    """``python -m experiments.sample_image``: check every argument, turn the persistent
+    compilation cache on (unless ``--no-compilation-cache``), then :func:`run`.
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", help="a diffusers StableDiffusion3Pipeline folder")
-    parser.add_argument("--tiny-random", action="store_true", help="build and use a tiny random pipeline")
-    parser.add_argument("--prompt", default="a photo of a cat")
-    parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--guidance", choices=GUIDANCE_KINDS, default="cfg-zero-star")
-    parser.add_argument("--scale", type=float, default=4.0)
-    parser.add_argument("--zero-init-steps", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=None, help="default 28 (4 with --tiny-random)")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-sequence-length", type=int, default=256)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: stored dtypes")
-    parser.add_argument("--skip-guidance-layers", type=int, nargs="+", default=None, metavar="I",
-                        help="skip-layer guidance on these blocks (SD3.5-medium: 7 8 9), diffusers' defaults otherwise")
-    parser.add_argument("--compare", action="store_true", help="also write CFG vs CFG-Zero* side by side")
-    parser.add_argument("--compilation-cache", default="~/.cache/cfgzero_theory/jax", metavar="DIR",
-                        help="keep compiled programs here for later runs ('' to disable)")
-    parser.add_argument("--out", default="figures/sample_image")
-    return run_or_exit(run, parser.parse_args(argv))
+    The loop of a real checkpoint compiles once per shape and rule kind (about 40 s on an H100);
+    with the cache later runs load it in seconds.
+    """
+    from cfgzero_theory.compilation import enable_compilation_cache
+
+    args = parse_args(argv)
+    if not args.no_compilation_cache:
+        enable_compilation_cache()
+    return run_or_exit(run, args)
 
 
 if __name__ == "__main__":

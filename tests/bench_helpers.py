@@ -15,3 +15,13 @@ def strict_loads(text: str):
         raise ValueError(f"non-strict JSON constant {constant}")
 
     return json.loads(text, parse_constant=reject)
+
+
+def last_line_report(stdout: str, benchmark: str) -> dict:
+    """The report a benchmark prints as its last stdout line: one strict JSON object whose
+    ``benchmark`` field names it."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert lines, "the benchmark printed nothing"
+    report = strict_loads(lines[-1])
+    assert isinstance(report, dict) and report.get("benchmark") == benchmark, lines[-1][:200]
+    return report

@@ -4,11 +4,13 @@ No timing thresholds: the numbers depend on the machine and its load; only the r
 structure and the NumPy/JAX agreement are checked.
 """
 
-import json
 import math
 import pathlib
 import subprocess
 import sys
+
+import pytest
+from bench_helpers import last_line_report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -22,8 +24,7 @@ def test_bench_exact_quick_reports_and_agrees():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    report = json.loads(lines[-1])
+    report = last_line_report(proc.stdout, "bench_exact")
 
     for key in (
         "jax_version", "backend", "cpu_cores", "dtype", "flop_model", "matmul_peak", "peak_gflops",
@@ -47,3 +48,13 @@ def test_bench_exact_quick_reports_and_agrees():
         # float32 JAX (eigenbasis) vs float32 NumPy (Cholesky): same field to float32 accuracy.
         assert 0 <= c["max_rel_err"] < 1e-4, c["max_rel_err"]
         assert c["max_rel_err_jax_vs_float64_ref"] < 1e-4
+
+
+def test_bench_exact_bad_argument_is_one_line_and_exit_2(capsys):
+    from experiments import bench_exact
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_exact.main(["--n", "0"])
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == "python -m experiments.bench_exact: error: --n and --repeats must be positive"

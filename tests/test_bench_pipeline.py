@@ -1,26 +1,27 @@
 """Smoke test of ``python -m experiments.bench_pipeline --quick``: it runs, reports, and agrees.
 
-No timing thresholds: only the report's structure, the signs of the timings, the ratios'
+No timing thresholds: only the report's structure (the last stdout line, the ``--out`` file
+and the return value are the same JSON object), the signs of the timings, the ratios'
 definition (diffusers / ours) and the agreement of the two pipelines' final latents (tiny
-config, float32, CPU) are checked.
+config, float32, CPU) are checked.  The FLOP count is tested in ``test_sd3_flops.py``.
 """
 
 import math
 
 import pytest
-from bench_helpers import positive, strict_loads
+from bench_helpers import last_line_report, positive, strict_loads
 
 
 SECTIONS = ("step", "loop_per_step", "encode", "denoise", "decode", "end_to_end")
 
 
-def test_bench_pipeline_quick_reports_and_agrees(torch, diffusers, tmp_path):
+def test_bench_pipeline_quick_reports_and_agrees(torch, diffusers, tmp_path, capsys):
     from experiments import bench_pipeline
 
     out = tmp_path / "sub" / "pipeline.json"
-    returned = bench_pipeline.main(["--quick", "--device", "cpu", "--out", str(out)])
-    report = strict_loads(out.read_text())
-    assert report == returned
+    returned = bench_pipeline.main(["--quick", "--device", "cpu", "--no-compilation-cache", "--out", str(out)])
+    report = last_line_report(capsys.readouterr().out, "bench_pipeline")
+    assert report == returned == strict_loads(out.read_text())  # stdout's last line, the file, the return
 
     for key in ("benchmark", "jax_version", "jax_backend", "jax_device_kind", "torch_version", "diffusers_version",
                 "torch_num_threads", "cpu_cores", "platform", "device", "dtype", "settings", "definitions", "configs",
@@ -66,7 +67,7 @@ def test_bench_pipeline_refuses_medium_on_cpu_and_bad_configs(torch, diffusers):
     from experiments import bench_pipeline
 
     with pytest.raises(SystemExit) as exit_info:
-        bench_pipeline.main(["--config", "medium", "--device", "cpu"])
+        bench_pipeline.main(["--config", "medium", "--device", "cpu", "--no-compilation-cache"])
     assert exit_info.value.code == 2
     with pytest.raises(ValueError, match="--config must name"):
         bench_pipeline.parse_configs(["tiny,huge"], "cpu")
@@ -75,28 +76,28 @@ def test_bench_pipeline_refuses_medium_on_cpu_and_bad_configs(torch, diffusers):
     assert bench_pipeline.parse_configs(None, "gpu") == ["tiny", "mid", "medium"]
 
 
-@pytest.mark.parametrize("dual", [(), (0,)])
-def test_analytic_flops_agree_with_xla_cost_analysis(dual):
-    """The benchmark's FLOP count, written from the architecture, against XLA's own count of
-    the compiled program (on CPU XLA's attention is plain matmuls, so it sees everything; its
-    count also includes the elementwise work the analytic one leaves out)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+def test_bench_pipeline_refuses_an_unwritable_out_before_any_work(monkeypatch, tmp_path, capsys):
+    from experiments import bench_pipeline
 
-    from cfgzero_theory.sd3.transformer import SD3Config, SD3Transformer
-    from cfgzero_theory.sd3.weights import sd3_model_fn
-    from experiments.bench_pipeline import _flops, mmdit_step_flops
+    def never(args):
+        raise AssertionError("the benchmark ran despite a bad --out")
 
-    config = SD3Config(sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=32,
-                       num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=128,
-                       pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16, dual_attention_layers=dual)
-    model = SD3Transformer(config, rngs=nnx.Rngs(0))
-    context = (jnp.zeros((2, 40, 96)), jnp.zeros((2, 64)))
-    compiled = jax.jit(sd3_model_fn(model)).lower(nnx.state(model), jnp.zeros((2, 16, 16, 16)), 1.0, 1000.0,
-                                                  context).compile()
-    xla = _flops(compiled)
-    if xla is None:
-        pytest.skip("this XLA backend reports no cost analysis")
-    analytic = mmdit_step_flops(config, image_tokens=64, text_tokens=40, batch=2)
-    assert 0.9 * xla <= analytic <= xla, (analytic, xla)
+    monkeypatch.setattr(bench_pipeline, "run", never)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_pipeline.main(["--quick", "--out", str(blocker / "pipeline.json")])
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("python -m experiments.bench_pipeline: error: --out ")
+
+
+@pytest.mark.parametrize("flag, enabled", [([], True), (["--no-compilation-cache"], False)])
+def test_bench_pipeline_turns_the_compilation_cache_on_unless_asked(flag, enabled, monkeypatch):
+    from experiments import bench_pipeline
+
+    calls = []
+    monkeypatch.setattr(bench_pipeline, "enable_compilation_cache", lambda: calls.append("cache"))
+    monkeypatch.setattr(bench_pipeline, "run", lambda args: calls.append("run"))
+    bench_pipeline.main(["--quick", *flag])
+    assert calls == (["cache", "run"] if enabled else ["run"])

@@ -11,7 +11,8 @@ import pathlib
 import subprocess
 import sys
 
-from bench_helpers import positive, strict_loads
+import pytest
+from bench_helpers import last_line_report, positive, strict_loads
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAVE_PEER = all(importlib.util.find_spec(name) is not None for name in ("torch", "diffusers"))
@@ -40,8 +41,7 @@ def test_bench_sampler_quick_reports_and_agrees(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    report = strict_loads(lines[-1])
+    report = last_line_report(proc.stdout, "bench_sampler")
     assert strict_loads(out.read_text()) == report  # --json-out writes the same object
 
     for key in (
@@ -86,3 +86,14 @@ def test_bench_sampler_quick_reports_and_agrees(tmp_path):
         assert report["min_overhead_ratio"] == min(c["overhead_ratio"] for c in cases)
     else:
         assert report["meets_target"] is None and report["peer_unavailable_reason"]
+
+
+def test_bench_sampler_bad_argument_is_one_line_and_exit_2(capsys):
+    from experiments import bench_sampler
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_sampler.main(["--batch", "0"])
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == ("python -m experiments.bench_sampler: error: --batch and --repeats must be positive, --warmup and "
+                    "--min-time non-negative")

@@ -6,13 +6,13 @@ as ours from the same parameters) is checked.
 """
 
 import importlib.util
-import json
 import math
 import pathlib
 import subprocess
 import sys
 
-from bench_helpers import positive
+import pytest
+from bench_helpers import last_line_report, positive
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -27,8 +27,7 @@ def test_bench_training_quick_reports():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    report = json.loads(lines[-1])
+    report = last_line_report(proc.stdout, "bench_training")
 
     for key in (
         "jax_version", "jaxlib_version", "flax_version", "optax_version", "torch_version", "backend",
@@ -37,7 +36,6 @@ def test_bench_training_quick_reports():
         "targets", "meets_speedup_target", "meets_peak_target", "max_background_cores", "loadavg_at_start",
     ):
         assert key in report, key
-    assert report["benchmark"] == "bench_training"
     assert report["dtype"] == "float32"
     settings = report["settings"]
     assert settings["quick"] is True
@@ -68,3 +66,13 @@ def test_bench_training_quick_reports():
         assert math.isfinite(torch_report["mean_loss_last_epoch"])
     else:
         assert report["torch_steps_per_s"] is None and report["speedup_vs_torch"] is None
+
+
+def test_bench_training_bad_argument_is_one_line_and_exit_2(capsys):
+    from experiments import bench_training
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_training.main(["--width", "0"])
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == "python -m experiments.bench_training: error: --width must be positive"
