@@ -309,6 +309,13 @@ def sample_flow(
                 raise ValueError(f"every leaf of {name} needs a leading batch axis of {batch}, got shape {jnp.shape(leaf)}")
     if jax.tree_util.tree_structure(context) != jax.tree_util.tree_structure(uncond_context):
         raise ValueError("context and uncond_context must have the same tree structure")
+    if model_fn is mixture_flow_model and not isinstance(context, jax.core.Tracer):
+        params.check_label(context, (batch,))  # the contexts are the mixture's labels
+    if isinstance(rule, str) or not callable(rule):
+        hint = f" (make_rule({rule!r}, scale) builds one)" if isinstance(rule, str) else ""
+        raise ValueError(f"rule must be a guidance rule{hint}, got {type(rule).__name__}")
+    if isinstance(solver, str) or not (hasattr(solver, "init") and hasattr(solver, "step")):
+        raise ValueError(f"solver must be a FlowSolver such as FlowMatchEuler(), Heun() or UniPC(), got {solver!r}")
     if perturbed is not None and not isinstance(perturbed, PerturbedGuidance):
         raise ValueError(f"perturbed must be a PerturbedGuidance or None, got {type(perturbed).__name__}")
     return _sample_flow_jit(model_fn, params, latents, FlowSchedule(sigmas, timesteps), context, uncond_context,

@@ -222,3 +222,33 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     with checkpoint.FolderLock(tmp_path) as lock:
         assert lock.stale_holder["pid"] == int(dead.stdout)
     assert not (tmp_path / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- boundaries
+def test_samplers_refuse_what_they_cannot_sample():
+    import jax.numpy as jnp
+
+    from cfgzero_theory import make_rule, mixtures, sampling
+    from cfgzero_theory.schedules import FlowMatchEuler, FlowSchedule
+
+    gm = mixtures.class_conditional_2d()
+    x0 = jnp.zeros((4, 2))
+    rule = make_rule("cfg", 2.0)
+    bad_times = {"decreasing": [0.0, 0.6, 0.3, 1.0], "NaN": [0.0, float("nan"), 1.0], "out of range": [-0.5, 0.5, 1.0]}
+    for times in bad_times.values():
+        with pytest.raises(ValueError, match="times must be finite and strictly increasing"):
+            sampling.sample(GaussianMixture.velocity, gm, x0, jnp.asarray(times), 1, rule)
+    labels, null = sampling.mixture_contexts(1, 4)
+    for sigmas in ([0.2, 0.6, 0.0], [1.0, float("nan"), 0.0]):
+        schedule = FlowSchedule(jnp.asarray(sigmas), jnp.asarray(sigmas[:-1]) * 1000)
+        with pytest.raises(ValueError, match="sigmas must be finite and strictly decreasing"):
+            sampling.sample_flow(sampling.mixture_flow_model, gm, x0, schedule, labels, null, rule)
+    schedule = FlowSchedule(jnp.asarray([1.0, 0.5, 0.0]), jnp.asarray([1000.0, 500.0]))
+    with pytest.raises(ValueError, match="label values \\[9\\]"):
+        sampling.sample_flow(sampling.mixture_flow_model, gm, x0, schedule, *sampling.mixture_contexts(9, 4), rule)
+    with pytest.raises(ValueError, match="make_rule\\('cfg-zero-star', scale\\)"):
+        sampling.sample_flow(sampling.mixture_flow_model, gm, x0, schedule, labels, null, "cfg-zero-star")
+    with pytest.raises(ValueError, match="solver must be a FlowSolver"):
+        sampling.sample_flow(sampling.mixture_flow_model, gm, x0, schedule, labels, null, rule, solver="euler")
+    out = sampling.sample_flow(sampling.mixture_flow_model, gm, x0, schedule, labels, null, rule, solver=FlowMatchEuler())
+    assert np.all(np.isfinite(out.samples))
