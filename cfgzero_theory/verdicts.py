@@ -36,7 +36,7 @@ the exact field ``≤ c_jsd`` and ``|NLL gap| ≤ c_nll``.
 CFG and ``Z_e`` of CFG + zero-init:
 
 * *Zero-init benefit* ``b_e = s·(C_e − Z_e)``; ``b_e > 0``: zero-init helped
-  (:func:`zero_init_benefit`).
+  (:func:`benefit_over_cfg`).
 * *Worse from* ``e*`` *on*: the crossover epoch of the pair ``(s·C, s·Z)``, i.e. the first
   evaluated epoch from which the seed-mean benefit ``b̄_e < 0`` at every later evaluated epoch
   (ties ``b̄_e = 0`` count as "not yet"), with its seed-bootstrap interval (rows of a seed
@@ -215,17 +215,18 @@ class TurningPoint(NamedTuple):
     turning_point: bool
 
 
-def zero_init_benefit(cfg, zero_init, lower_is_better: bool) -> np.ndarray:
-    """``s·(cfg − zero_init)`` with ``s = +1`` if lower is better, ``−1`` otherwise; ``> 0``: zero-init helped.
+def benefit_over_cfg(cfg, rule, lower_is_better: bool) -> np.ndarray:
+    """``s·(cfg − rule)`` with ``s = +1`` if lower is better, ``−1`` otherwise: ``> 0`` where ``rule`` beat CFG.
 
-    ``cfg`` and ``zero_init`` share a shape (e.g. seeds × epochs); ``−0`` is returned as ``0``.
+    With CFG + zero-init as ``rule`` this is the zero-init benefit ``b``.  ``cfg`` and ``rule``
+    share a shape (e.g. seeds × epochs, or scalars); ``−0`` is returned as ``0``.
     """
     c = np.asarray(cfg, dtype=np.float64)
-    z = _curve("zero_init", zero_init, c.shape)
+    r = _curve("rule", rule, c.shape)
     c = _curve("cfg", c, c.shape)
     if not isinstance(lower_is_better, (bool, np.bool_)):
         raise ValueError(f"lower_is_better must be a bool, got {lower_is_better!r}")
-    return (1.0 if lower_is_better else -1.0) * (c - z) + 0.0
+    return (1.0 if lower_is_better else -1.0) * (c - r) + 0.0
 
 
 def helped_before(epochs, mean_benefit, crossover_epoch) -> tuple[list, bool]:
@@ -254,7 +255,7 @@ def turning_point(epochs, cfg, zero_init, lower_is_better: bool, *, key=None, le
     z = _rows("zero_init", zero_init, e.size)
     if z.shape != c.shape:
         raise ValueError(f"cfg and zero_init must share a shape, got {c.shape} and {z.shape}")
-    benefit = zero_init_benefit(c, z, lower_is_better)
+    benefit = benefit_over_cfg(c, z, lower_is_better)
     s = 1.0 if lower_is_better else -1.0
     cross = analysis.crossover_epoch(e, s * c, s * z, key=key, level=level)
     helped, turning = helped_before(e, benefit.mean(axis=0), cross.epoch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -38,6 +39,20 @@ def publishable(payload: dict, figures: list[str], verdict, started: float) -> d
     return payload
 
 
+def default_out(study: str, preset: str | None = None) -> str:
+    """A study's default output folder, ``runs/<study>[/<preset>]`` under the current directory.
+
+    Exploring runs never touch the committed gallery: only ``python -m experiments.figures``
+    writes into the repository's ``figures/``.
+    """
+    return os.path.join("runs", study, *([preset] if preset else []))
+
+
+def announce(line: str) -> None:
+    """Print ``line`` at once (flushed): what will run and where it writes, before the slow imports."""
+    print(line, flush=True)
+
+
 def prepare_output_dir(parser, path: str, option: str = "--out") -> str:
     """Create the output folder ``path`` and prove it writable, before any work is done.
 
@@ -61,6 +76,14 @@ def prepare_output_dir(parser, path: str, option: str = "--out") -> str:
     return path
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose own errors (a bad choice, a value that is not a number, ``parser.error``)
+    are one line ``PROG: error: ...`` with exit status 2 (:func:`usage_error`), not the usage text first."""
+
+    def error(self, message):
+        usage_error(self, message)
+
+
 def usage_error(parser, message: str):
     """End the program for a user error: ``PROG: error: message`` on one line, exit status 2."""
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
@@ -74,6 +97,16 @@ def run_or_exit(run, args):
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def make_rules(kinds, scale: float, zero_init_steps: int) -> dict:
+    """``{kind: guidance.make_rule(kind, w, K)}`` for guidance kinds of :data:`guidance.KINDS`: ``K`` goes to the
+    zero-init kinds only, and ``conditional`` is ``w = 1`` whatever ``scale`` (with ``K = 0``)."""
+    from cfgzero_theory import guidance
+
+    return {kind: guidance.make_rule(kind, None if kind == "conditional" else scale,
+                                     zero_init_steps if kind in guidance.ZERO_INIT_KINDS else None)
+            for kind in kinds}
 
 
 def mixture_json(mixture) -> dict:
@@ -112,14 +145,16 @@ def interval_text(c) -> str:
 
 
 def outputs_line(out_dir: str, files: list[str]) -> str:
-    """One line naming a run's outputs and their size (checkpoints included)."""
+    """One line naming a run's outputs and their size, and ``out_dir/checkpoints/`` with its size where it exists."""
     def size(path):
         if os.path.isdir(path):
             return sum(size(os.path.join(path, f)) for f in os.listdir(path))
         return os.path.getsize(path) if os.path.exists(path) else 0
 
     total = sum(size(f) for f in files)
-    ckpt = size(os.path.join(out_dir, "checkpoints"))
     names = ", ".join(sorted({os.path.splitext(os.path.basename(f))[0] for f in files}))
-    return (f"wrote {out_dir}/: {names} ({len(files)} files, {total / 1e6:.1f} MB) and checkpoints/ "
-            f"({ckpt / 1e6:.1f} MB)")
+    line = f"wrote {out_dir}/: {names} ({len(files)} files, {total / 1e6:.1f} MB)"
+    checkpoints = os.path.join(out_dir, "checkpoints")
+    if os.path.isdir(checkpoints):
+        line += f" and checkpoints/ ({size(checkpoints) / 1e6:.1f} MB)"
+    return line

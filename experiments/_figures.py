@@ -6,6 +6,36 @@ PDF) and returns the written paths; call it inside ``plotting.style()``.
 
 from __future__ import annotations
 
+import math
+
+#: The first-step quantities in mathtext (E: mean over the noise x0 ~ N(0, I)): the model's guided
+#: velocity against the true velocity v*₀ = u_c(x0), the exact rule's (its converged limit), a zero velocity's.
+MODEL_ERROR = r"$\mathrm{E}\,\|\tilde v_0^\theta - v^*_0\|$"
+GUIDANCE_BIAS = r"$\mathrm{E}\,\|\tilde v_0^* - v^*_0\|$"
+ZERO_ERROR = r"$\mathrm{E}\,\|v^*_0\|$"
+
+
+def mark_crossover(ax, epoch, color: str, name: str) -> None:
+    """Rule ``name``'s crossover ``epoch`` as a vertical line in its ``color``, labelled for the legend;
+    ``None`` (no crossover) adds a legend entry saying so instead."""
+    if epoch is None:
+        ax.plot([], [], linestyle="none", label=f"{name}: no crossover in the evaluated epochs")
+    else:
+        ax.axvline(epoch, color=color, linewidth=1.0, alpha=0.6, label=f"{name}: crossover at epoch {epoch:g}")
+
+
+def mark_jsd_maximum(ax) -> None:
+    """A dotted line at ``ln 2``, the largest JSD (samples entirely off the class density), labelled on the
+    axes just above it (room is made at the top); call after setting the y scale."""
+    from matplotlib.transforms import blended_transform_factory
+
+    ln2 = math.log(2)
+    ax.axhline(ln2, color="black", linestyle=(0, (1, 2)), linewidth=1.0)
+    bottom, top = ax.get_ylim()
+    ax.set_ylim(bottom, max(top, ln2 * (1.4 if ax.get_yscale() == "log" else 1.12)))
+    ax.text(0.01, ln2, " ln 2 = 0.693: the JSD's maximum (samples entirely off the class)", fontsize=7,
+            va="bottom", ha="left", transform=blended_transform_factory(ax.transAxes, ax.transData))
+
 
 def plot_training_loss(losses, loss_floor: float, path: str, evaluated_epochs=(), log_epochs: bool = False,
                        title: str | None = None):
@@ -41,33 +71,33 @@ def plot_first_step_errors(epochs, per_seed: dict, zero: float, crossover: dict,
                            path: str, epoch_axis=None, limits: dict | None = None):
     """First-step error ``E‖ṽ₀^θ − v*₀‖`` against the true conditional velocity ``v*₀ = u_c(x0)``
     per rule vs epoch (mean over seeds; band: min–max over seeds), one thick grey line for
-    every rule — the zero velocity's error ``E‖v*₀‖`` (``zero``) — a thin vertical line at
-    each crossover epoch (``None``: no crossover) and, with ``limits`` (``{rule: value}``),
-    each rule's converged limit, its guidance bias ``E‖ṽ₀* − v*₀‖``, dotted in its colour."""
+    every rule — the zero velocity's error ``E‖v*₀‖`` (``zero``) — a vertical line at each
+    crossover epoch (``None``: no crossover, said in the legend) and, with ``limits``
+    (``{rule: value}``), each rule's converged limit, its guidance bias ``E‖ṽ₀* − v*₀‖``,
+    dotted in its colour; the legend sits under the axes."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     from cfgzero_theory import plotting
 
     epochs = np.asarray(epochs)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.6, 5.6))
+    ax.axhline(float(zero), color="grey", linewidth=2.5, alpha=0.6, label=f"zero velocity: {ZERO_ERROR} = {float(zero):.2f}")
     for name, errors in per_seed.items():
         errors = np.asarray(errors)
         style = plotting.rule_style(rules[name])
-        ax.plot(epochs, errors.mean(axis=0), label=f"{names[name]}: ‖ṽ₀^θ − v*₀‖", **style)
+        ax.plot(epochs, errors.mean(axis=0), label=f"{names[name]}: {MODEL_ERROR} (seed mean)", **style)
         ax.fill_between(epochs, errors.min(axis=0), errors.max(axis=0), color=style["color"], alpha=0.15, linewidth=0)
         if limits is not None and name in limits:
             ax.axhline(limits[name], color=style["color"], linestyle=":", linewidth=1.0, alpha=0.8,
-                       label=f"{names[name]}: exact bias ‖ṽ₀* − v*₀‖ (converged limit)")
-        if crossover.get(name) is not None:
-            ax.axvline(crossover[name], color=style["color"], linewidth=0.8, alpha=0.5)
-    ax.axhline(float(zero), color="grey", linewidth=2.5, alpha=0.6, label=f"zero velocity: ‖v*₀‖ = {float(zero):.2f}")
+                       label=f"{names[name]}: exact bias {GUIDANCE_BIAS} (converged limit)")
+        mark_crossover(ax, crossover.get(name), style["color"], names[name])
     ax.set_xlabel("training epoch")
     ax.set_ylabel("first-step error at t = 0 (mean over x0 ~ N(0, I))")
     if epoch_axis is not None:
         epoch_axis(ax)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     written = plotting.save(fig, path)
     plt.close(fig)

@@ -13,9 +13,9 @@ Protocol (declared before any number; the README repeats it):
 * **Target.** The paper's: the true velocity of the conditioned data,
   ``v*₀(x0) = u_c(x0) = μ_c − x0``.  The primary number is the first-step error
   ``E_{x0}‖ṽ₀^θ(x0) − v*₀(x0)‖`` of CFG and of CFG* (optimized scale), both against the same
-  target and the same grey line, the zero velocity's error ``E‖v*₀‖``.  Secondary (named
-  ``*_guided_target``): the error against the exact field of the same rule, which isolates
-  the learning error from the guidance bias.
+  target and the same grey line, the zero velocity's error ``E‖v*₀‖``.  Secondary (keys
+  ending in ``_guided_target``): the error against the exact field of the same rule, which
+  isolates the learning error from the guidance bias.
 * **Networks.** ``data_seeds`` datasets × ``seeds`` networks each (quick 3 × 2, paper
   4 × 4 = 16), all trained at once
   (residual MLP, AdamW, cosine decay, EMA; see ``NETWORK`` and ``TRAINING``); 16 optimizer
@@ -32,9 +32,13 @@ Protocol (declared before any number; the README repeats it):
 * **Sample level.** JSD and NLL of CFG and CFG + zero-init per epoch; the zero-init benefit
   ``CFG − (CFG + zero-init)`` per epoch with a 90% bootstrap interval over networks.
 
-Outputs under ``--out``: ``crossover.json`` (every number, the mixture as numbers) and figures
-``first_step_error``, ``sample_quality``, ``trajectories``, ``training_loss`` (PNG and PDF);
-``checkpoints/`` lets a rerun of the same configuration skip training.
+The verdict rules are :mod:`cfgzero_theory.verdicts` (definitions and unit tests there).
+
+Outputs under ``--out`` (default ``runs/crossover/<preset>`` in the current directory; the
+committed gallery is written by ``python -m experiments.figures`` only): ``crossover.json``
+(every number, the mixture as numbers) and figures ``first_step_error``, ``sample_quality``,
+``trajectories``, ``training_loss`` (PNG and PDF); ``checkpoints/`` lets a rerun of the same
+configuration skip training.
 
     python -m experiments.crossover                    # quick preset (default), ~5.5 min on 2 quiet CPU cores
     python -m experiments.crossover --preset paper     # 16 networks, ~12.5 min on 2 CPU cores
@@ -50,7 +54,7 @@ import platform
 import sys
 import time
 
-from experiments._common import interval_text
+from experiments._common import OneLineErrorParser, announce, default_out, interval_text, prepare_output_dir
 
 PRESETS = {
     "smoke": dict(seeds=1, data_seeds=3, epochs=4, dataset_size=512, batch_size=128, n_eval=256, steps=8, width=32),
@@ -62,17 +66,21 @@ GEOMETRY = dict(distance=14.0, data_offset=10.5, label=1)
 #: Network and training settings shared by the crossover studies.
 NETWORK = dict(architecture="resmlp", depth=3, input_scale=0.5)
 TRAINING = dict(learning_rate=3e-3, schedule="cosine", ema_decay=0.998, label_dropout=0.25)
-RULE_NAMES = ("cfg", "cfg_star", "cfg_zero_init", "cfg_zero_star")
-FIRST_RULES = ("cfg", "cfg_star")
+#: The guidance kinds sampled (:data:`guidance.KINDS`; every JSON key naming a rule is one of them) ...
+RULE_NAMES = ("cfg", "cfg-star", "zero-init", "cfg-zero-star")
+#: ... and those whose first step is compared with the zero velocity.
+FIRST_RULES = ("cfg", "cfg-star")
 #: Convergence criteria at the last epoch: loss gap (relative), JSD gap (nats), CFG-Zero* NLL gap (nats).
 CONVERGENCE = dict(loss=0.05, jsd=0.05, nll=0.5)
 LEVEL = 0.9
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.crossover", description=__doc__.split("\n\n")[0])
+    """Parse and validate every argument, then create ``--out`` and prove it writable: a user error exits
+    with status 2 and one line on stderr, before any import of JAX or any work."""
+    p = OneLineErrorParser(prog="python -m experiments.crossover", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="size of the study (default quick)")
-    p.add_argument("--out", default=None, help="output folder (default figures/crossover/<preset>)")
+    p.add_argument("--out", default=None, help="output folder (default runs/crossover/<preset>)")
     p.add_argument("--scale", type=float, default=4.0, help="guidance scale w (default 4)")
     p.add_argument("--distance", type=float, default=GEOMETRY["distance"],
                    help=f"distance of the guided class's mean from the noise mean (default {GEOMETRY['distance']:g})")
@@ -105,7 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 1 <= args.zero_init_steps < s["steps"]:
         p.error(f"--zero-init-steps must be at least 1 and below the number of sampler steps ({s['steps']})")
     if args.out is None:
-        args.out = os.path.join("figures", "crossover", args.preset)
+        args.out = default_out("crossover", args.preset)
+    prepare_output_dir(p, args.out)
     return args
 
 
@@ -117,17 +126,6 @@ def evaluation_epochs(epochs: int) -> tuple[int, ...]:
         grid.add(e)
         k += 1
     return tuple(sorted(grid | {epochs}))
-
-
-def build_rules(scale: float, zero_init_steps: int) -> dict:
-    from cfgzero_theory import CFG, CFGStar, CFGZeroStar, ZeroInit
-
-    return {
-        "cfg": CFG(scale),
-        "cfg_star": CFGStar(scale),
-        "cfg_zero_init": ZeroInit(CFG(scale), zero_init_steps),
-        "cfg_zero_star": CFGZeroStar(scale, zero_init_steps),
-    }
 
 
 def train_networks(mixture, settings: dict, seed: int, data_seed: int, checkpoint_epochs, out_dir, progress: bool):
@@ -151,9 +149,9 @@ def run(args) -> dict:
     import numpy as np
 
     import cfgzero_theory
-    from cfgzero_theory import GaussianMixture, analysis, guidance, mixtures, sampling
+    from cfgzero_theory import GaussianMixture, analysis, guidance, mixtures, sampling, verdicts
     from cfgzero_theory.models import network_velocity, select
-    from experiments._common import crossover_json, mixture_json, progress
+    from experiments._common import crossover_json, make_rules, mixture_json, progress
 
     s = args.settings
     mixture = mixtures.guided_class_2d(args.distance, args.data_offset, args.label)
@@ -165,7 +163,7 @@ def run(args) -> dict:
     train_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    rules = build_rules(args.scale, args.zero_init_steps)
+    rules = make_rules(RULE_NAMES, args.scale, args.zero_init_steps)
     first_rules = {name: rules[name] for name in FIRST_RULES}
     key_first, key_eval, key_quality, key_data, key_boot = jax.random.split(jax.random.key(args.seed + 1000), 5)
     x0_first = jax.random.normal(key_first, (4096, 2))
@@ -187,7 +185,13 @@ def run(args) -> dict:
     zero_guided, bias = {}, {}
     quality = {name: {m: [] for m in ("jsd", "nll", "precision")} for name in RULE_NAMES}
     per_step = {name: [] for name in RULE_NAMES}
-    for epoch in progress(eval_epochs, not args.no_progress, "evaluating"):
+    # one step per evaluated epoch, then the exact fields (the limit of a perfect model) and exact class samples
+    for epoch in progress([*eval_epochs, "exact"], not args.no_progress, "evaluating (epochs, then exact fields)"):
+        if epoch == "exact":
+            stacked = jax.tree_util.tree_map(lambda a: a[None], mixture)
+            exact_q, _ = evaluate(GaussianMixture.velocity, stacked)
+            data_q = score(mixture.sample(key_data, s["n_eval"], label)[None])
+            continue
         networks = result.networks[epoch]
         errors = analysis.first_step_errors(network_velocity, networks, mixture, label, first_rules, x0_first)
         for name, e in errors.items():
@@ -200,27 +204,21 @@ def run(args) -> dict:
             per_step[name].append(steps[name].mean(axis=0))
             for m in quality[name]:
                 quality[name][m].append(q[name][m])
-
-    stacked = jax.tree_util.tree_map(lambda a: a[None], mixture)
-    exact_q, _ = evaluate(GaussianMixture.velocity, stacked)
-    data_q = score(mixture.sample(key_data, s["n_eval"], label)[None])
     eval_s = time.perf_counter() - started
 
-    epochs = np.asarray(eval_epochs)
-    early = epochs >= 1
     per_net = {name: np.stack(err_true[name], axis=1) for name in FIRST_RULES}  # (S, E)
     crossover = {}
     for i, name in enumerate(FIRST_RULES):
-        c = analysis.crossover_epoch(epochs[early], per_net[name][:, early], err_zero,
-                                     key=jax.random.fold_in(key_boot, i), level=LEVEL)
+        c = verdicts.first_step_crossover(eval_epochs, per_net[name], err_zero, key=jax.random.fold_in(key_boot, i),
+                                          level=LEVEL)
         crossover[name] = crossover_json(c)
     metric = {name: {m: np.stack(v, axis=1) for m, v in quality[name].items()} for name in RULE_NAMES}  # (S, E)
     sample_level = {}
     for i, m in enumerate(("jsd", "nll")):
-        benefit = metric["cfg"][m] - metric["cfg_zero_init"][m]  # > 0: zero-init helped
+        benefit = verdicts.benefit_over_cfg(metric["cfg"][m], metric["zero-init"][m], lower_is_better=True)
         low, high = analysis.bootstrap_mean_interval(benefit, key=jax.random.fold_in(key_boot, 10 + i), level=LEVEL)
-        sample_level[m] = {"zero_init_benefit": benefit.mean(axis=0).tolist(), "low": low.tolist(), "high": high.tolist(),
-                           "helps_fraction": (benefit > 0).mean(axis=0).tolist()}
+        sample_level[m] = {"zero-init": {"mean": benefit.mean(axis=0).tolist(), "low": low.tolist(),
+                                         "high": high.tolist(), "helps_fraction": (benefit > 0).mean(axis=0).tolist()}}
 
     losses = result.losses
     final_loss = float(losses[-1].mean())
@@ -229,14 +227,11 @@ def run(args) -> dict:
     convergence = {
         "loss_gap": final_loss / result.loss_floor - 1,
         "jsd_gap": {name: last[name]["jsd"] - exact[name]["jsd"] for name in RULE_NAMES},
-        "nll_gap_cfg_zero_star": last["cfg_zero_star"]["nll"] - exact["cfg_zero_star"]["nll"],
+        "nll_gap": {"cfg-zero-star": last["cfg-zero-star"]["nll"] - exact["cfg-zero-star"]["nll"]},
         "criteria": dict(CONVERGENCE),
     }
-    convergence["passed"] = bool(
-        abs(convergence["loss_gap"]) <= CONVERGENCE["loss"]
-        and all(abs(g) <= CONVERGENCE["jsd"] for g in convergence["jsd_gap"].values())
-        and abs(convergence["nll_gap_cfg_zero_star"]) <= CONVERGENCE["nll"]
-    )
+    convergence["passed"] = verdicts.converged(convergence["loss_gap"], convergence["jsd_gap"].values(),
+                                               convergence["nll_gap"]["cfg-zero-star"], **CONVERGENCE)
 
     config = {
         "preset": args.preset, "preset_settings": s, "scale": args.scale, "label": label,
@@ -260,13 +255,13 @@ def run(args) -> dict:
         "optimizer_steps": [int(e) * train_config.steps_per_epoch for e in eval_epochs],
         "steps_per_epoch": train_config.steps_per_epoch,
         "err_zero": err_zero,
-        **{f"err_{n}": per_net[n].mean(axis=0).tolist() for n in FIRST_RULES},
-        **{f"err_{n}_per_network": per_net[n].tolist() for n in FIRST_RULES},
-        **{f"frac_above_zero_{n}": (per_net[n] > err_zero).mean(axis=0).tolist() for n in FIRST_RULES},
-        **{f"crossover_epoch_{n}": crossover[n]["epoch"] for n in FIRST_RULES},
-        **{f"crossover_epoch_{n}_interval": [crossover[n]["low"], crossover[n]["high"]] for n in FIRST_RULES},
+        "err": {n: per_net[n].mean(axis=0).tolist() for n in FIRST_RULES},
+        "err_per_network": {n: per_net[n].tolist() for n in FIRST_RULES},
+        "frac_above_zero": {n: (per_net[n] > err_zero).mean(axis=0).tolist() for n in FIRST_RULES},
+        "crossover_epoch": {n: crossover[n]["epoch"] for n in FIRST_RULES},
+        "crossover_epoch_interval": {n: [crossover[n]["low"], crossover[n]["high"]] for n in FIRST_RULES},
         "crossover": crossover,
-        **{f"err_{n}_guided_target": np.stack(err_guided[n], axis=1).mean(axis=0).tolist() for n in FIRST_RULES},
+        "err_guided_target": {n: np.stack(err_guided[n], axis=1).mean(axis=0).tolist() for n in FIRST_RULES},
         "err_zero_guided_target": zero_guided,
         "guidance_bias": bias,
         "jsd": {n: metric[n]["jsd"].mean(axis=0).tolist() for n in RULE_NAMES},
@@ -293,22 +288,25 @@ def run(args) -> dict:
 
 
 def rule_verdict(payload, name: str) -> dict:
-    """Whether zero beats ``name`` early (epochs >= 1) and whether it crosses below the grey line for good."""
-    epochs, err, zero = payload["epochs"], payload[f"err_{name}"], payload["err_zero"]
-    above = [e for e, v in zip(epochs, err) if e >= 1 and v > zero]
+    """:func:`verdicts.crossover_verdict` of rule ``name`` (zero beats it at epochs >= 1, then it crosses
+    below the grey line for good) from the JSON payload, with the rule's ``crossover`` entry."""
+    from cfgzero_theory import verdicts
+
     cross = payload["crossover"][name]
-    return {"zero_beats_early": bool(above), "above_epochs": above, "crossover": cross,
-            "reproduced": bool(above) and cross["found"]}
+    v = verdicts.crossover_verdict(payload["epochs"], payload["err"][name], payload["err_zero"], cross["epoch"])
+    return {**v, "crossover": cross}
 
 
 def verdict(payload) -> str:
     """Sentences on the crossover of CFG and CFG* against v*, the paper's ordering, convergence and the sample level."""
-    titles = {"cfg": "CFG", "cfg_star": "CFG*"}
+    from cfgzero_theory import verdicts
+    from cfgzero_theory.guidance import KIND_LABELS
+
     zero = payload["err_zero"]
     lines = []
-    verdicts = {name: rule_verdict(payload, name) for name in FIRST_RULES}
-    for name, v in verdicts.items():
-        title, err, frac = titles[name], payload[f"err_{name}"], payload[f"frac_above_zero_{name}"]
+    per_rule = {name: rule_verdict(payload, name) for name in FIRST_RULES}
+    for name, v in per_rule.items():
+        title, err, frac = KIND_LABELS[name], payload["err"][name], payload["frac_above_zero"][name]
         c = v["crossover"]
         peak = max((e for e, ep in zip(err, payload["epochs"]) if ep >= 1), default=float("nan"))
         if v["reproduced"]:
@@ -325,8 +323,8 @@ def verdict(payload) -> str:
                 f"{title}: NOT reproduced — zero beats {title} at epochs {_ranges(v['above_epochs'], payload['epochs'])}, but it is still above "
                 f"the zero velocity's {zero:.3f} at the last epoch (final {err[-1]:.3f}; exact guidance bias "
                 f"{payload['guidance_bias'][name]:.3f}).")
-    a, b = verdicts["cfg"]["crossover"], verdicts["cfg_star"]["crossover"]
-    if verdicts["cfg"]["reproduced"] and verdicts["cfg_star"]["reproduced"]:
+    a, b = per_rule["cfg"]["crossover"], per_rule["cfg-star"]["crossover"]
+    if per_rule["cfg"]["reproduced"] and per_rule["cfg-star"]["reproduced"]:
         order = "earlier than" if b["epoch"] < a["epoch"] else ("at the same epoch as" if b["epoch"] == a["epoch"] else "later than")
         lines.append(f"Paper's ordering (optimized scale crosses earlier): CFG* crosses {order} CFG "
                      f"({b['epoch']:g} {interval_text(b)} vs {a['epoch']:g} {interval_text(a)}).")
@@ -338,14 +336,13 @@ def verdict(payload) -> str:
         f"Convergence at epoch {payload['epochs'][-1]}: {'PASSED' if conv['passed'] else 'FAILED'} — loss "
         f"{conv['loss_gap']:+.1%} from the floor (criterion ±{conv['criteria']['loss']:.0%}), largest JSD gap to the exact "
         f"field {worst[1]:+.3f} ({worst[0]}; ±{conv['criteria']['jsd']:g}), CFG-Zero* NLL gap "
-        f"{conv['nll_gap_cfg_zero_star']:+.2f} nats (±{conv['criteria']['nll']:g}).")
+        f"{conv['nll_gap']['cfg-zero-star']:+.2f} nats (±{conv['criteria']['nll']:g}).")
     for m, title in (("jsd", "JSD"), ("nll", "NLL")):
-        row = payload["sample_level"][m]
-        helped = [e for e, lo in zip(payload["epochs"], row["low"]) if e >= 1 and lo > 0]
-        hurt = [e for e, hi in zip(payload["epochs"], row["high"]) if e >= 1 and hi < 0]
+        row = payload["sample_level"][m]["zero-init"]
+        helped, hurt = verdicts.interval_verdict(payload["epochs"], row["low"], row["high"])
         lines.append(f"Sample level ({title}, CFG vs CFG + zero-init, 90% interval over networks): zero-init helps at "
                      f"epochs {_ranges(helped, payload['epochs']) or 'none'}, hurts at {_ranges(hurt, payload['epochs']) or 'none'} "
-                     f"(exact fields: {payload[m + '_exact']['cfg'] - payload[m + '_exact']['cfg_zero_init']:+.3f}).")
+                     f"(exact fields: {payload[m + '_exact']['cfg'] - payload[m + '_exact']['zero-init']:+.3f}).")
     return "\n".join(lines)
 
 
@@ -373,49 +370,55 @@ def _epoch_axis(ax, epochs):
 
 
 def plot_first_step(payload, rules, path):
-    """Top: first-step error against v* per network (thin) and mean (thick), one grey line ‖v*‖;
-    bottom: the fraction of networks above it."""
+    """Top: first-step error against v* per network (thin) and mean (thick), one grey line ‖v*‖, each rule's
+    converged limit (dotted) and crossover epoch (vertical); bottom: the fraction of networks above the grey line."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     from cfgzero_theory import plotting
+    from experiments._figures import GUIDANCE_BIAS, MODEL_ERROR, ZERO_ERROR, mark_crossover
 
     epochs = np.asarray(payload["epochs"])
     cfg = payload["config"]
-    fig, (ax, bx) = plt.subplots(2, 1, figsize=(6.6, 6.0), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(6.6, 7.4), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
+    ax.axhline(payload["err_zero"], color="grey", linewidth=2.5, alpha=0.6,
+               label=f"zero velocity: {ZERO_ERROR} = {payload['err_zero']:.2f}")
     for name in FIRST_RULES:
         style = plotting.rule_style(rules[name])
-        for row in np.asarray(payload[f"err_{name}_per_network"]):
+        title = cfg["rules"][name]
+        for row in np.asarray(payload["err_per_network"][name]):
             ax.plot(epochs, row, color=style["color"], alpha=0.2, linewidth=0.6)
-        ax.plot(epochs, payload[f"err_{name}"], label=f"{cfg['rules'][name]}: E‖ṽ₀^θ − v*₀‖ (mean; thin: networks)", **style)
+        ax.plot(epochs, payload["err"][name], label=f"{title}: {MODEL_ERROR} (mean; thin: networks)", **style)
         ax.axhline(payload["guidance_bias"][name], color=style["color"], linestyle=":", linewidth=1.0,
-                   label=f"exact {cfg['rules'][name]} bias ‖ṽ₀* − v*₀‖ (converged limit)")
-        v = rule_verdict(payload, name)
-        if v["reproduced"]:
-            ax.axvline(v["crossover"]["epoch"], color=style["color"], linewidth=0.8, alpha=0.6)
-        bx.plot(epochs, payload[f"frac_above_zero_{name}"], color=style["color"], marker=style.get("marker"))
-    ax.axhline(payload["err_zero"], color="grey", linewidth=2.5, alpha=0.6, label=f"zero velocity: E‖v*₀‖ = {payload['err_zero']:.2f}")
+                   label=f"exact {title} bias {GUIDANCE_BIAS} (converged limit)")
+        cross = payload["crossover"][name]
+        mark_crossover(ax, cross["epoch"] if cross["found"] else None, style["color"], title)
+        bx.plot(epochs, payload["frac_above_zero"][name], label=title, **style)
     ax.set_ylabel("first-step error at t = 0")
     ax.set_title(f"Zero vs early CFG against the true velocity v*: class {cfg['label']} at distance "
                  f"{cfg['geometry']['distance']:g}, data mean at {cfg['geometry']['data_offset']:g}, w = {cfg['scale']:g}, "
                  f"{cfg['seeds']['num_networks']} networks", fontsize=8.5)
-    ax.legend(fontsize=7)
     bx.set_ylabel("networks above\nthe zero line")
     bx.set_ylim(-0.05, 1.05)
     bx.set_xlabel(f"training epoch ({payload['steps_per_epoch']} optimizer steps each)")
+    bx.legend(fontsize=7, loc="upper right")
     _epoch_axis(bx, epochs)
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2, frameon=False)  # column 2: CFG*
+    fig.tight_layout(rect=(0, 0.11, 1, 1))
     written = plotting.save(fig, path)
     plt.close(fig)
     return written
 
 
 def plot_sample_quality(payload, rules, path):
-    """JSD and NLL of every rule per epoch (dotted: exact field), and the zero-init benefit with its interval."""
+    """JSD and NLL of every rule per epoch (dotted: exact field; JSD's maximum ln 2 marked), and the zero-init
+    benefit with its interval."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     from cfgzero_theory import plotting
+    from experiments._figures import mark_jsd_maximum
 
     epochs = np.asarray(payload["epochs"])
     cfg = payload["config"]
@@ -429,22 +432,25 @@ def plot_sample_quality(payload, rules, path):
         ax.axhline(payload["data_samples"][m], color="grey", linestyle="--", linewidth=1.0, label="exact class samples")
         ax.plot([], [], color="grey", linestyle=":", label="exact field, same rule and sampler")
         ax.set_yscale("log")
+        if m == "jsd":
+            mark_jsd_maximum(ax)
         ax.set_title(title, fontsize=9)
-        row = payload["sample_level"][m]
+        row = payload["sample_level"][m]["zero-init"]
         bx = axes[1, j]
-        color = plotting.rule_color(rules["cfg_zero_init"])
+        color = plotting.rule_color(rules["zero-init"])
         bx.fill_between(epochs, row["low"], row["high"], color=color, alpha=0.2, linewidth=0, label="90% interval over networks")
-        bx.plot(epochs, row["zero_init_benefit"], color=color, marker="^", label="CFG − (CFG + zero-init): > 0 zero-init helps")
+        bx.plot(epochs, row["mean"], color=color, marker="^", label="CFG − (CFG + zero-init): > 0 zero-init helps")
         bx.axhline(0.0, color="black", linewidth=1.0)
-        bx.axhline(payload[m + "_exact"]["cfg"] - payload[m + "_exact"]["cfg_zero_init"], color=color, linestyle=":",
+        bx.axhline(payload[m + "_exact"]["cfg"] - payload[m + "_exact"]["zero-init"], color=color, linestyle=":",
                    label="exact-field limit")
         bx.set_xlabel("training epoch")
         _epoch_axis(bx, epochs)
         bx.legend(fontsize=7)
-    axes[0, 0].legend(fontsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7.5, loc="lower center", ncol=3, frameon=False)
     fig.suptitle(f"Final samples per epoch (mean over {cfg['seeds']['num_networks']} networks), class {cfg['label']}, "
                  f"w = {cfg['scale']:g}, {cfg['preset_settings']['steps']} Euler steps", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     written = plotting.save(fig, path)
     plt.close(fig)
     return written
@@ -469,7 +475,7 @@ def plot_trajectories(payload, path):
     fig, axes = plt.subplots(2, 2, figsize=(9, 8), sharex=True, sharey=True)
     for row, epoch in enumerate((early, late)):
         network = raw["select"](raw["result"].networks[epoch], 0)
-        for col, name in enumerate(("cfg", "cfg_zero_star")):
+        for col, name in enumerate(("cfg", "cfg-zero-star")):
             ax = axes[row, col]
             plotting.density_image(ax, lambda x: mixture.log_prob(x, label), lo, hi, 120)
             out = sampling.sample(raw["velocity"], network, x0, raw["times"], label, rules[name], return_trajectory=True)
@@ -493,41 +499,65 @@ def plot_trajectories(payload, path):
     return written
 
 
+#: What the console table's columns mean, printed under it.
+TABLE_LEGEND = (
+    "err X: network-mean first-step error E‖ṽ₀^θ − v*₀‖ of rule X; X>line: share of networks whose error exceeds "
+    "the zero line; zero line: a zero velocity's error E‖v*₀‖ (zero beats X where err X > zero line); JSD, NLL: final "
+    "samples, mean over networks; row 'exact': the exact fields (err columns: the guidance bias, the converged limit).")
+
+
 def format_table(payload) -> str:
-    head = (f"{'epoch':>5} {'steps':>6} {'err CFG':>8} {'>zero':>6} {'err CFG*':>8} {'>zero':>6} {'zero':>7} "
-            + " ".join(f"{'JSD ' + n:>18}" for n in RULE_NAMES) + f" {'NLL cfg-zero*':>14}")
+    """Per evaluated epoch: first-step errors, shares of networks above the zero line, JSD and NLL; then the exact row."""
+    head = (f"{'epoch':>5} {'steps':>6} {'err CFG':>8} {'CFG>line':>8} {'err CFG*':>8} {'CFG*>line':>9} {'zero line':>9} "
+            + " ".join(f"{'JSD ' + n:>17}" for n in RULE_NAMES) + f" {'NLL cfg-zero-star':>17}")
     lines = [head, "-" * len(head)]
+    err, above = payload["err"], payload["frac_above_zero"]
     for i, epoch in enumerate(payload["epochs"]):
-        jsd = " ".join(f"{payload['jsd'][n][i]:>18.4f}" for n in RULE_NAMES)
+        jsd = " ".join(f"{payload['jsd'][n][i]:>17.4f}" for n in RULE_NAMES)
         lines.append(
-            f"{epoch:>5} {payload['optimizer_steps'][i]:>6} {payload['err_cfg'][i]:>8.3f} {payload['frac_above_zero_cfg'][i]:>6.0%} "
-            f"{payload['err_cfg_star'][i]:>8.3f} {payload['frac_above_zero_cfg_star'][i]:>6.0%} {payload['err_zero']:>7.3f} {jsd} "
-            f"{payload['nll']['cfg_zero_star'][i]:>14.3f}")
-    exact = " ".join(f"{payload['jsd_exact'][n]:>18.4f}" for n in RULE_NAMES)
-    lines.append(f"{'exact':>5} {'':>6} {payload['guidance_bias']['cfg']:>8.3f} {'':>6} {payload['guidance_bias']['cfg_star']:>8.3f} "
-                 f"{'':>6} {'':>7} {exact} {payload['nll_exact']['cfg_zero_star']:>14.3f}")
+            f"{epoch:>5} {payload['optimizer_steps'][i]:>6} {err['cfg'][i]:>8.3f} {above['cfg'][i]:>8.0%} "
+            f"{err['cfg-star'][i]:>8.3f} {above['cfg-star'][i]:>9.0%} {payload['err_zero']:>9.3f} {jsd} "
+            f"{payload['nll']['cfg-zero-star'][i]:>17.3f}")
+    exact = " ".join(f"{payload['jsd_exact'][n]:>17.4f}" for n in RULE_NAMES)
+    lines.append(f"{'exact':>5} {'':>6} {payload['guidance_bias']['cfg']:>8.3f} {'':>8} "
+                 f"{payload['guidance_bias']['cfg-star']:>8.3f} {'':>9} {'':>9} {exact} "
+                 f"{payload['nll_exact']['cfg-zero-star']:>17.3f}")
+    lines.append(TABLE_LEGEND)
     return "\n".join(lines)
+
+
+def plan(args) -> str:
+    """The first line of a run: what will be trained and evaluated, and where the outputs go."""
+    s = args.settings
+    return (f"crossover ({args.preset}): {s['data_seeds'] * s['seeds']} networks ({s['data_seeds']} datasets × "
+            f"{s['seeds']}), {s['epochs']} epochs each, evaluated at {len(evaluation_epochs(s['epochs']))} epochs with "
+            f"{len(RULE_NAMES)} rules; writing {os.path.abspath(args.out)}/ (checkpoints/ lets a rerun skip training)")
 
 
 def main(argv=None) -> dict:
     start = time.perf_counter()
     args = parse_args(argv)
+    announce(plan(args))
     import matplotlib
 
     matplotlib.use("Agg")
     from cfgzero_theory import plotting
-    from experiments._common import outputs_line, publishable, run_or_exit, write_json
+    from experiments._common import outputs_line, progress, publishable, run_or_exit, write_json
     from experiments._figures import plot_training_loss
 
     payload = run_or_exit(run, args)
     rules = payload["_raw"]["rules"]
+    drawings = {
+        "first_step_error": lambda path: plot_first_step(payload, rules, path),
+        "sample_quality": lambda path: plot_sample_quality(payload, rules, path),
+        "trajectories": lambda path: plot_trajectories(payload, path),
+        "training_loss": lambda path: plot_training_loss(payload["training_loss"], payload["loss_floor"], path,
+                                                         log_epochs=len(payload["training_loss"]) > 8),
+    }
     figures = []
     with plotting.style():
-        figures += plot_first_step(payload, rules, os.path.join(args.out, "first_step_error"))
-        figures += plot_sample_quality(payload, rules, os.path.join(args.out, "sample_quality"))
-        figures += plot_trajectories(payload, os.path.join(args.out, "trajectories"))
-        figures += plot_training_loss(payload["training_loss"], payload["loss_floor"], os.path.join(args.out, "training_loss"),
-                                      log_epochs=len(payload["training_loss"]) > 8)
+        for name in progress(drawings, not args.no_progress, "figures", unit="figure"):
+            figures += drawings[name](os.path.join(args.out, name))
     payload = publishable(payload, figures, verdict, start)
     path = os.path.join(args.out, "crossover.json")
     write_json(path, payload)

@@ -68,7 +68,7 @@ Protocol (declared before any number; the numbers are in the JSON and the README
   ``v*₀ = u_c(x0) = μ_c − x0`` (:func:`analysis.first_step_errors`): ``E‖ṽ₀^θ − v*₀‖`` per
   seed against one grey line for every rule, the zero velocity's ``E‖v*₀‖``, and the epoch
   from which the seed mean stays below it (90% bootstrap interval).  Secondary (names ending
-  in ``_guided_target``): the same against each rule's exact guided field, which separates
+  in ``_guided_target``, keyed by rule): the same against each rule's exact guided field, which separates
   the learning error from the guidance bias.
 * **Seeds.** Networks and training noise from ``--seed`` (0); evaluation noise, HDR
   references and exact class samples from ``key(seed + 1000)``, the same for every mixture;
@@ -81,7 +81,12 @@ the turning points, how many were found, the exact-field benefits and how many a
 negative); and the verdict text, which names the metric that shows a turning point, the one
 that does not, and why (citing the sign of the exact-limit benefit).
 
-Outputs under ``--out``: ``crossover_highdim.json`` (configuration, seeds, library version,
+The turning-point definition and the verdict rules are :mod:`cfgzero_theory.verdicts`
+(definitions and unit tests there).
+
+Outputs under ``--out`` (default ``runs/crossover_highdim/<preset>`` in the current directory;
+the committed gallery is written by ``python -m experiments.figures`` only):
+``crossover_highdim.json`` (configuration, seeds, library version,
 every number, per-seed arrays) and figures ``turning_point`` (NLL and Fréchet benefit, one
 column per mixture), ``sample_quality``, ``first_step_error`` and ``training_loss`` (the
 first mixture; PNG and PDF); ``checkpoints/mixture_<data seed>/`` lets a rerun with the same
@@ -109,7 +114,8 @@ import platform
 import sys
 import time
 
-from experiments._common import crossover_json, interval_text, outputs_line, progress
+from experiments._common import (OneLineErrorParser, announce, crossover_json, default_out, interval_text, outputs_line,
+                                 prepare_output_dir, progress)
 
 PRESETS = {
     # eval_every = 0: the doubling grid 0, 1, 2, 4, ..., epochs
@@ -123,8 +129,10 @@ PRESETS = {
 #: ``random_class_conditional`` geometry (dimension-free distances, see its docstring).
 MIXTURE = dict(num_classes=4, components_per_class=4, class_separation=4.0, component_spread=2.0, eig_range=(0.1, 1.0))
 DEPTH = 3
-RULE_NAMES = ("cfg", "cfg_zero_init", "cfg_zero_star")
-FIRST_RULES = ("cfg", "cfg_star")
+#: The guidance kinds sampled (:data:`guidance.KINDS`; every JSON key naming a rule is one of them) ...
+RULE_NAMES = ("cfg", "zero-init", "cfg-zero-star")
+#: ... and those whose first step is compared with the zero velocity (the rules zero-init bets against).
+FIRST_RULES = ("cfg", "cfg-star")
 #: metric -> (title, +1 if lower is better, -1 if higher is better)
 METRICS = {
     "nll": ("NLL (nats)", 1),
@@ -141,9 +149,11 @@ PER_STEP_POINTS = 128
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.crossover_highdim", description=__doc__.split("\n\n")[0])
+    """Parse and validate every argument, then create ``--out`` and prove it writable: a user error exits
+    with status 2 and one line on stderr, before any import of JAX or any work."""
+    p = OneLineErrorParser(prog="python -m experiments.crossover_highdim", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="size of the study (default quick)")
-    p.add_argument("--out", default=None, help="output folder (default figures/crossover_highdim/<preset>)")
+    p.add_argument("--out", default=None, help="output folder (default runs/crossover_highdim/<preset>)")
     p.add_argument("--dim", type=int, default=64, help="data dimension d (default 64)")
     p.add_argument("--scale", type=float, default=4.0, help="guidance scale w (default 4)")
     p.add_argument("--label", type=int, default=0, help=f"guided class, 0..{MIXTURE['num_classes'] - 1} (default 0)")
@@ -180,7 +190,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         p.error("--learning-rate must be positive")
     if args.out is None:
-        args.out = os.path.join("figures", "crossover_highdim", args.preset)
+        args.out = default_out("crossover_highdim", args.preset)
+    prepare_output_dir(p, args.out)
     return args
 
 
@@ -191,16 +202,6 @@ def evaluation_epochs(epochs: int, eval_every: int) -> tuple[int, ...]:
     else:
         grid = list(range(0, epochs, eval_every))
     return tuple(sorted(set(grid + [epochs])))
-
-
-def build_rules(scale: float, zero_init_steps: int) -> dict:
-    from cfgzero_theory import CFG, ZeroInit, CFGZeroStar
-
-    return {
-        "cfg": CFG(scale),
-        "cfg_zero_init": ZeroInit(CFG(scale), zero_init_steps),
-        "cfg_zero_star": CFGZeroStar(scale, zero_init_steps),
-    }
 
 
 def build_mixture(dim: int, data_seed: int):
@@ -215,16 +216,6 @@ def build_mixture(dim: int, data_seed: int):
 def describe_mixture(dim: int, data_seed: int) -> str:
     return (f"mixtures.random_class_conditional(fold_in(key({data_seed}), 1), dim={dim}, "
             + ", ".join(f"{k}={v}" for k, v in MIXTURE.items()) + f"); dataset from key({data_seed})")
-
-
-def _turning(epochs, benefit_mean, cross) -> dict:
-    """``crossover_json(cross)`` plus whether it is a turning point: found, after zero-init helped the seed mean."""
-    point = crossover_json(cross)
-    helped = [int(e) for e, b in zip(epochs, benefit_mean) if b > 0]
-    before = [e for e in helped if point["found"] and e < point["epoch"]]
-    point["helped_epochs"] = helped
-    point["turning_point"] = bool(point["found"] and before)
-    return point
 
 
 def _sample_seeds(velocity_fn, params, x0, times, labels, rule, solver):
@@ -253,7 +244,8 @@ def run(args) -> dict:
     import numpy as np
 
     import cfgzero_theory
-    from cfgzero_theory import CFG, CFGStar, GaussianMixture, analysis, guidance, metrics, sampling
+    from cfgzero_theory import GaussianMixture, analysis, guidance, metrics, sampling, verdicts
+    from experiments._common import make_rules
     from cfgzero_theory.models import NetworkConfig, network_velocity
     from cfgzero_theory.training import TrainConfig, train
 
@@ -281,8 +273,8 @@ def run(args) -> dict:
 
     # ---- evaluation: every program compiled once per run (the scorer once per mixture), references computed once
     started_eval = time.perf_counter()
-    rules = build_rules(args.scale, args.zero_init_steps)
-    first_rules = {"cfg": CFG(args.scale), "cfg_star": CFGStar(args.scale)}  # the rules zero-init bets against
+    rules = make_rules(RULE_NAMES, args.scale, args.zero_init_steps)
+    first_rules = make_rules(FIRST_RULES, args.scale, args.zero_init_steps)
     key_first, key_eval, key_quality, key_data, key_boot = jax.random.split(jax.random.key(args.seed + 1000), 5)
     x0_first = jax.random.normal(key_first, (4096, args.dim))
     x0_eval = jax.random.normal(key_eval, (s["n_eval"], args.dim))
@@ -341,10 +333,8 @@ def run(args) -> dict:
                 per_step[name] = np.asarray(steps.learning_error)
         return jnp.concatenate(samples), per_step
 
-    items = [(i, epoch) for i in range(len(trained)) for epoch in eval_epochs]
-    for i, epoch in progress(items, not args.no_progress, "evaluating"):
-        t0 = time.perf_counter()
-        (mixture, result, _), state = trained[i], states[i]
+    def evaluate_epoch(mixture, result, state, epoch):
+        """First-step errors, final samples of every rule and their metrics, per-step errors at one epoch."""
         networks = result.networks[epoch]
         errors = analysis.first_step_errors(network_velocity, networks, mixture, state["label"], first_rules, x0_first)
         for name, e in errors.items():
@@ -359,51 +349,61 @@ def run(args) -> dict:
             state["per_step"][name].append(per_step[name].mean(axis=0))
             for m in METRICS:
                 state["quality"][name][m].append(q[m][r * num_seeds:(r + 1) * num_seeds])
-        state["eval_s"] += time.perf_counter() - t0
 
-    # references: the exact field sampled the same way (a perfect model), and n_eval exact class samples
-    for (mixture, _, _), state in zip(trained, states):
-        t0 = time.perf_counter()
+    def evaluate_references(mixture, state):
+        """The exact field sampled the same way (a perfect model), and ``n_eval`` exact class samples."""
         stacked = jax.tree_util.tree_map(lambda a: a[None], mixture)
         exact_samples, _ = sample_rules(mixture, state, GaussianMixture.velocity, stacked, diagnostics=False)
         data = mixture.sample(key_data, s["n_eval"], state["label"])[None]
         q = score_rows(state, mixture, jnp.concatenate([exact_samples, data]))
         state["exact"] = {name: {m: float(q[m][r]) for m in METRICS} for r, name in enumerate(RULE_NAMES)}
         state["data"] = {m: float(q[m][len(RULE_NAMES)]) for m in METRICS}
+
+    stages = [(i, epoch) for i in range(len(trained)) for epoch in eval_epochs] + [(i, "exact") for i in range(len(trained))]
+    for i, stage in progress(stages, not args.no_progress, "evaluating (every mixture's epochs, then exact fields)"):
+        t0 = time.perf_counter()
+        (mixture, result, _), state = trained[i], states[i]
+        if stage == "exact":
+            evaluate_references(mixture, state)
+        else:
+            evaluate_epoch(mixture, result, state, stage)
         state["eval_s"] += time.perf_counter() - t0
     eval_s = time.perf_counter() - started_eval
 
-    epochs_arr = np.asarray(eval_epochs)
     entries = []
     for k, ((mixture, result, train_config), state, data_seed) in enumerate(zip(trained, states, data_seeds)):
         per_seed = {name: {m: np.stack(state["quality"][name][m], axis=1) for m in METRICS} for name in RULE_NAMES}
         table, turning = {}, {}
         for i, (m, (_, sign)) in enumerate(METRICS.items()):
             key = jax.random.fold_in(key_boot, 100 * k + i)
-            benefit = sign * (per_seed["cfg"][m] - per_seed["cfg_zero_init"][m]) + 0.0  # > 0: zero-init helped (+0.0: no -0)
+            tp = verdicts.turning_point(eval_epochs, per_seed["cfg"][m], per_seed["zero-init"][m], sign > 0,
+                                        key=key, level=LEVEL)
+            benefit = tp.benefit  # > 0: zero-init helped
             low, high = analysis.bootstrap_mean_interval(benefit, key=jax.random.fold_in(key, 1), level=LEVEL)
-            cross = analysis.crossover_epoch(epochs_arr, sign * per_seed["cfg"][m], sign * per_seed["cfg_zero_init"][m],
-                                             key=key, level=LEVEL)
-            turning[m] = _turning(eval_epochs, benefit.mean(axis=0), cross)
+            turning[m] = {**crossover_json(tp.crossover), "helped_epochs": tp.helped_epochs,
+                          "turning_point": tp.turning_point}
             table[m] = {
                 **{name: per_seed[name][m].mean(axis=0).tolist() for name in RULE_NAMES},
                 "per_seed": {name: per_seed[name][m].tolist() for name in RULE_NAMES},
-                "zero_init_benefit": benefit.mean(axis=0).tolist(),
-                "zero_init_benefit_low": low.tolist(),
-                "zero_init_benefit_high": high.tolist(),
-                "zero_init_benefit_per_seed": benefit.tolist(),
-                "zero_init_helps_seeds": (benefit > 0).sum(axis=0).tolist(),
-                "cfg_zero_star_benefit": (sign * (per_seed["cfg"][m] - per_seed["cfg_zero_star"][m])).mean(axis=0).tolist(),
+                "benefit": {  # sign·(CFG − rule): > 0, the rule beat CFG
+                    "zero-init": {
+                        "mean": benefit.mean(axis=0).tolist(), "low": low.tolist(), "high": high.tolist(),
+                        "per_seed": benefit.tolist(), "helps_seeds": (benefit > 0).sum(axis=0).tolist(),
+                        "exact": float(verdicts.benefit_over_cfg(state["exact"]["cfg"][m],
+                                                                 state["exact"]["zero-init"][m], sign > 0)),
+                    },
+                    "cfg-zero-star": {"mean": verdicts.benefit_over_cfg(per_seed["cfg"][m], per_seed["cfg-zero-star"][m],
+                                                                        sign > 0).mean(axis=0).tolist()},
+                },
                 "exact": {name: state["exact"][name][m] for name in RULE_NAMES},
-                "exact_zero_init_benefit": sign * (state["exact"]["cfg"][m] - state["exact"]["cfg_zero_init"][m]) + 0.0,
                 "data": state["data"][m],
                 "lower_is_better": sign > 0,
             }
         first_true = {name: np.stack(state["first_true"][name], axis=1) for name in FIRST_RULES}  # (S, E)
         first_cross = {}
         for i, name in enumerate(FIRST_RULES):
-            c = analysis.crossover_epoch(epochs_arr, first_true[name], state["err_zero"],
-                                         key=jax.random.fold_in(key_boot, 100 * k + 50 + i), level=LEVEL)
+            c = verdicts.first_step_crossover(eval_epochs, first_true[name], state["err_zero"], first_epoch=0,
+                                              key=jax.random.fold_in(key_boot, 100 * k + 50 + i), level=LEVEL)
             first_cross[name] = crossover_json(c)
         entries.append({
             "index": k,
@@ -415,13 +415,12 @@ def run(args) -> dict:
             "first_step": {
                 "target": "true_velocity",
                 "err_zero": state["err_zero"],
-                **{f"err_{n}": first_true[n].mean(axis=0).tolist() for n in FIRST_RULES},
-                **{f"err_{n}_per_seed": first_true[n].tolist() for n in FIRST_RULES},
+                "err": {n: first_true[n].mean(axis=0).tolist() for n in FIRST_RULES},
+                "err_per_seed": {n: first_true[n].tolist() for n in FIRST_RULES},
                 "crossover": first_cross,
-                **{f"err_{n}_guided_target": np.stack(state["first_guided"][n], axis=1).mean(axis=0).tolist()
-                   for n in FIRST_RULES},
-                **{f"err_{n}_per_seed_guided_target": np.stack(state["first_guided"][n], axis=1).tolist()
-                   for n in FIRST_RULES},
+                "err_guided_target": {n: np.stack(state["first_guided"][n], axis=1).mean(axis=0).tolist()
+                                      for n in FIRST_RULES},
+                "err_per_seed_guided_target": {n: np.stack(state["first_guided"][n], axis=1).tolist() for n in FIRST_RULES},
                 "err_zero_guided_target": state["zero_guided"],
                 "guidance_bias": state["bias"],
             },
@@ -465,23 +464,25 @@ def run(args) -> dict:
 
 # ----------------------------------------------------------------------------- verdict
 def summarize(entries: list[dict]) -> dict:
-    """Per metric, across mixtures: turning points, their count, the exact-limit benefits and how many are negative."""
+    """Per metric, across mixtures: turning points and their intervals, and :func:`verdicts.summarize_turning_points`
+    (count, claim, exact-limit prediction and disagreements; mixtures named by their data seeds)."""
+    from cfgzero_theory import verdicts
+
     summary = {}
     for m in METRICS:
         points = [e["turning_points"][m] for e in entries]
-        exact = [e["table"][m]["exact_zero_init_benefit"] for e in entries]
+        exact = [e["table"][m]["benefit"]["zero-init"]["exact"] for e in entries]
+        seeds = [e["data_seed"] for e in entries]
         found = [bool(p["turning_point"]) for p in points]
+        counts = verdicts.summarize_turning_points(found, [p["found"] for p in points], exact)
         summary[m] = {
             "headline": m in HEADLINE,
-            "data_seeds": [e["data_seed"] for e in entries],
+            "data_seeds": seeds,
             "turning_points": [p["epoch"] if p["turning_point"] else None for p in points],
             "intervals": [[p["low"], p["high"]] if p["turning_point"] else None for p in points],
             "found": found,
-            "num_found": int(sum(found)),
-            "num_mixtures": len(entries),
-            "exact_zero_init_benefit": exact,
-            "exact_hurts": int(sum(b < 0 for b in exact)),
-            "consistent_with_exact_limit": int(sum(f == (b < 0) for f, b in zip(found, exact))),
+            "exact_benefit": {"zero-init": exact},
+            **{k: [seeds[i] for i in v] if isinstance(v, list) else v for k, v in counts.items()},
         }
     return summary
 
@@ -516,28 +517,22 @@ def metric_sentence(payload, metric: str) -> str:
     """One sentence on ``metric`` across mixtures: turning points, exact-limit benefits and their agreement."""
     sm = payload["summary"][metric]
     total, found = sm["num_mixtures"], sm["num_found"]
-    state = "HOLDS" if found == total else ("HOLDS IN SOME MIXTURES" if found else "FAILS")
+    state = {"holds": "HOLDS", "holds in some": "HOLDS IN SOME MIXTURES", "fails": "FAILS"}[sm["claim"]]
     parts = []
     for entry in payload["mixtures"]:
-        point, row = entry["turning_points"][metric], entry["table"][metric]
+        point, row = entry["turning_points"][metric], entry["table"][metric]["benefit"]["zero-init"]
         parts.append(f"data seed {entry['data_seed']}: {_point_text(point)} (last-epoch benefit "
-                     f"{row['zero_init_benefit'][-1]:+.3g}, exact {row['exact_zero_init_benefit']:+.3g})")
+                     f"{row['mean'][-1]:+.3g}, exact {row['exact']:+.3g})")
     text = (f"{_title(metric)}: turning point in {found} of {total} mixtures — the paper's claim {state} on this metric — "
             + "; ".join(parts) + f". Why: {_reason(metric, sm['exact_hurts'], total)}.")
-    seeds = [e["data_seed"] for e in payload["mixtures"]]
-    unreached = [s for s, f, b in zip(seeds, sm["found"], sm["exact_zero_init_benefit"]) if b < 0 and not f]
-    unexpected = [s for s, f, b in zip(seeds, sm["found"], sm["exact_zero_init_benefit"]) if b >= 0 and f]
-    never = [e["data_seed"] for e in payload["mixtures"]
-             if e["turning_points"][metric]["found"] and not e["turning_points"][metric]["turning_point"]]
-    still = [s for s in unreached if s not in never]
-    if still:
-        text += (f" Not reached in data seeds {still}: the exact limit is hurt by zero-init, but zero-init still helps "
-                 "at the last evaluated epoch (the models are not yet close enough to the limit).")
-    if never:
-        text += f" In data seeds {never} zero-init never helped the seed mean, so there is nothing to turn."
-    if unexpected:
-        text += (f" Against the prediction in data seeds {unexpected}: a turning point although zero-init does not hurt "
-                 "the exact field (the evaluated models are still far from the limit).")
+    if sm["not_reached"]:
+        text += (f" Not reached in data seeds {sm['not_reached']}: the exact limit is hurt by zero-init, but zero-init "
+                 "still helps at the last evaluated epoch (the models are not yet close enough to the limit).")
+    if sm["never_helped"]:
+        text += f" In data seeds {sm['never_helped']} zero-init never helped the seed mean, so there is nothing to turn."
+    if sm["against_prediction"]:
+        text += (f" Against the prediction in data seeds {sm['against_prediction']}: a turning point although zero-init "
+                 "does not hurt the exact field (the evaluated models are still far from the limit).")
     return text
 
 
@@ -587,7 +582,9 @@ def format_table(payload) -> str:
         f"Table 1 analogue — d = {cfg['dim']}, class {cfg['label']}, w = {cfg['scale']:g}, K = {cfg['zero_init_steps']}, "
         f"{s['steps']} {cfg['solver']} steps, {s['seeds']} seeds × {s['n_eval']} samples per mixture (means over seeds; "
         f"benefit = CFG − (CFG + zero-init), sign flipped for precision: > 0 means zero-init helped; "
-        f"[90% seed-bootstrap interval])"
+        f"[90% seed-bootstrap interval])",
+        "1st-step CFG−v*: seed-mean first-step error E‖ṽ₀^θ − v*₀‖ of CFG; zero line: a zero velocity's error E‖v*₀‖ "
+        "(zero beats CFG where the error is above it); rows 'exact': the exact fields, 'data': exact class samples",
     ]
     epochs = payload["epochs"]
     for entry in payload["mixtures"]:
@@ -597,23 +594,23 @@ def format_table(payload) -> str:
         for m in HEADLINE:
             t = _title(m)[:9]
             head += f" | {t + ' CFG':>15} {'+zero-init':>10} {'benefit [90%]':>24}"
-        head += f" | {'1st-step CFG−v*':>15} {'(zero)':>7}"
+        head += f" | {'1st-step CFG−v*':>15} {'zero line':>9}"
         lines += [head, "-" * len(head)]
         fs = entry["first_step"]
         for i, epoch in enumerate(epochs):
             line = f"{epoch:>6}"
             for m in HEADLINE:
                 row = entry["table"][m]
-                band = f"{row['zero_init_benefit'][i]:+.3g} [{row['zero_init_benefit_low'][i]:+.3g}, " \
-                       f"{row['zero_init_benefit_high'][i]:+.3g}]"
-                line += f" | {row['cfg'][i]:>15.4g} {row['cfg_zero_init'][i]:>10.4g} {band:>24}"
-            line += f" | {fs['err_cfg'][i]:>15.3f} {fs['err_zero']:>7.3f}"
+                gain = row["benefit"]["zero-init"]
+                band = f"{gain['mean'][i]:+.3g} [{gain['low'][i]:+.3g}, {gain['high'][i]:+.3g}]"
+                line += f" | {row['cfg'][i]:>15.4g} {row['zero-init'][i]:>10.4g} {band:>24}"
+            line += f" | {fs['err']['cfg'][i]:>15.3f} {fs['err_zero']:>9.3f}"
             lines.append(line)
         line = f"{'exact':>6}"
         for m in HEADLINE:
             row = entry["table"][m]
-            line += f" | {row['exact']['cfg']:>15.4g} {row['exact']['cfg_zero_init']:>10.4g} " \
-                    f"{row['exact_zero_init_benefit']:>+24.3g}"
+            line += f" | {row['exact']['cfg']:>15.4g} {row['exact']['zero-init']:>10.4g} " \
+                    f"{row['benefit']['zero-init']['exact']:>+24.3g}"
         lines.append(line)
         line = f"{'data':>6}"
         for m in HEADLINE:
@@ -622,13 +619,13 @@ def format_table(payload) -> str:
         for m in HEADLINE:
             lines.append(f"turning point, {_title(m)}: {_point_text(entry['turning_points'][m])}")
         sec = "; ".join(f"{m} {_point_text(entry['turning_points'][m])} (exact benefit "
-                        f"{entry['table'][m]['exact_zero_init_benefit']:+.3g})" for m in SECONDARY)
+                        f"{entry['table'][m]['benefit']['zero-init']['exact']:+.3g})" for m in SECONDARY)
         lines.append(f"secondary: {sec}")
     lines += ["", "Summary across mixtures (turning point per mixture; exact-limit benefit per mixture):"]
     for m in METRICS:
         sm = payload["summary"][m]
         pts = ", ".join("—" if e is None else f"{e:g}" for e in sm["turning_points"])
-        ex = ", ".join(f"{b:+.3g}" for b in sm["exact_zero_init_benefit"])
+        ex = ", ".join(f"{b:+.3g}" for b in sm["exact_benefit"]["zero-init"])
         tag = "headline " if sm["headline"] else "secondary"
         lines.append(f"  {tag} {m:>9}: found {sm['num_found']}/{sm['num_mixtures']} [{pts}]; exact benefit [{ex}] "
                      f"(hurt in {sm['exact_hurts']}/{sm['num_mixtures']})")
@@ -687,13 +684,14 @@ def _benefit_panel(ax, payload, entry, metric, rules, legend=False):
 
     epochs = np.asarray(payload["epochs"])
     row = entry["table"][metric]
-    color = plotting.rule_color(rules["cfg_zero_init"])
-    per_seed = np.asarray(row["zero_init_benefit_per_seed"])
+    color = plotting.rule_color(rules["zero-init"])
+    gain = row["benefit"]["zero-init"]
+    per_seed = np.asarray(gain["per_seed"])
     for s in per_seed:
         ax.plot(epochs, s, color=color, alpha=0.3, linewidth=0.7)
     ax.plot(epochs, per_seed.mean(axis=0), color=color, marker="^", label="seed mean (thin: seeds)")
     ax.axhline(0.0, color="black", linewidth=1.0)
-    ax.axhline(row["exact_zero_init_benefit"], color=color, linestyle=":", linewidth=1.2,
+    ax.axhline(gain["exact"], color=color, linestyle=":", linewidth=1.2,
                label="exact-field limit (perfect model)")
     tp = entry["turning_points"][metric]
     if tp["turning_point"]:
@@ -771,9 +769,19 @@ def plot_sample_quality(payload, rules, path, index: int = 0):
     return written
 
 
+def plan(args) -> str:
+    """The first line of a run: what will be trained and evaluated, and where the outputs go."""
+    s = args.settings
+    return (f"crossover_highdim ({args.preset}): {s['num_mixtures']} mixtures in d = {args.dim} × {s['seeds']} networks, "
+            f"{s['epochs']} epochs each, evaluated at {len(evaluation_epochs(s['epochs'], s['eval_every']))} epochs with "
+            f"{len(RULE_NAMES)} rules × {len(METRICS)} metrics; writing {os.path.abspath(args.out)}/ (checkpoints/ lets a rerun skip "
+            "training)")
+
+
 def main(argv=None) -> dict:
     start = time.perf_counter()
     args = parse_args(argv)
+    announce(plan(args))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -786,27 +794,27 @@ def main(argv=None) -> dict:
     cfg = payload["config"]
     first = payload["mixtures"][0]
     fs = first["first_step"]
-    figures = []
-    with plotting.style():
-        figures += plot_turning_point(payload, raw["rules"], os.path.join(args.out, "turning_point"))
-        figures += plot_sample_quality(payload, raw["rules"], os.path.join(args.out, "sample_quality"))
-        figures += plot_first_step_errors(
+    drawings = {
+        "turning_point": lambda path: plot_turning_point(payload, raw["rules"], path),
+        "sample_quality": lambda path: plot_sample_quality(payload, raw["rules"], path),
+        "first_step_error": lambda path: plot_first_step_errors(
             payload["epochs"],
-            {name: fs[f"err_{name}_per_seed"] for name in FIRST_RULES},
+            fs["err_per_seed"],
             fs["err_zero"],
             {name: fs["crossover"][name]["epoch"] if fs["crossover"][name]["found"] else None for name in FIRST_RULES},
             raw["first_rules"], cfg["first_step_rules"],
             f"First step vs the zero velocity, mixture 0 (data seed {first['data_seed']}), d = {cfg['dim']}, "
             f"class {cfg['label']}, w = {cfg['scale']:g}, {cfg['preset_settings']['seeds']} seeds (band: min–max)",
-            os.path.join(args.out, "first_step_error"),
-            epoch_axis=lambda ax: _epoch_axis(ax, payload),
-            limits=fs["guidance_bias"],
-        )
-        figures += plot_training_loss(
-            first["training_loss"], first["loss_floor"], os.path.join(args.out, "training_loss"),
-            evaluated_epochs=payload["epochs"][1:], log_epochs=len(first["training_loss"]) > 8,
-            title=f"Training loss, mixture 0 (data seed {first['data_seed']}), {cfg['preset_settings']['seeds']} seeds",
-        )
+            path, epoch_axis=lambda ax: _epoch_axis(ax, payload), limits=fs["guidance_bias"]),
+        "training_loss": lambda path: plot_training_loss(
+            first["training_loss"], first["loss_floor"], path, evaluated_epochs=payload["epochs"][1:],
+            log_epochs=len(first["training_loss"]) > 8,
+            title=f"Training loss, mixture 0 (data seed {first['data_seed']}), {cfg['preset_settings']['seeds']} seeds"),
+    }
+    figures = []
+    with plotting.style():
+        for name in progress(drawings, not args.no_progress, "figures", unit="figure"):
+            figures += drawings[name](os.path.join(args.out, name))
     payload = publishable(payload, figures, verdict, start)
     path = os.path.join(args.out, "crossover_highdim.json")
     write_json(path, payload)

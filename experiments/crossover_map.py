@@ -20,8 +20,13 @@ at some epoch ``≥ 1`` and the mean later stays below the grey line.  The exact
 bias below ``E‖v*₀‖``, i.e. about ``(w − 1)(1 − f) < 1``; the learned models say whether
 and when it happens.
 
-Outputs under ``--out``: ``crossover_map.json`` and the heat-map figure ``crossover_map``
-(PNG and PDF); ``checkpoints/`` (one folder per geometry) lets a rerun skip training.
+The verdict rules (zero beats early, crossover, reproduced, allowed by exact theory) are
+:mod:`cfgzero_theory.verdicts`.
+
+Outputs under ``--out`` (default ``runs/crossover_map/<preset>`` in the current directory; the
+committed gallery is written by ``python -m experiments.figures`` only): ``crossover_map.json``
+and the heat-map figure ``crossover_map`` (PNG and PDF); ``checkpoints/`` (one folder per
+geometry) lets a rerun skip training.
 
     python -m experiments.crossover_map                    # quick preset, ~3 min on 2 CPU cores (paper ~6 min)
     python -m experiments.crossover_map --preset paper     # 9 networks per geometry
@@ -36,6 +41,8 @@ import platform
 import sys
 import time
 
+from experiments._common import OneLineErrorParser, announce, default_out, prepare_output_dir
+
 PRESETS = {
     "smoke": dict(seeds=1, data_seeds=3, epochs=3, dataset_size=512, batch_size=128, width=16,
                   distances=(7.0, 14.0), fractions=(0.0, 0.75), scales=(2.0, 4.0)),
@@ -44,14 +51,17 @@ PRESETS = {
     "paper": dict(seeds=3, data_seeds=3, epochs=120, dataset_size=4096, batch_size=256, width=64,
                   distances=(3.5, 7.0, 14.0, 28.0), fractions=(0.0, 0.5, 0.75), scales=(1.5, 2.0, 4.0, 6.0)),
 }
-RULES = ("cfg", "cfg_star")
+#: The guidance kinds mapped (:data:`guidance.KINDS`; the JSON's per-rule keys).
+RULES = ("cfg", "cfg-star")
 LEVEL = 0.9
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.crossover_map", description=__doc__.split("\n\n")[0])
+    """Parse and validate every argument, then create ``--out`` and prove it writable: a user error exits
+    with status 2 and one line on stderr, before any import of JAX or any work."""
+    p = OneLineErrorParser(prog="python -m experiments.crossover_map", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="size of the study (default quick)")
-    p.add_argument("--out", default=None, help="output folder (default figures/crossover_map/<preset>)")
+    p.add_argument("--out", default=None, help="output folder (default runs/crossover_map/<preset>)")
     p.add_argument("--label", type=int, default=1, help="guided class: 0, 1 or 2 (default 1)")
     p.add_argument("--seed", type=int, default=0, help="root seed of the networks and training noise")
     p.add_argument("--data-seed", type=int, default=0, help="first data seed (datasets use data-seed, data-seed + 1, ...)")
@@ -61,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--label must be a class of the mixture: 0, 1 or 2")
     args.settings = dict(PRESETS[args.preset])
     if args.out is None:
-        args.out = os.path.join("figures", "crossover_map", args.preset)
+        args.out = default_out("crossover_map", args.preset)
+    prepare_output_dir(p, args.out)
     return args
 
 
@@ -70,14 +81,13 @@ def run(args) -> dict:
     import numpy as np
 
     import cfgzero_theory
-    from cfgzero_theory import CFG, CFGStar, analysis, mixtures
+    from cfgzero_theory import analysis, guidance, mixtures, verdicts
     from experiments._common import crossover_json, mixture_json, progress
     from experiments.crossover import NETWORK, TRAINING, evaluation_epochs, train_networks
     from cfgzero_theory.models import network_velocity
 
     s = args.settings
     epochs = evaluation_epochs(s["epochs"])
-    early = np.asarray(epochs) >= 1
     key_first, key_boot = jax.random.split(jax.random.key(args.seed + 1000))
     x0 = jax.random.normal(key_first, (4096, 2))
     geometries = [(d, f) for d in s["distances"] for f in s["fractions"]]
@@ -88,10 +98,11 @@ def run(args) -> dict:
         mixture = mixtures.guided_class_2d(distance, offset, args.label)
         started = time.perf_counter()
         folder = os.path.join(args.out, "checkpoints", f"distance{distance:g}_offset{offset:g}")
-        result, _, train_config = train_networks(mixture, s, args.seed, args.data_seed, epochs, folder, progress=False)
+        result, _, train_config = train_networks(mixture, s, args.seed, args.data_seed, epochs, folder,
+                                                  progress=not args.no_progress)
         train_s += time.perf_counter() - started
         steps_per_epoch, num_networks = train_config.steps_per_epoch, train_config.num_networks
-        rules = {f"{name}@{w:g}": (CFG if name == "cfg" else CFGStar)(w) for name in RULES for w in s["scales"]}
+        rules = {f"{name}@{w:g}": guidance.make_rule(name, w) for name in RULES for w in s["scales"]}
         per_epoch = [analysis.first_step_errors(network_velocity, result.networks[e], mixture, args.label, rules, x0)
                      for e in epochs]
         for wi, w in enumerate(s["scales"]):
@@ -101,19 +112,19 @@ def run(args) -> dict:
                 err = np.stack([np.asarray(fs[f"{name}@{w:g}"].total_error) for fs in per_epoch], axis=1)  # (S, E)
                 zero = float(per_epoch[0][f"{name}@{w:g}"].zero_error_cond)
                 bias = float(per_epoch[0][f"{name}@{w:g}"].guidance_bias)
-                above = err[:, early] > zero
-                c = analysis.crossover_epoch(np.asarray(epochs)[early], err[:, early], zero, level=LEVEL,
-                                             key=jax.random.fold_in(key_boot, 100 * gi + 10 * wi + ri))
+                c = verdicts.first_step_crossover(epochs, err, zero, level=LEVEL,
+                                                  key=jax.random.fold_in(key_boot, 100 * gi + 10 * wi + ri))
                 mean = err.mean(axis=0)
+                v = verdicts.crossover_verdict(epochs, mean, zero, c.epoch)
                 cell[name] = {
                     "err_zero": zero, "guidance_bias": bias, "bias_over_zero": bias / zero,
                     "err": mean.tolist(), "err_final": float(mean[-1]),
-                    "frac_zero_beats_early": float(above.any(axis=1).mean()),
+                    "frac_zero_beats_early": float(np.mean([bool(verdicts.epochs_above(epochs, row, zero)) for row in err])),
                     "frac_above_zero": (err > zero).mean(axis=0).tolist(),
-                    "zero_beats_early": bool((mean[early] > zero).any()),
+                    "zero_beats_early": v["zero_beats_early"],
                     "crossover": crossover_json(c),
+                    "reproduced": v["reproduced"],
                 }
-                cell[name]["reproduced"] = cell[name]["zero_beats_early"] and cell[name]["crossover"]["found"]
             cells.append(cell)
     payload = {
         "config": {
@@ -136,10 +147,12 @@ def run(args) -> dict:
 
 def summary(payload) -> dict:
     """Counts of the map: cells where the crossover is reproduced, where exact theory allows it, and the two agree."""
+    from cfgzero_theory import verdicts
+
     out = {}
     for name in RULES:
         cells = [c[name] for c in payload["cells"]]
-        allowed = [c["guidance_bias"] < c["err_zero"] for c in cells]
+        allowed = [verdicts.exact_allows_crossover(c["guidance_bias"], c["err_zero"]) for c in cells]
         reproduced = [c["reproduced"] for c in cells]
         out[name] = {
             "cells": len(cells),
@@ -153,10 +166,12 @@ def summary(payload) -> dict:
 
 
 def verdict(payload) -> str:
+    from cfgzero_theory.guidance import KIND_LABELS
+
     sm = summary(payload)
     lines = []
-    for name, title in (("cfg", "CFG"), ("cfg_star", "CFG*")):
-        m = sm[name]
+    for name in RULES:
+        m, title = sm[name], KIND_LABELS[name]
         lines.append(
             f"{title}: crossover reproduced in {m['reproduced']} of {m['cells']} cells; zero beats early {title} (mean, "
             f"epochs >= 1) in {m['zero_beats_early']}; the last-epoch error ends below the zero line in "
@@ -192,7 +207,8 @@ def plot_map(payload, path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from cfgzero_theory import plotting
+    from cfgzero_theory import plotting, verdicts
+    from cfgzero_theory.guidance import KIND_LABELS
 
     s = payload["config"]["preset_settings"]
     geos = [(d, f) for d in s["distances"] for f in s["fractions"]]
@@ -204,9 +220,10 @@ def plot_map(payload, path):
         frac = np.array([[index[(d, f, w)][name]["frac_zero_beats_early"] for w in scales] for d, f in geos])
         cross = np.array([[index[(d, f, w)][name]["crossover"]["epoch"] if index[(d, f, w)][name]["reproduced"] else np.nan
                            for w in scales] for d, f in geos])
-        allowed = np.array([[index[(d, f, w)][name]["guidance_bias"] < index[(d, f, w)][name]["err_zero"] for w in scales]
+        allowed = np.array([[verdicts.exact_allows_crossover(index[(d, f, w)][name]["guidance_bias"],
+                                                             index[(d, f, w)][name]["err_zero"]) for w in scales]
                             for d, f in geos])
-        title = {"cfg": "CFG", "cfg_star": "CFG*"}[name]
+        title = KIND_LABELS[name]
         for k, (values, cmap, label, vmax) in enumerate((
             (frac, "Reds", f"{title}: share of networks that zero\nbeats at some epoch ≥ 1", 1.0),
             (np.log2(1 + cross), "viridis_r", f"{title}: crossover epoch\n(above: never crosses below; below: never above)", math.log2(1 + last)),
@@ -240,9 +257,19 @@ def plot_map(payload, path):
     return written
 
 
+def plan(args) -> str:
+    """The first line of a run: what will be trained and evaluated, and where the outputs go."""
+    s = args.settings
+    geometries = len(s["distances"]) * len(s["fractions"])
+    return (f"crossover_map ({args.preset}): {geometries} geometries × {s['data_seeds'] * s['seeds']} networks "
+            f"({s['data_seeds']} datasets × {s['seeds']}), {s['epochs']} epochs each, {len(s['scales'])} guidance scales "
+            f"× {len(RULES)} rules per geometry; writing {os.path.abspath(args.out)}/ (checkpoints/ lets a rerun skip training)")
+
+
 def main(argv=None) -> dict:
     start = time.perf_counter()
     args = parse_args(argv)
+    announce(plan(args))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -2,7 +2,7 @@
 
 On the exact 2-D class-conditional mixture (``mixtures.class_conditional_2d()``) every
 velocity is known in closed form, so a guidance rule has no learning error: whatever it
-gets wrong is *guidance bias* ``‖ṽ* − u_c‖`` (DESIGN.md §3).  For the conditional-only
+gets wrong is *guidance bias* ``‖ṽ* − u_c‖`` (docs/design.md §4).  For the conditional-only
 baseline (CFG with ``w = 1``), CFG, CFG*, zero-init CFG and CFG-Zero* at one scale ``w``
 this experiment
 
@@ -11,16 +11,17 @@ this experiment
     closed form of the first step, ``ṽ*_0 − u_c = (w − 1)(μ_c − μ̄)`` for exact CFG, and that
     CFG-Zero*'s first step is exactly zero;
 (b) draws the final samples over the true class density;
-(c) scores them against the true class: JSD on a grid, mean NLL, MMD² (against true class
-    samples, and against the exact class mixture), mode coverage; true class samples give
-    the reference floor of each metric;
-(d) shows the DESIGN.md §4 errata counterexample: ``v_c = (2, 1)``, ``v_u = (1, 0)``,
+(c) scores them against the true class with :func:`analysis.sample_quality` (JSD on a grid,
+    mean NLL, MMD² against the exact class mixture, mode coverage), plus MMD² against true
+    class samples; true class samples give the reference floor of each metric;
+(d) shows the errata counterexample of docs/design.md §5: ``v_c = (2, 1)``, ``v_u = (1, 0)``,
     ``w = 2``, true ``v* = (3, 2)``: plain CFG is exact, CFG* is not.
 
 Everything is composed from library calls (``sampling.sample``, ``metrics``, ``guidance``);
-the experiment holds no formula of its own.  Outputs, under ``--out``:
-``exact_guidance.json`` (config, per-step bias arrays, checks, metrics; non-finite numbers
-are written as ``null``) and the figures
+the experiment holds no formula of its own.  Outputs, under ``--out`` (default
+``runs/exact_guidance`` in the current directory; the committed gallery is written by
+``python -m experiments.figures`` only): ``exact_guidance.json`` (config, per-step bias
+arrays, checks, metrics; non-finite numbers are written as ``null``) and the figures
 ``bias.{png,pdf}``, ``samples.{png,pdf}``, ``metrics.{png,pdf}``, ``errata.{png,pdf}``.
 
     python -m experiments.exact_guidance                # defaults, well under a minute on 2 CPU cores
@@ -36,16 +37,18 @@ import platform
 import sys
 import time
 
+from experiments._common import OneLineErrorParser, announce, default_out, make_rules, prepare_output_dir
+
 #: Defaults of the full run; ``--quick`` replaces those in QUICK unless given explicitly.
 DEFAULTS = {
-    "out": "figures/exact_guidance",
+    "out": default_out("exact_guidance"),
     "scale": 4.0,
     "steps": 32,
     "n": 4096,
     "seed": 0,
     "label": 0,
     "solver": "euler",
-    "zero_steps": 1,
+    "zero_init_steps": 1,
     "bins": 64,
     "bandwidth": 1.0,
     "extent": None,
@@ -54,7 +57,13 @@ DEFAULTS = {
 }
 QUICK = {"steps": 8, "n": 256, "bins": 24, "res": 48}
 
-#: Errata counterexample of DESIGN.md §4.
+#: The guidance kinds compared (:data:`guidance.KINDS`; the JSON's per-rule keys), in table order.
+RULES = ("conditional", "cfg", "cfg-star", "zero-init", "cfg-zero-star")
+
+#: The mixture: ``mixtures.class_conditional_2d(**MIXTURE)`` (its classes are ``0 .. num_classes − 1``).
+MIXTURE = {"num_classes": 3}
+
+#: Errata counterexample of docs/design.md §5.
 ERRATA = {"v_cond": (2.0, 1.0), "v_uncond": (1.0, 0.0), "scale": 2.0, "v_true": (3.0, 2.0)}
 
 #: Relative tolerance of the first-step closed-form check, per dtype.
@@ -65,7 +74,9 @@ MAX_SCATTER = 2500
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    """Parse and validate every argument, then create ``--out`` and prove it writable: a user error exits
+    with status 2 and one line on stderr, before any import of JAX or any work."""
+    p = OneLineErrorParser(
         prog="python -m experiments.exact_guidance",
         description=(
             "Exact guidance bias and sample quality of CFG, CFG*, zero-init CFG and CFG-Zero* "
@@ -77,9 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help=f"solver steps (default {DEFAULTS['steps']}; quick {QUICK['steps']})")
     p.add_argument("--n", type=int, default=None, help=f"samples per rule (default {DEFAULTS['n']}; quick {QUICK['n']})")
     p.add_argument("--seed", type=int, default=None, help=f"PRNG seed (default {DEFAULTS['seed']})")
-    p.add_argument("--label", type=int, default=None, help=f"class to guide towards (default {DEFAULTS['label']})")
+    p.add_argument("--label", type=int, default=None,
+                   help=f"class to guide towards, 0..{MIXTURE['num_classes'] - 1} (default {DEFAULTS['label']})")
     p.add_argument("--solver", choices=("euler", "heun"), default=None, help=f"ODE solver (default {DEFAULTS['solver']})")
-    p.add_argument("--zero-steps", type=int, default=None, help=f"zero-init steps K (default {DEFAULTS['zero_steps']})")
+    p.add_argument("--zero-init-steps", type=int, default=None,
+                   help=f"zero-init steps K: solver steps i < K use a zero velocity (default "
+                        f"{DEFAULTS['zero_init_steps']}); the official CFG-Zero* repository's zero_steps is K − 1")
     p.add_argument("--bins", type=int, default=None, help=f"JSD grid cells per axis (default {DEFAULTS['bins']}; quick {QUICK['bins']})")
     p.add_argument("--bandwidth", type=float, default=None, help=f"MMD Gaussian-kernel bandwidth h (default {DEFAULTS['bandwidth']})")
     p.add_argument(
@@ -89,6 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float64", "float32"), default=None, help=f"JAX float precision (default {DEFAULTS['dtype']})")
     p.add_argument("--res", type=int, default=None, help=f"density-image resolution (default {DEFAULTS['res']}; quick {QUICK['res']})")
     p.add_argument("--quick", action="store_true", help=f"tiny settings for tests: {QUICK}")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
     for name, default in DEFAULTS.items():
         if getattr(args, name) is None:
@@ -96,28 +111,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, least in (("steps", 1), ("n", 2), ("bins", 2), ("res", 2)):
         if getattr(args, name) < least:
             p.error(f"--{name} must be at least {least}")
-    if args.zero_steps < 0:
-        p.error("--zero-steps must be non-negative")
+    if args.zero_init_steps < 0:
+        p.error("--zero-init-steps must be non-negative")
+    if not 0 <= args.label < MIXTURE["num_classes"]:
+        p.error(f"--label must be a class of the mixture, 0..{MIXTURE['num_classes'] - 1}; got {args.label}")
     if not (args.bandwidth > 0 and math.isfinite(args.bandwidth)):
         p.error("--bandwidth must be positive")
     if args.extent is not None and not args.extent > 0:
         p.error("--extent must be positive")
     if not math.isfinite(args.scale):
         p.error("--scale must be finite")
+    if args.extent is not None and not math.isfinite(args.extent):
+        p.error("--extent must be finite")
+    prepare_output_dir(p, args.out)
     return args
-
-
-def build_rules(scale: float, zero_steps: int) -> dict:
-    """The rules compared, keyed by the names used in the JSON."""
-    from cfgzero_theory import CFG, CFGStar, CFGZeroStar, ZeroInit
-
-    return {
-        "conditional": CFG(1.0),
-        "cfg": CFG(scale),
-        "cfg_star": CFGStar(scale),
-        "zero_init_cfg": ZeroInit(CFG(scale), zero_steps),
-        "cfg_zero_star": CFGZeroStar(scale, zero_steps),
-    }
 
 
 def rule_label(key: str, rule) -> str:
@@ -132,23 +139,32 @@ def _floats(a) -> list:
     return np.asarray(a, dtype=np.float64).tolist()
 
 
-def sample_quality(mixture, samples, reference, label, grid, bins, bandwidth) -> dict:
-    """Every exact metric of one sample set against class ``label`` (library calls only)."""
-    from cfgzero_theory import metrics
+def sample_scores(mixture, samples, reference, label, grid, bins, bandwidth) -> dict:
+    """Every exact metric of one sample set ``(n, 2)`` against class ``label``.
+
+    JSD on the ``bins × bins`` grid ``[grid[0], grid[1]]²``, mean NLL, MMD² to the exact class
+    mixture and mode-coverage total variation are :func:`analysis.sample_quality`'s; added
+    here, what it does not report: the share of samples on the JSD grid, MMD² against the true
+    class samples ``reference`` (bandwidth ``bandwidth``) and the mode-coverage shares.
+    """
+    import numpy as np
+
+    from cfgzero_theory import analysis, metrics
 
     lo, hi = grid
-    _, inside = metrics.histogram_on_grid(samples, lo, hi, bins)
+    quality = analysis.sample_quality(mixture, samples, label, bandwidth=bandwidth, bins=bins,
+                                      grid=(np.full(2, lo), np.full(2, hi)))
     coverage = metrics.mode_coverage(mixture, samples, label)
     return {
-        "jsd": float(metrics.jsd_to_density_on_grid(samples, lambda x: mixture.log_prob(x, label), lo, hi, bins)),
-        "fraction_on_grid": float(inside),
-        "mean_nll": float(metrics.mean_nll(mixture, samples, label)),
+        "jsd": float(quality["jsd"]),
+        "fraction_on_grid": float(metrics.histogram_on_grid(samples, lo, hi, bins)[1]),
+        "mean_nll": float(quality["nll"]),
         "mmd2_vs_samples": float(metrics.mmd_rbf(samples, reference, bandwidth)),
-        "mmd2_vs_exact": float(metrics.mmd_rbf_to_mixture(samples, mixture, label, bandwidth)),
+        "mmd2_vs_exact": float(quality["mmd"]),
         "mode_coverage": {
             "shares": _floats(coverage.shares),
             "weights": _floats(coverage.weights),
-            "total_variation": float(coverage.total_variation),
+            "total_variation": float(quality["mode_tv"]),
             "off_class": float(coverage.off_class),
             "unassigned": float(coverage.unassigned),
         },
@@ -163,11 +179,10 @@ def run(args) -> dict:
 
     import cfgzero_theory
     from cfgzero_theory import GaussianMixture, guidance, metrics, mixtures, sampling
+    from experiments._common import progress
 
-    mixture = mixtures.class_conditional_2d()
+    mixture = mixtures.class_conditional_2d(**MIXTURE)
     label = mixture.check_label(args.label)
-    if label is None:
-        raise ValueError(f"--label must be a class of the mixture {mixture.classes}, got {args.label}")
     extent = args.extent
     if extent is None:
         reach = np.abs(np.asarray(mixture.means)).max() + 4 * np.sqrt(np.asarray(mixture.eigvals).max())
@@ -180,11 +195,12 @@ def run(args) -> dict:
     reference = mixture.sample(key_ref, args.n, label)  # MMD reference set
     true_samples = mixture.sample(key_true, args.n, label)  # the "exact sampler" row
     times = sampling.time_grid(args.steps, dtype=mixture.dtype)
-    rules = build_rules(args.scale, args.zero_steps)
+    rules = make_rules(RULES, args.scale, args.zero_init_steps)
 
     results, raw = {}, {"samples": {}, "bias": {}}
     first_step_guided = {}
-    for name, rule in rules.items():
+    for name in progress(rules, not args.no_progress, "sampling and bias along the trajectories", unit="rule"):
+        rule = rules[name]
         out = sampling.sample(
             GaussianMixture.velocity, mixture, x0, times, label, rule, solver=args.solver,
             return_trajectory=True,
@@ -194,7 +210,6 @@ def run(args) -> dict:
         first_step_guided[name] = out.guided[0]
         raw["samples"][name] = np.asarray(out.samples)
         raw["bias"][name] = np.asarray(bias)
-        quality = sample_quality(mixture, out.samples, reference, label, grid, args.bins, args.bandwidth)
         results[name] = {
             "name": rule_label(name, rule),
             "bias": {
@@ -207,13 +222,15 @@ def run(args) -> dict:
             "first_step_bias_mean": float(jnp.mean(bias[0])),
             "mean_bias_over_steps": float(jnp.mean(bias)),
             "bias_recorded_vs_recomputed_max_abs": float(jnp.max(jnp.abs(recorded - bias))),
-            "metrics": quality,
         }
         if name == "cfg":
             cfg_first_vector = out.guided[0] - out.v_cond[0]
 
-    true_quality = sample_quality(mixture, true_samples, reference, label, grid, args.bins, args.bandwidth)
     raw["samples"]["true"] = np.asarray(true_samples)
+    scores = {name: sample_scores(mixture, raw["samples"][name], reference, label, grid, args.bins, args.bandwidth)
+              for name in progress(raw["samples"], not args.no_progress, "scoring the samples", unit="set")}
+    for name in rules:
+        results[name]["metrics"] = scores[name]
 
     # (a) first step: exact CFG's bias is (w − 1)(μ_c − μ̄) for every sample.
     closed = metrics.cfg_first_step_bias(mixture, label, args.scale)
@@ -221,7 +238,7 @@ def run(args) -> dict:
     tol = CHECK_RTOL[args.dtype] * (1.0 + closed_norm)
     vector_dev = float(jnp.max(jnp.abs(cfg_first_vector - closed)))
     norm_dev = float(jnp.max(jnp.abs(raw["bias"]["cfg"][0] - closed_norm)))
-    zero_rules = [k for k in ("cfg_zero_star", "zero_init_cfg") if args.zero_steps >= 1]
+    zero_rules = [k for k in guidance.ZERO_INIT_KINDS if args.zero_init_steps >= 1]
     first_step = {
         "closed_form": "(w - 1) * (mu_c - mu_bar)",
         "closed_form_vector": _floats(closed),
@@ -242,22 +259,19 @@ def run(args) -> dict:
     v_u = jnp.asarray([ERRATA["v_uncond"]], mixture.dtype)
     v_true = jnp.asarray(ERRATA["v_true"], mixture.dtype)
     w_err = ERRATA["scale"]
-    cfg_out = guidance.CFG(w_err)(v_c, v_u)[0]
-    star_out = guidance.CFGStar(w_err)(v_c, v_u)[0]
+    guided = {kind: rule(v_c, v_u)[0] for kind, rule in make_rules(("cfg", "cfg-star"), w_err, 0).items()}
     s_star = guidance.optimized_scale(v_c, v_u)[0, 0]
     errata = {
         **{k: list(v) if isinstance(v, tuple) else v for k, v in ERRATA.items()},
         "s_star": float(s_star),
-        "cfg": _floats(cfg_out),
-        "cfg_star": _floats(star_out),
-        "error_cfg": float(jnp.linalg.norm(cfg_out - v_true)),
-        "error_cfg_star": float(jnp.linalg.norm(star_out - v_true)),
+        "guided": {kind: _floats(v) for kind, v in guided.items()},
+        "error": {kind: float(jnp.linalg.norm(v - v_true)) for kind, v in guided.items()},
     }
 
     config = {k: getattr(args, k) for k in DEFAULTS} | {"quick": args.quick, "extent": extent}
     config |= {
         "grid": list(grid),
-        "mixture": "mixtures.class_conditional_2d()",
+        "mixture": f"mixtures.class_conditional_2d(num_classes={MIXTURE['num_classes']})",
         "mixture_params": {
             "weights": _floats(mixture.weights),
             "means": _floats(mixture.means),
@@ -276,7 +290,7 @@ def run(args) -> dict:
         "config": config,
         "times": _floats(times),
         "rules": results,
-        "true_samples": {"name": "true class samples (exact sampler)", "metrics": true_quality},
+        "true_samples": {"name": "true class samples (exact sampler)", "metrics": scores["true"]},
         "first_step_check": first_step,
         "errata": errata,
         "_raw": raw,
@@ -293,7 +307,7 @@ def plot_bias(result, path):
 
     cfg = result["config"]
     times = np.asarray(result["times"])[:-1]
-    rules = build_rules(cfg["scale"], cfg["zero_steps"])
+    rules = make_rules(RULES, cfg["scale"], cfg["zero_init_steps"])
     n_first = min(6, len(times))
     fig, (ax_t, ax_i) = plt.subplots(
         1, 2, figsize=(10, 4.0), gridspec_kw={"width_ratios": [1.6, 1]}, layout="constrained"
@@ -339,7 +353,7 @@ def plot_samples(result, path):
 
     cfg, mixture, raw = result["config"], result["_mixture"], result["_raw"]
     label = cfg["label"]
-    rules = build_rules(cfg["scale"], cfg["zero_steps"])
+    rules = make_rules(RULES, cfg["scale"], cfg["zero_init_steps"])
     panels = [(k, rules[k], result["rules"][k]["name"], result["rules"][k]["metrics"]) for k in rules]
     panels.append(("true", "exact", result["true_samples"]["name"], result["true_samples"]["metrics"]))
     ncols = 3
@@ -386,7 +400,7 @@ def plot_metrics(result, path):
     from cfgzero_theory import plotting
 
     cfg = result["config"]
-    rules = build_rules(cfg["scale"], cfg["zero_steps"])
+    rules = make_rules(RULES, cfg["scale"], cfg["zero_init_steps"])
     keys = list(rules)
     names = [result["rules"][k]["name"] for k in keys]
     colors = [plotting.rule_color(rules[k]) for k in keys]
@@ -423,14 +437,15 @@ def plot_errata(result, path):
     from cfgzero_theory import plotting
 
     e = result["errata"]
+    cfg, star = e["guided"]["cfg"], e["guided"]["cfg-star"]
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     arrows = [
         ("v_u (unconditional)", e["v_uncond"], plotting.rule_color("unconditional"), 2.0, "-"),
         ("v_c (conditional)", e["v_cond"], plotting.rule_color("conditional"), 2.0, "-"),
         (f"s*·v_u  (s* = {e['s_star']:g})", list(e["s_star"] * np.asarray(e["v_uncond"])), plotting.OKABE_ITO["grey"], 1.5, "--"),
         ("true v*", e["v_true"], plotting.rule_color("exact"), 5.0, "-"),
-        (f"CFG (w={e['scale']:g}): error {e['error_cfg']:.3g}", e["cfg"], plotting.rule_color("cfg"), 2.0, "--"),
-        (f"CFG* (w={e['scale']:g}): error {e['error_cfg_star']:.3g}", e["cfg_star"], plotting.rule_color("cfg_star"), 2.0, "-"),
+        (f"CFG (w={e['scale']:g}): error {e['error']['cfg']:.3g}", cfg, plotting.rule_color("cfg"), 2.0, "--"),
+        (f"CFG* (w={e['scale']:g}): error {e['error']['cfg-star']:.3g}", star, plotting.rule_color("cfg-star"), 2.0, "-"),
     ]
     for name, vec, color, width, ls in arrows:
         ax.annotate(
@@ -438,17 +453,18 @@ def plot_errata(result, path):
             arrowprops=dict(arrowstyle="-|>", color=color, lw=width, linestyle=ls, shrinkA=0, shrinkB=0, mutation_scale=14),
         )
         ax.plot([], [], color=color, linewidth=width, linestyle=ls, label=f"{name}  = ({vec[0]:g}, {vec[1]:g})")
-    ax.plot(*zip(e["cfg_star"], e["v_true"]), color=plotting.rule_color("cfg_star"), linestyle=":", linewidth=1)
-    mid = 0.5 * (np.asarray(e["cfg_star"]) + np.asarray(e["v_true"]))
-    ax.annotate(f"‖CFG* − v*‖ = {e['error_cfg_star']:.3g}", xy=mid, xytext=(mid[0], mid[1] + 0.35), ha="center",
-                fontsize=8, color=plotting.rule_color("cfg_star"))
+    ax.plot(*zip(star, e["v_true"]), color=plotting.rule_color("cfg-star"), linestyle=":", linewidth=1)
+    mid = 0.5 * (np.asarray(star) + np.asarray(e["v_true"]))
+    ax.annotate(f"‖CFG* − v*‖ = {e['error']['cfg-star']:.3g}", xy=mid, xytext=(mid[0], mid[1] + 0.35), ha="center",
+                fontsize=8, color=plotting.rule_color("cfg-star"))
     ax.text(3.55, -0.2, "s* = ⟨v_c, v_u⟩ / (‖v_u‖² + 1e-8)", ha="right", fontsize=7.5, color=plotting.OKABE_ITO["grey"])
     ax.set_xlim(-0.3, 3.6)
     ax.set_ylim(-0.3, 3.2)
     ax.set_aspect("equal")
     ax.set_xlabel("component 1")
     ax.set_ylabel("component 2")
-    ax.set_title("DESIGN.md §4 errata: the s* bound does not guarantee a lower error\nplain CFG hits v* exactly, CFG* misses it")
+    ax.set_title("Errata (docs/design.md §5): the s* bound does not guarantee a lower error\n"
+                 "plain CFG hits v* exactly, CFG* misses it", fontsize=9.5)
     ax.legend(loc="upper left", fontsize=7.5)
     fig.tight_layout()
     written = plotting.save(fig, path)
@@ -472,9 +488,16 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
+def plan(args) -> str:
+    """The first line of a run: what will be computed, and where the outputs go."""
+    return (f"exact_guidance: 5 rules on the exact class_conditional_2d, class {args.label}, w = {args.scale:g}, "
+            f"{args.steps} {args.solver} steps, n = {args.n}, {args.dtype}; writing {os.path.abspath(args.out)}/")
+
+
 def main(argv=None) -> dict:
     start = time.perf_counter()
     args = parse_args(argv)
+    announce(plan(args))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -484,17 +507,15 @@ def main(argv=None) -> dict:
 
     from cfgzero_theory import plotting
 
-    from experiments._common import run_or_exit, write_json
+    from experiments._common import outputs_line, progress, run_or_exit, write_json
 
-    result = run_or_exit(run, args)  # a bad --label exits with status 2
+    result = run_or_exit(run, args)
     compute_s = time.perf_counter() - start
-    os.makedirs(args.out, exist_ok=True)
+    drawings = {"bias": plot_bias, "samples": plot_samples, "metrics": plot_metrics, "errata": plot_errata}
     figures = []
     with plotting.style():
-        figures += plot_bias(result, os.path.join(args.out, "bias"))
-        figures += plot_samples(result, os.path.join(args.out, "samples"))
-        figures += plot_metrics(result, os.path.join(args.out, "metrics"))
-        figures += plot_errata(result, os.path.join(args.out, "errata"))
+        for name in progress(drawings, not args.no_progress, "figures", unit="figure"):
+            figures += drawings[name](result, os.path.join(args.out, name))
     result = {k: v for k, v in result.items() if not k.startswith("_")}
     result["figures"] = [os.path.basename(f) for f in figures]
     result["runtime_s"] = {"compute": compute_s, "total": time.perf_counter() - start}
@@ -502,10 +523,6 @@ def main(argv=None) -> dict:
     write_json(path, result)
 
     check = result["first_step_check"]
-    print(
-        f"exact guidance on class_conditional_2d, class {args.label}, w={args.scale:g}, {args.steps} {args.solver} steps, "
-        f"n={args.n}, {args.dtype}"
-    )
     print(
         f"first step, exact CFG: closed form (w-1)(mu_c - mu_bar) = {check['closed_form_vector']} "
         f"(norm {check['closed_form_norm']:.6g}); measured mean bias {check['measured_cfg_bias_mean']:.6g}; "
@@ -515,9 +532,10 @@ def main(argv=None) -> dict:
     for k, ok in check["zero_init_first_step_exactly_zero"].items():
         print(f"first step of {result['rules'][k]['name']} exactly zero: {ok}")
     e = result["errata"]
-    print(f"errata: s*={e['s_star']:g}, CFG={e['cfg']} (error {e['error_cfg']:g}), CFG*={e['cfg_star']} (error {e['error_cfg_star']:g})")
+    print(f"errata: s*={e['s_star']:g}, CFG={e['guided']['cfg']} (error {e['error']['cfg']:g}), "
+          f"CFG*={e['guided']['cfg-star']} (error {e['error']['cfg-star']:g})")
     print(format_table(result))
-    print(f"wrote {path} and {len(figures)} figure files; {result['runtime_s']['total']:.1f} s")
+    print(outputs_line(args.out, [path, *figures]) + f"; {result['runtime_s']['total']:.1f} s")
     if not check["passed"]:
         raise SystemExit(1)
     return result

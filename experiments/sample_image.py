@@ -34,7 +34,8 @@ import tempfile
 
 import numpy as np
 
-from experiments._common import announce, default_out, outputs_line, prepare_output_dir, run_or_exit, usage_error
+from experiments._common import (OneLineErrorParser, announce, default_out, outputs_line, prepare_output_dir,
+                                 run_or_exit, usage_error)
 
 PROG = "python -m experiments.sample_image"
 DEFAULT_OUT = default_out("sample_image")
@@ -216,14 +217,6 @@ def library_defaults() -> dict:
     return {"guidance": preset.guidance, "scale": preset.scale, "num_steps": preset.num_steps,
             "zero_init_steps": preset.zero_init_steps,
             **{f"skip_layer_guidance_{name}": perturbed[name] for name in ("scale", "start", "stop")}}
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose own errors (a bad choice, a value that is not a number) are
-    one line ``PROG: error: ...`` with exit status 2 too (:func:`experiments._common.usage_error`)."""
-
-    def error(self, message):
-        usage_error(self, message)
 
 
 def build_parser(defaults: dict) -> argparse.ArgumentParser:

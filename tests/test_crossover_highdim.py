@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "experiments.crossover_highdim"
-RULES = ("cfg", "cfg_zero_init", "cfg_zero_star")
+RULES = ("cfg", "zero-init", "cfg-zero-star")
 METRICS = ("nll", "frechet", "mmd", "mode_tv", "precision")
 HEADLINE_TITLES = {"nll": "NLL", "frechet": "Fréchet distance²"}
 EPOCHS = [0, 1, 2, 4]  # the doubling grid of the smoke preset
@@ -74,16 +74,19 @@ def test_tables_per_mixture_shapes_means_and_benefits(smoke):
                 assert per_seed[name].shape == (NUM_SEEDS, len(EPOCHS)) and np.all(np.isfinite(per_seed[name]))
                 np.testing.assert_allclose(row[name], per_seed[name].mean(axis=0), rtol=1e-5, atol=1e-6)
                 assert math.isfinite(row["exact"][name])
-            benefit = np.asarray(row["zero_init_benefit_per_seed"])
+            assert set(row["benefit"]) == {"zero-init", "cfg-zero-star"}
+            gain = row["benefit"]["zero-init"]
+            benefit = np.asarray(gain["per_seed"])
             assert benefit.shape == (NUM_SEEDS, len(EPOCHS))
-            np.testing.assert_allclose(benefit, sign * (per_seed["cfg"] - per_seed["cfg_zero_init"]), rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(row["zero_init_benefit"], benefit.mean(axis=0), rtol=1e-5, atol=1e-6)
-            assert row["zero_init_helps_seeds"] == (benefit > 0).sum(axis=0).tolist()
-            low, high, mean = (np.asarray(row[k]) for k in ("zero_init_benefit_low", "zero_init_benefit_high",
-                                                            "zero_init_benefit"))
+            np.testing.assert_allclose(benefit, sign * (per_seed["cfg"] - per_seed["zero-init"]), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(gain["mean"], benefit.mean(axis=0), rtol=1e-5, atol=1e-6)
+            assert gain["helps_seeds"] == (benefit > 0).sum(axis=0).tolist()
+            low, high, mean = (np.asarray(gain[k]) for k in ("low", "high", "mean"))
             assert np.all(low <= mean + 1e-6) and np.all(mean <= high + 1e-6)
-            assert row["exact_zero_init_benefit"] == pytest.approx(
-                sign * (row["exact"]["cfg"] - row["exact"]["cfg_zero_init"]), abs=1e-5)
+            assert gain["exact"] == pytest.approx(sign * (row["exact"]["cfg"] - row["exact"]["zero-init"]), abs=1e-5)
+            np.testing.assert_allclose(row["benefit"]["cfg-zero-star"]["mean"],
+                                       (sign * (per_seed["cfg"] - per_seed["cfg-zero-star"])).mean(axis=0),
+                                       rtol=1e-5, atol=1e-5)
             assert math.isfinite(row["data"])
         assert all(0 <= v <= 1 for v in entry["table"]["precision"]["cfg"])
         assert all(0 <= v <= 1 for v in entry["table"]["mode_tv"]["cfg"])
@@ -98,7 +101,7 @@ def test_turning_points_and_summary_agree(smoke):
         for metric, point in entry["turning_points"].items():
             assert point["found"] == (point["epoch"] is not None)
             assert 0.0 <= point["fraction"] <= 1.0
-            benefit = entry["table"][metric]["zero_init_benefit"]
+            benefit = entry["table"][metric]["benefit"]["zero-init"]["mean"]
             assert point["helped_epochs"] == [e for e, b in zip(EPOCHS, benefit) if b > 0]
             if point["found"]:
                 assert point["epoch"] in EPOCHS and point["low"] in EPOCHS
@@ -108,13 +111,16 @@ def test_turning_points_and_summary_agree(smoke):
     for metric in METRICS:
         sm = result["summary"][metric]
         points = [e["turning_points"][metric] for e in result["mixtures"]]
-        exact = [e["table"][metric]["exact_zero_init_benefit"] for e in result["mixtures"]]
+        exact = [e["table"][metric]["benefit"]["zero-init"]["exact"] for e in result["mixtures"]]
         assert sm["headline"] == (metric in HEADLINE_TITLES)
         assert sm["num_mixtures"] == len(DATA_SEEDS) and sm["data_seeds"] == DATA_SEEDS
         assert sm["found"] == [p["turning_point"] for p in points] and sm["num_found"] == sum(sm["found"])
         assert sm["turning_points"] == [p["epoch"] if p["turning_point"] else None for p in points]
-        assert sm["exact_zero_init_benefit"] == exact
+        assert sm["exact_benefit"] == {"zero-init": exact}
         assert sm["exact_hurts"] == sum(b < 0 for b in exact)
+        assert sm["claim"] == ("holds" if sm["num_found"] == len(DATA_SEEDS) else
+                               "holds in some" if sm["num_found"] else "fails")
+        assert sm["against_prediction"] == [s for s, f, b in zip(DATA_SEEDS, sm["found"], exact) if f and b >= 0]
 
 
 def test_verdict_states_counts_and_exact_limit_signs(smoke):
@@ -127,7 +133,7 @@ def test_verdict_states_counts_and_exact_limit_signs(smoke):
         assert f"turning point in {sm['num_found']} of {total} mixtures" in line
         assert f"in the exact-field limit zero-init hurts in {sm['exact_hurts']} of {total} mixtures" in line
         for entry in result["mixtures"]:
-            assert f"exact {entry['table'][metric]['exact_zero_init_benefit']:+.3g})" in line
+            assert f"exact {entry['table'][metric]['benefit']['zero-init']['exact']:+.3g})" in line
         # the sign of the exact-limit benefit decides the explanation
         assert ("helps even the exact field" in line) == (sm["exact_hurts"] == 0)
         assert ("a turning point is possible once the models are good enough" in line) == (sm["exact_hurts"] == total)
@@ -149,7 +155,7 @@ def _edited(result, outcome: dict) -> dict:
     payload = copy.deepcopy(result)
     for entry in payload["mixtures"]:
         for metric, (epoch, exact) in outcome.items():
-            entry["table"][metric]["exact_zero_init_benefit"] = exact
+            entry["table"][metric]["benefit"]["zero-init"]["exact"] = exact
             found = epoch is not None
             entry["turning_points"][metric] = {"epoch": epoch, "low": epoch, "high": epoch, "fraction": 1.0 if found else 0.0,
                                                "found": found, "helped_epochs": [0] if found else [0, 1, 2, 4],
@@ -183,18 +189,21 @@ def test_first_step_against_the_true_velocity(smoke):
         fs = entry["first_step"]
         assert fs["target"] == "true_velocity"
         assert isinstance(fs["err_zero"], float) and fs["err_zero"] > 0  # one grey line E‖v*₀‖ for every rule
-        for name in ("cfg", "cfg_star"):
-            per_seed = np.asarray(fs[f"err_{name}_per_seed"])
+        for key in ("err", "err_per_seed", "crossover", "err_guided_target", "err_per_seed_guided_target",
+                    "err_zero_guided_target", "guidance_bias"):
+            assert set(fs[key]) == {"cfg", "cfg-star"}, key  # keyed by guidance kind
+        for name in ("cfg", "cfg-star"):
+            per_seed = np.asarray(fs["err_per_seed"][name])
             assert per_seed.shape == (NUM_SEEDS, len(EPOCHS)) and np.all(per_seed > 0)
-            np.testing.assert_allclose(fs[f"err_{name}"], per_seed.mean(axis=0), rtol=1e-5)
-            guided = np.asarray(fs[f"err_{name}_per_seed_guided_target"])
+            np.testing.assert_allclose(fs["err"][name], per_seed.mean(axis=0), rtol=1e-5)
+            guided = np.asarray(fs["err_per_seed_guided_target"][name])
             assert guided.shape == (NUM_SEEDS, len(EPOCHS))
-            np.testing.assert_allclose(fs[f"err_{name}_guided_target"], guided.mean(axis=0), rtol=1e-5)
+            np.testing.assert_allclose(fs["err_guided_target"][name], guided.mean(axis=0), rtol=1e-5)
             assert fs["err_zero_guided_target"][name] > 0 and fs["guidance_bias"][name] > 0
             c = fs["crossover"][name]
             assert c["found"] == (c["epoch"] is not None)
             if c["found"]:  # below the grey line from the crossover on
-                assert all(v < fs["err_zero"] for e, v in zip(EPOCHS, fs[f"err_{name}"]) if e >= c["epoch"])
+                assert all(v < fs["err_zero"] for e, v in zip(EPOCHS, fs["err"][name]) if e >= c["epoch"])
 
 
 def test_outputs_figures_and_final_line(smoke):
@@ -208,6 +217,7 @@ def test_outputs_figures_and_final_line(smoke):
     assert runtime["total"] >= runtime["training"] + runtime["evaluation"] > 0
     assert all(e["runtime_s"]["training"] > 0 and e["runtime_s"]["evaluation"] > 0 for e in result["mixtures"])
     assert "Table 1 analogue" in proc.stdout and "headline metrics side by side" in proc.stdout
+    assert proc.stdout.startswith("crossover_highdim (smoke): 3 mixtures in d = 64 × 2 networks")  # before any work
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith(f"wrote {out}/: crossover_highdim, first_step_error") and "(9 files," in last
     assert re.search(r"and checkpoints/ \(\d+\.\d MB\)", last)

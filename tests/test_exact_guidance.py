@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = ("conditional", "cfg", "cfg_star", "zero_init_cfg", "cfg_zero_star")
+RULES = ("conditional", "cfg", "cfg-star", "zero-init", "cfg-zero-star")  # guidance kinds
 FIGURES = ("bias", "samples", "metrics", "errata")
 
 
@@ -37,7 +37,7 @@ def quick_run(tmp_path_factory):
 def test_json_config_and_structure(quick_run):
     _, result, _ = quick_run
     cfg = result["config"]
-    for key in ("scale", "steps", "n", "seed", "label", "solver", "zero_steps", "bins", "bandwidth", "dtype", "quick",
+    for key in ("scale", "steps", "n", "seed", "label", "solver", "zero_init_steps", "bins", "bandwidth", "dtype", "quick",
                 "cfgzero_theory_version", "jax_version", "grid", "mixture_params"):
         assert key in cfg, key
     assert cfg["quick"] is True and cfg["steps"] == 8 and cfg["n"] == 256
@@ -45,7 +45,7 @@ def test_json_config_and_structure(quick_run):
 
     assert cfg["cfgzero_theory_version"] == cfgzero_theory.__version__
     assert len(result["times"]) == cfg["steps"] + 1
-    assert set(result["rules"]) == set(RULES)
+    assert list(result["rules"]) == list(RULES) and list(cfg["rules"]) == list(RULES)
     for key in RULES:
         r = result["rules"][key]
         assert len(r["bias"]["mean"]) == cfg["steps"]
@@ -96,12 +96,12 @@ def test_first_step_closed_form(quick_run):
 def test_cfg_zero_star_first_step_is_exactly_zero(quick_run):
     _, result, _ = quick_run
     zero = result["first_step_check"]["zero_init_first_step_exactly_zero"]
-    assert zero == {"cfg_zero_star": True, "zero_init_cfg": True}
+    assert zero == {"cfg-zero-star": True, "zero-init": True}
     # a zero velocity's bias is ‖u_c(x0)‖ whatever the rule, so both zero-init rules agree at step 0
     rules = result["rules"]
-    assert rules["cfg_zero_star"]["bias"]["mean"][0] == rules["zero_init_cfg"]["bias"]["mean"][0]
+    assert rules["cfg-zero-star"]["bias"]["mean"][0] == rules["zero-init"]["bias"]["mean"][0]
     # ... and differ from plain CFG / CFG* there
-    assert rules["cfg_zero_star"]["bias"]["mean"][0] != pytest.approx(rules["cfg"]["bias"]["mean"][0])
+    assert rules["cfg-zero-star"]["bias"]["mean"][0] != pytest.approx(rules["cfg"]["bias"]["mean"][0])
     # the conditional-only baseline has no guidance bias at all
     assert result["first_step_check"]["conditional_bias_max"] < 1e-9
 
@@ -110,16 +110,61 @@ def test_errata_counterexample(quick_run):
     _, result, _ = quick_run
     e = result["errata"]
     assert e["v_cond"] == [2.0, 1.0] and e["v_uncond"] == [1.0, 0.0] and e["scale"] == 2.0 and e["v_true"] == [3.0, 2.0]
-    np.testing.assert_allclose(e["cfg"], [3.0, 2.0], atol=1e-12)
-    np.testing.assert_allclose(e["cfg_star"], [2.0, 2.0], atol=1e-6)  # s* carries the 1e-8 of its denominator
-    assert e["error_cfg"] == pytest.approx(0.0, abs=1e-12)
-    assert e["error_cfg_star"] == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(e["guided"]["cfg"], [3.0, 2.0], atol=1e-12)
+    np.testing.assert_allclose(e["guided"]["cfg-star"], [2.0, 2.0], atol=1e-6)  # s* carries the 1e-8 of its denominator
+    assert e["error"]["cfg"] == pytest.approx(0.0, abs=1e-12)
+    assert e["error"]["cfg-star"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_help_and_bad_label(tmp_path):
     proc = run_experiment("--help")
     assert "--quick" in proc.stdout and "--scale" in proc.stdout
+    text = " ".join(proc.stdout.split())  # argparse wraps the help text
+    assert "--zero-init-steps" in text and "zero_steps is K − 1" in text and "--zero-steps" not in text
     bad = run_experiment("--quick", "--label", "9", "--out", str(tmp_path / "bad"), check=False)
     assert bad.returncode == 2
-    assert "label" in bad.stderr
+    assert bad.stderr.startswith("python -m experiments.exact_guidance: error: --label") and bad.stderr.count("\n") == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_sample_scores_against_numpy_and_scipy():
+    """The metrics of a sample set (analysis.sample_quality plus the extras) recomputed independently."""
+    import jax
+    from scipy.spatial.distance import jensenshannon
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+
+    from cfgzero_theory import mixtures
+    from experiments.exact_guidance import MIXTURE, sample_scores
+
+    mixture = mixtures.class_conditional_2d(**MIXTURE)
+    label, lo, hi, bins = 2, -8.0, 8.0, 12
+    samples = np.concatenate([np.asarray(mixture.sample(jax.random.key(1), 300, label), np.float64),
+                              [[9.0, 0.0], [0.0, -12.0]]])  # two points off the grid
+    reference = np.asarray(mixture.sample(jax.random.key(2), 300, label))
+    scores = sample_scores(mixture, samples, reference, label, (lo, hi), bins, 1.0)
+
+    weights, means, covs, labels = (np.asarray(a, np.float64) for a in (mixture.weights, mixture.means, mixture.covs,
+                                                                        mixture.labels))
+    keep = labels == label
+    log_density = lambda x: logsumexp([np.log(w) + multivariate_normal(m, c).logpdf(x)  # noqa: E731
+                                       for w, m, c in zip(weights[keep] / weights[keep].sum(), means[keep], covs[keep])],
+                                      axis=0)
+    assert scores["mean_nll"] == pytest.approx(-np.mean(log_density(samples)), rel=1e-4)
+    inside = np.all((samples >= lo) & (samples <= hi), axis=1)
+    assert scores["fraction_on_grid"] == pytest.approx(inside.mean())
+    hist, xe, ye = np.histogram2d(samples[inside, 0], samples[inside, 1], bins=bins, range=[[lo, hi], [lo, hi]])
+    centres = (xe[:-1] + xe[1:]) / 2
+    gx, gy = np.meshgrid(centres, (ye[:-1] + ye[1:]) / 2, indexing="ij")
+    masses = np.exp(log_density(np.stack([gx.ravel(), gy.ravel()], axis=-1)))
+    p = np.append(hist.ravel() / len(samples), 1 - inside.mean())  # the outside cell holds the escaped samples
+    q = np.append(masses / masses.sum(), 0.0)
+    assert scores["jsd"] == pytest.approx(jensenshannon(p, q) ** 2, rel=1e-4)
+    # modes: each sample to its most responsible component of the whole mixture; TV against the class weights
+    joint = np.stack([np.log(w) + multivariate_normal(m, c).logpdf(samples) for w, m, c in zip(weights, means, covs)])
+    shares = np.bincount(joint.argmax(axis=0), minlength=len(weights)) / len(samples)
+    target = np.where(keep, weights, 0.0) / weights[keep].sum()
+    coverage = scores["mode_coverage"]
+    np.testing.assert_allclose(coverage["shares"], shares, atol=1e-12)
+    assert coverage["total_variation"] == pytest.approx(0.5 * np.abs(shares - target).sum(), rel=1e-5)
+    assert coverage["off_class"] == pytest.approx(shares[~keep].sum())
