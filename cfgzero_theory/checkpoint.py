@@ -72,8 +72,8 @@ old checkpoint or the new one, never a partial file; on any error (including
 ``KeyboardInterrupt``) the temporary file is removed and the error re-raised.
 :func:`list_checkpoints` ignores temporary files; a ``kill -9`` can leave one behind, and
 :func:`remove_temporaries` deletes them (the writer holding the folder's
-:class:`FolderLock` calls it when it starts).  :func:`atomic_write_bytes` is the same
-mechanism for any file (JSON, figures).
+:class:`FolderLock` calls it when it starts).  Both come from :mod:`cfgzero_theory.files`,
+the one atomic-write mechanism of the project (JSON and figures use it too).
 
 Loading
 -------
@@ -100,7 +100,6 @@ import json
 import operator
 import os
 import re
-import secrets
 import socket
 import time
 import warnings
@@ -113,6 +112,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, deserialize
 from safetensors.numpy import save as _st_save
+
+from cfgzero_theory.files import atomic_write_bytes, remove_temporaries
 
 __all__ = [
     "FORMAT",
@@ -135,7 +136,6 @@ _FORMAT_KEY = "checkpoint.format"
 _PRNG_KEY = "checkpoint.prng_keys"
 _DIGESTS_KEY = "checkpoint.digests"
 _UNVERIFIED_FORMATS = ("cfgzero_theory.checkpoint/1",)
-_TEMPORARY_RE = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 _LOCK_NAME = ".lock"
 _ROOT_NAME = "_root"
 _CHECKPOINT_RE = re.compile(r"epoch_(\d+)\.safetensors")
@@ -294,58 +294,6 @@ def _limited(items: list[str]) -> str:
 # --------------------------------------------------------------------------- saving
 
 
-def _write_fully(file: Any, data: bytes) -> None:
-    """Write ``data`` to the open binary ``file`` in chunks (a seam for the tests)."""
-    view = memoryview(data)
-    chunk = 1 << 24
-    for start in range(0, len(view), chunk):
-        file.write(view[start : start + chunk])
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a unique temporary file in the same folder,
-    flushed and ``fsync``-ed, then renamed onto ``path`` (readers see the old file or the new
-    one, never a partial one; concurrent writers never share a temporary file)."""
-    _atomic_write(os.fspath(path), data)
-
-
-def remove_temporaries(directory: str | os.PathLike) -> list[str]:
-    """Delete the temporary files killed atomic writes left in ``directory``; returns their paths.
-
-    Only names of the form ``.<name>.<12 hex digits>.tmp`` (what :func:`atomic_write_bytes`
-    creates) are touched.  Call it only while holding the folder's :class:`FolderLock`, so
-    no live write loses its temporary file.
-    """
-    directory = os.fspath(directory)
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    removed = []
-    for name in names:
-        path = os.path.join(directory, name)
-        if _TEMPORARY_RE.fullmatch(name) and os.path.isfile(path):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
-            removed.append(path)
-    return sorted(removed)
-
-
 class FolderLock:
     """One writer per folder: ``with FolderLock(directory): ...``.
 
@@ -429,31 +377,6 @@ def _digest(array: np.ndarray) -> str:
     return sha.hexdigest()
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    while True:
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:  # pragma: no cover - 48 random bits collided
-            continue
-        break
-    try:
-        with os.fdopen(fd, "wb") as file:
-            _write_fully(file, data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(directory)
-
-
 def save_pytree(
     path: str | os.PathLike, tree: Any, metadata: Mapping[str, str] | None = None
 ) -> None:
@@ -505,7 +428,7 @@ def save_pytree(
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data)
 
 
 # --------------------------------------------------------------------------- loading

@@ -33,12 +33,14 @@ rule's family.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from cfgzero_theory import guidance
+from cfgzero_theory.files import atomic_write_bytes
 
 #: The Okabe–Ito palette.
 OKABE_ITO = {
@@ -187,7 +189,8 @@ def density_image(
 
 
 def save(fig, path_without_ext, formats=("png", "pdf")) -> list[str]:
-    """Write ``fig`` as ``path.png`` and ``path.pdf`` (creating the folder); return the paths."""
+    """Write ``fig`` as ``path.png`` and ``path.pdf``, each atomically (:mod:`cfgzero_theory.files`),
+    creating the folder; return the paths."""
     path = os.fspath(path_without_ext)
     root, ext = os.path.splitext(path)
     if ext.lower().lstrip(".") in formats:
@@ -197,7 +200,7 @@ def save(fig, path_without_ext, formats=("png", "pdf")) -> list[str]:
         os.makedirs(folder, exist_ok=True)
     written = []
     for fmt in formats:
-        out = f"{path}.{fmt}"
-        fig.savefig(out, format=fmt, dpi=STYLE["savefig.dpi"], bbox_inches="tight")
-        written.append(out)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=STYLE["savefig.dpi"], bbox_inches="tight")
+        written.append(atomic_write_bytes(f"{path}.{fmt}", buffer.getvalue()))
     return written

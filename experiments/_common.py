@@ -22,11 +22,24 @@ def strict_json(value):
 
 
 def write_json(path: str, payload: dict) -> None:
-    """Write ``payload`` as strict JSON atomically (temporary file, then rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(strict_json(payload), f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    """Write ``payload`` as strict JSON atomically (a unique temporary file, then rename:
+    :func:`cfgzero_theory.files.atomic_write_bytes`)."""
+    from cfgzero_theory.files import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(strict_json(payload), indent=1, allow_nan=False).encode())
+
+
+def retract_result(path: str) -> None:
+    """Remove a study's previous JSON before its new outputs are written.
+
+    The JSON is a study's completion marker: written last (atomically, like every figure), so
+    an interrupted run leaves a folder *without* JSON — visibly incomplete — never new figures
+    beside an old JSON that does not describe them.
+    """
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def publishable(payload: dict, figures: list[str], verdict, started: float) -> dict:

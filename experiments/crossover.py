@@ -542,7 +542,7 @@ def main(argv=None) -> dict:
 
     matplotlib.use("Agg")
     from cfgzero_theory import plotting
-    from experiments._common import outputs_line, progress, publishable, run_or_exit, write_json
+    from experiments._common import outputs_line, progress, publishable, retract_result, run_or_exit, write_json
     from experiments._figures import plot_training_loss
 
     payload = run_or_exit(run, args)
@@ -554,12 +554,13 @@ def main(argv=None) -> dict:
         "training_loss": lambda path: plot_training_loss(payload["training_loss"], payload["loss_floor"], path,
                                                          log_epochs=len(payload["training_loss"]) > 8),
     }
+    path = os.path.join(args.out, "crossover.json")
+    retract_result(path)
     figures = []
     with plotting.style():
         for name in progress(drawings, not args.no_progress, "figures", unit="figure"):
             figures += drawings[name](os.path.join(args.out, name))
     payload = publishable(payload, figures, verdict, start)
-    path = os.path.join(args.out, "crossover.json")
     write_json(path, payload)
     print(format_table(payload))
     print(payload["verdict"])

@@ -786,7 +786,7 @@ def main(argv=None) -> dict:
 
     matplotlib.use("Agg")
     from cfgzero_theory import plotting
-    from experiments._common import publishable, run_or_exit, write_json
+    from experiments._common import publishable, retract_result, run_or_exit, write_json
     from experiments._figures import plot_first_step_errors, plot_training_loss
 
     payload = run_or_exit(run, args)
@@ -811,12 +811,13 @@ def main(argv=None) -> dict:
             log_epochs=len(first["training_loss"]) > 8,
             title=f"Training loss, mixture 0 (data seed {first['data_seed']}), {cfg['preset_settings']['seeds']} seeds"),
     }
+    path = os.path.join(args.out, "crossover_highdim.json")
+    retract_result(path)
     figures = []
     with plotting.style():
         for name in progress(drawings, not args.no_progress, "figures", unit="figure"):
             figures += drawings[name](os.path.join(args.out, name))
     payload = publishable(payload, figures, verdict, start)
-    path = os.path.join(args.out, "crossover_highdim.json")
     write_json(path, payload)
     print(format_table(payload))
     print()

@@ -274,14 +274,15 @@ def main(argv=None) -> dict:
 
     matplotlib.use("Agg")
     from cfgzero_theory import plotting
-    from experiments._common import outputs_line, publishable, run_or_exit, write_json
+    from experiments._common import outputs_line, publishable, retract_result, run_or_exit, write_json
 
     payload = run_or_exit(run, args)
+    path = os.path.join(args.out, "crossover_map.json")
+    retract_result(path)
     with plotting.style():
         figures = plot_map(payload, os.path.join(args.out, "crossover_map"))
     payload["summary"] = summary(payload)
     payload = publishable(payload, figures, verdict, start)
-    path = os.path.join(args.out, "crossover_map.json")
     write_json(path, payload)
     print(format_table(payload))
     print(payload["verdict"])

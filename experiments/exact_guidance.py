@@ -507,11 +507,13 @@ def main(argv=None) -> dict:
 
     from cfgzero_theory import plotting
 
-    from experiments._common import outputs_line, progress, run_or_exit, write_json
+    from experiments._common import outputs_line, progress, retract_result, run_or_exit, write_json
 
     result = run_or_exit(run, args)
     compute_s = time.perf_counter() - start
     drawings = {"bias": plot_bias, "samples": plot_samples, "metrics": plot_metrics, "errata": plot_errata}
+    path = os.path.join(args.out, "exact_guidance.json")
+    retract_result(path)
     figures = []
     with plotting.style():
         for name in progress(drawings, not args.no_progress, "figures", unit="figure"):
@@ -519,7 +521,6 @@ def main(argv=None) -> dict:
     result = {k: v for k, v in result.items() if not k.startswith("_")}
     result["figures"] = [os.path.basename(f) for f in figures]
     result["runtime_s"] = {"compute": compute_s, "total": time.perf_counter() - start}
-    path = os.path.join(args.out, "exact_guidance.json")
     write_json(path, result)
 
     check = result["first_step_check"]

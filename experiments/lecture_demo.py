@@ -60,13 +60,15 @@ def main(argv=None) -> dict:
     import cfgzero_theory
     from cfgzero_theory import mixtures
     from cfgzero_theory.animation import animate_trajectories
-    from experiments._common import make_rules, outputs_line, run_or_exit, write_json
+    from experiments._common import make_rules, outputs_line, retract_result, run_or_exit, write_json
 
     def run(args):
         rules = list(make_rules(("cfg", "cfg-zero-star"), args.scale, args.zero_init_steps).values())
         return animate_trajectories(mixtures.class_conditional_2d(**MIXTURE), args.label, rules,
                                     os.path.join(args.out, "cfg_vs_cfg_zero_star"), **settings)
 
+    path = os.path.join(args.out, "lecture_demo.json")
+    retract_result(path)
     written = run_or_exit(run, args)
     payload = {
         "config": {**vars(args), "settings": settings,
@@ -75,7 +77,6 @@ def main(argv=None) -> dict:
         "figures": [os.path.basename(path) for path in written],
         "runtime_s": time.perf_counter() - start,
     }
-    path = os.path.join(args.out, "lecture_demo.json")
     write_json(path, payload)
     print(outputs_line(args.out, [path, *written]) + f"; {payload['runtime_s']:.1f} s")
     return payload

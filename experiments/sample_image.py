@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import math
 import os
 import tempfile
@@ -418,6 +419,8 @@ def save_comparison(images: dict, caption: str, path: str) -> str:
     panels at least :data:`MIN_PANEL_PIXELS` wide (small images enlarged, nearest neighbour)."""
     from matplotlib.figure import Figure
 
+    from cfgzero_theory.files import atomic_write_bytes
+
     tiles = {kind: np.concatenate(list(np.asarray(batch, np.float32)), axis=1) for kind, batch in images.items()}
     height, width = next(iter(tiles.values())).shape[:2]
     panel_w = max(width, MIN_PANEL_PIXELS) / DPI
@@ -431,8 +434,9 @@ def save_comparison(images: dict, caption: str, path: str) -> str:
         ax.set_axis_off()
         ax.set_title(COMPARED[kind][0], fontsize=12)
     fig.text(0.5, bottom / 2 / fig_h, caption, ha="center", va="center", fontsize=7)
-    fig.savefig(path, dpi=DPI)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def run(args) -> list[str]:

@@ -202,7 +202,9 @@ def test_failed_write_leaves_previous_checkpoint_and_no_temp_file(tmp_path, monk
         file.write(data[: len(data) // 2])
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setattr(ckpt, "_write_fully", write_half_then_die)
+    from cfgzero_theory import files
+
+    monkeypatch.setattr(files, "_write_fully", write_half_then_die)
     with pytest.raises(RuntimeError, match="killed mid-write"):
         ckpt.save_pytree(path, training_state(seed=1))
     with open(path, "rb") as f:
