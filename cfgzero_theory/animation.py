@@ -37,7 +37,6 @@ plain :class:`matplotlib.figure.Figure` objects.
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +48,7 @@ from cfgzero_theory import plotting
 from cfgzero_theory.guidance import describe
 from cfgzero_theory.mixture import GaussianMixture
 from cfgzero_theory.sampling import SOLVERS, sample, time_grid
+from cfgzero_theory.validation import check_choice, check_int, check_real
 
 __all__ = ["FORMATS", "TITLE_SPACE", "animate_trajectories", "check_view", "default_view", "frame_count", "frame_size"]
 
@@ -99,22 +99,6 @@ def default_view(mixture: GaussianMixture, label=None, points=None, margin: floa
 
 
 # ----------------------------------------------------------------------------- validation
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _positive_float(name: str, value, allow_zero: bool = False) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
-    return number
-
-
 def _named_rules(rules) -> list[tuple[str, object]]:
     """``rules`` (a mapping title → rule, or a sequence of rules) as ``[(title, rule), ...]``."""
     if isinstance(rules, Mapping):
@@ -290,24 +274,23 @@ def animate_trajectories(
         raise ValueError(f"mixture must be a GaussianMixture, got {type(mixture).__name__}")
     if mixture.dim != 2:
         raise ValueError(f"mixture must be 2-D to be animated, got dimension {mixture.dim}")
-    if label is not None and not (isinstance(label, (int, np.integer)) and not isinstance(label, bool)):
-        raise ValueError(f"label must be an int class or None, got {label!r}")
+    if label is not None:
+        label = check_int("label", label)
     label = mixture.check_label(label)  # ValueError naming the label if it has no component
     named = _named_rules(rules)
     root = _output_root(path)
-    num_points = _positive_int("num_points", num_points)
-    num_steps = _positive_int("num_steps", num_steps)
-    frames_per_step = _positive_int("frames_per_step", frames_per_step)
-    trail = _positive_int("trail", trail, minimum=0)
-    res = _positive_int("res", res, minimum=2)
-    dpi = _positive_int("dpi", dpi)
-    seed = _positive_int("seed", seed, minimum=0)
-    fps = _positive_float("fps", fps)
-    hold = _positive_float("hold", hold, allow_zero=True)
-    shift = _positive_float("shift", shift)
-    panel_size = _positive_float("panel_size", panel_size)
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    num_points = check_int("num_points", num_points, minimum=1)
+    num_steps = check_int("num_steps", num_steps, minimum=1)
+    frames_per_step = check_int("frames_per_step", frames_per_step, minimum=1)
+    trail = check_int("trail", trail, minimum=0)
+    res = check_int("res", res, minimum=2)
+    dpi = check_int("dpi", dpi, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
+    fps = check_real("fps", fps, positive=True)
+    hold = check_real("hold", hold, minimum=0.0)
+    shift = check_real("shift", shift, positive=True)
+    panel_size = check_real("panel_size", panel_size, positive=True)
+    check_choice("solver", solver, SOLVERS)
     if not callable(velocity_fn):
         raise ValueError(f"velocity_fn must be callable, got {type(velocity_fn).__name__}")
     exact = velocity_fn is GaussianMixture.velocity

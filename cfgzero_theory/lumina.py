@@ -22,6 +22,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from cfgzero_theory.validation import check_int, check_real
+
 Array = jax.Array
 
 
@@ -56,8 +58,9 @@ def lumina_next_model(
     feeds it ``t = 1 − τ/num_train_timesteps`` and the rotary factors of
     :func:`rope_scaling_factors`, keeps the first ``C`` channels and negates them.
     """
-    if not scaling_factor > 0:
-        raise ValueError(f"scaling_factor must be positive, got {scaling_factor!r}")
+    scaling_factor = check_real("scaling_factor", scaling_factor, positive=True)
+    scaling_watershed = check_real("scaling_watershed", scaling_watershed)
+    num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, minimum=1)
 
     def model_fn(params, x, sigma, timestep, context):
         t = lumina_time(timestep, num_train_timesteps)

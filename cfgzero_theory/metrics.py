@@ -17,8 +17,10 @@ data at ``t = 1``; logarithms are natural (JSD in nats, at most ``log 2``).
   bias ``ṽ* − u_c`` of docs/design.md §4, in closed form at ``t = 0`` and measured along a
   sampler's own trajectory.
 
-Inputs are validated eagerly (``ValueError`` naming the argument); the numerical work is
-pure JAX.  Results are JAX scalars/arrays; wrap them in ``float`` for reports.
+Inputs are validated eagerly (``ValueError`` naming the argument; numbers by
+:mod:`cfgzero_theory.validation`); the numerical work is pure JAX.  An empty sample set is a
+``ValueError`` (``samples needs at least 1 row(s)``), not a NaN: a mean over no samples is
+undefined.  Results are JAX scalars/arrays; wrap them in ``float`` for reports.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfgzero_theory.guidance import GuidanceRule, decompose_guidance_error, exact_guided_velocity
-from cfgzero_theory.validation import check_open_fraction
+from cfgzero_theory.validation import check_int, check_open_fraction, check_real
 
 Array = jax.Array
 
@@ -60,23 +62,24 @@ def _as_points(name: str, x, dim: int | None = None, min_rows: int = 1) -> Array
 
 
 def _pair(name: str, value, kind=float) -> np.ndarray:
-    """A scalar or a length-2 sequence as a length-2 NumPy array."""
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.ndim == 0:
-        arr = np.repeat(arr, 2)
-    if arr.shape != (2,) or not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be a finite scalar or a pair, got {value!r}")
-    if kind is int:
-        if np.any(arr != np.round(arr)) or np.any(arr < 1):
-            raise ValueError(f"{name} must be a positive integer or a pair of them, got {value!r}")
-        return arr.astype(np.int64)
-    return arr
+    """A scalar or a length-2 sequence as a length-2 NumPy array: finite reals (``kind=float``)
+    or integers ``>= 1`` (``kind=int``), each checked by :mod:`cfgzero_theory.validation`."""
+    items = [value] if np.ndim(value) == 0 else list(np.asarray(value, dtype=object).reshape(-1))
+    if len(items) not in (1, 2) or np.ndim(value) > 1:
+        raise ValueError(f"{name} must be a scalar or a pair, got {value!r}")
+    try:
+        if kind is int:
+            numbers = [check_int(name, item, minimum=1) for item in items]
+        else:
+            numbers = [check_real(name, item) for item in items]
+    except ValueError:
+        what = "a positive integer or a pair of them" if kind is int else "a finite scalar or a pair"
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+    return np.asarray(numbers * (2 // len(numbers)), dtype=np.int64 if kind is int else np.float64)
 
 
 def _grid(lo, hi, bins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     lo_, hi_ = _pair("lo", lo), _pair("hi", hi)
-    if isinstance(bins, bool):
-        raise ValueError(f"bins must be a positive integer or a pair of them, got {bins!r}")
     bins_ = _pair("bins", bins, kind=int)
     if np.any(hi_ <= lo_):
         raise ValueError(f"hi must exceed lo in both coordinates, got lo={lo!r}, hi={hi!r}")
@@ -225,16 +228,6 @@ def mean_nll(mixture, samples, label=None) -> Array:
 
 
 # ----------------------------------------------------------------------------- MMD
-def _check_bandwidth(bandwidth) -> float:
-    try:
-        h = float(bandwidth)
-    except (TypeError, ValueError):
-        raise ValueError(f"bandwidth must be a positive number, got {bandwidth!r}") from None
-    if not (math.isfinite(h) and h > 0):
-        raise ValueError(f"bandwidth must be a positive finite number, got {bandwidth!r}")
-    return h
-
-
 def _kernel_sum(a: Array, b: Array, h) -> Array:
     """``Σ_ij exp(−‖a_i − b_j‖² / (2h²))`` in row chunks of ``a`` (difference form: exact diagonal)."""
     n = a.shape[0]
@@ -275,7 +268,7 @@ def mmd_rbf(x, y, bandwidth) -> Array:
     x = _as_points("x", x, min_rows=2)
     y = _as_points("y", y, dim=x.shape[1], min_rows=2)
     dtype = jnp.result_type(x.dtype, y.dtype)
-    return _mmd_unbiased(x.astype(dtype), y.astype(dtype), _check_bandwidth(bandwidth))
+    return _mmd_unbiased(x.astype(dtype), y.astype(dtype), check_real("bandwidth", bandwidth, positive=True))
 
 
 def _gaussian_kernel_expectation(diff: Array, cov: Array, h) -> Array:
@@ -319,7 +312,7 @@ def mmd_rbf_to_mixture(samples, mixture, label, bandwidth) -> Array:
     sampling noise; memory ``O(n·K·d²)`` for the cross term.
     """
     x = _as_points("samples", samples, dim=mixture.dim, min_rows=2)
-    h = _check_bandwidth(bandwidth)
+    h = check_real("bandwidth", bandwidth, positive=True)
     weights = mixture.class_weight(label)
     dtype = jnp.result_type(x.dtype, mixture.dtype)
     cast = lambda a: jnp.asarray(a).astype(dtype)  # noqa: E731
@@ -524,8 +517,7 @@ def hdr_log_density_threshold(mixture, label=None, *, key, mass: float = 0.95, n
         raise ValueError("mixture has a singular covariance: its data distribution has no density")
     label = mixture.check_label(label)
     mass = check_open_fraction("mass", mass)
-    if not (isinstance(num_reference, (int, np.integer)) and num_reference >= 2):
-        raise ValueError(f"num_reference must be an integer >= 2, got {num_reference!r}")
+    num_reference = check_int("num_reference", num_reference, minimum=2)
     if key is None:
         raise ValueError("key is required to draw the reference samples")
     reference = mixture.sample(key, int(num_reference), label)

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfgzero_theory.validation import check_int, concrete_number
+
 Array = jax.Array
 
 #: Label meaning "no class": the whole mixture (the unconditional branch of CFG).
@@ -55,6 +57,9 @@ MIN_CHUNK_ROWS = 64
 _SYMMETRY_RTOL = 1e-6
 _PSD_RTOL = 1e-6
 
+#: Largest class label: labels are stored as int32.
+_MAX_LABEL = np.iinfo(np.int32).max
+
 
 def _is_concrete(a: Any) -> bool:
     return not isinstance(a, jax.core.Tracer)
@@ -65,11 +70,12 @@ class GaussianMixture:
     """The mixture ``p1 = Σ_k π_k N(μ_k, Σ_k)`` with optional integer class per component.
 
     Args:
-      weights: ``(K,)`` non-negative, not all zero; they need not sum to one.
-      means: ``(K, d)`` finite.
-      covs: ``(K, d, d)`` symmetric positive semi-definite, finite.
+      weights: ``(K,)`` finite, non-negative, not all zero; they need not sum to one (they are
+        normalised in float64 on the host, relative to the largest, so any finite scale works).
+      means: ``(K, d)`` finite in the mixture's dtype (float32 unless x64 is on).
+      covs: ``(K, d, d)`` symmetric positive semi-definite, finite in the mixture's dtype.
       labels: ``(K,)`` integer class of each component (default: all class 0).  Class
-        labels must be ``>= 0``; ``NULL_LABEL = -1`` is reserved for "whole mixture".
+        labels must be ``>= 0`` and fit int32; ``NULL_LABEL = -1`` is reserved for "whole mixture".
       chunk_elements: rows are evaluated in chunks of about this many
         ``(row, component, direction)`` entries (bounds memory for large batches).
 
@@ -79,6 +85,8 @@ class GaussianMixture:
     ``x.shape[:-1]`` with one label per point, where ``NULL_LABEL`` selects the whole
     mixture.  Concrete labels are checked (a class with no component, or with zero total
     weight, is a ``ValueError``); traced labels cannot be checked and must be valid.
+    An empty batch (a zero in ``x.shape[:-1]``) gives empty results of the matching shape,
+    as NumPy does, and ``sample(key, 0)`` an empty ``(0, d)`` array.
 
     The object is a pytree (means and weights are differentiable leaves; the
     eigendecomposition is fixed at construction), so it can be passed through ``jit``,
@@ -87,9 +95,9 @@ class GaussianMixture:
     """
 
     def __init__(self, weights, means, covs, labels=None, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
-        weights, means, covs, labels = _validated(weights, means, covs, labels)
-        if not (isinstance(chunk_elements, (int, np.integer)) and chunk_elements >= 1):
-            raise ValueError(f"chunk_elements must be a positive integer, got {chunk_elements!r}")
+        chunk_elements = check_int("chunk_elements", chunk_elements, minimum=1)
+        dtype = jnp.result_type(float)
+        weights, means, covs, labels = _validated(weights, means, covs, labels, dtype)
         eigvals, eigvecs = np.linalg.eigh(0.5 * (covs + np.swapaxes(covs, -1, -2)))
         scale = np.maximum(np.abs(eigvals).max(axis=-1, keepdims=True), np.finfo(np.float64).tiny)
         if np.any(eigvals < -_PSD_RTOL * scale):
@@ -100,10 +108,16 @@ class GaussianMixture:
             )
         eigvals = np.clip(eigvals, 0.0, None)
         eigvals[eigvals < _PSD_RTOL * scale] = 0.0
+        with np.errstate(over="ignore"):
+            too_large = not np.all(np.isfinite(eigvals.astype(dtype)))
+        if too_large:
+            raise ValueError(f"covs have eigenvalues too large for {np.dtype(dtype).name} (largest {eigvals.max():.3g})")
 
-        dtype = jnp.result_type(float)
-        with np.errstate(divide="ignore"):
-            log_weights = np.log(weights) - np.log(weights.sum())
+        # normalised on the host in float64, relative to the largest weight: the sum is at most
+        # K, so weights near the float64 maximum cannot overflow it
+        with np.errstate(divide="ignore", under="ignore"):
+            relative = weights / weights.max()
+            log_weights = np.log(relative) - np.log(relative.sum())
         self.log_weights = jnp.asarray(log_weights, dtype)
         self.means = jnp.asarray(means, dtype)
         self.eigvals = jnp.asarray(eigvals, dtype)
@@ -218,28 +232,42 @@ class GaussianMixture:
         return self._evaluate(x, t, label, _velocity_variance_from_terms)
 
     def sample(self, key: Array, n: int, label=None) -> Array:
-        """``n`` draws from the data distribution (of class ``label``, or per-sample labels ``(n,)``)."""
-        if not (isinstance(n, (int, np.integer)) and n >= 1):
-            raise ValueError(f"n must be a positive integer, got {n!r}")
+        """``n`` draws from the data distribution (of class ``label``, or per-sample labels ``(n,)``).
+
+        ``n = 0`` gives an empty ``(0, d)`` array, as NumPy's samplers do.
+        """
+        n = check_int("n", n, minimum=0)
         return _sample_rows(self, key, self.check_label(label, (n,)), n)
 
     def sample_labelled(self, key: Array, n: int) -> tuple[Array, Array]:
-        """``n`` draws ``(x, y)`` of the joint: class ``y ~ Σ_{k∈y} π_k``, then ``x ~ p1(x | y)``."""
-        if not (isinstance(n, (int, np.integer)) and n >= 1):
-            raise ValueError(f"n must be a positive integer, got {n!r}")
+        """``n`` draws ``(x, y)`` of the joint: class ``y ~ Σ_{k∈y} π_k``, then ``x ~ p1(x | y)`` (``n = 0``: empty)."""
+        n = check_int("n", n, minimum=0)
         key_class, key_x = jax.random.split(key)
         labels = self.labels[jax.random.categorical(key_class, self.log_weights, shape=(n,))]
         return self.sample(key_x, n, labels), labels
 
     # ----------------------------------------------------------------- machinery
     def check_label(self, label, batch_shape=()):
-        """Validate a label and return ``None``, a Python int, or an int array of ``batch_shape``."""
+        """Validate a label and return ``None``, a Python int, or an int array of ``batch_shape``.
+
+        A Python / NumPy integer (or a concrete 0-d integer array) is a single class; ``bool``
+        is not a label.  Arrays must hold integers; concrete ones are checked against the
+        classes before they are converted to JAX's integer type (so a value outside int32
+        cannot wrap onto a class).
+        """
         if label is None:
             return None
-        if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-            if int(label) != NULL_LABEL and int(label) not in self.classes:
-                raise ValueError(f"label {int(label)} has no component of positive weight; classes are {self.classes}")
-            return None if int(label) == NULL_LABEL else int(label)
+        number = concrete_number(label) if np.ndim(label) == 0 else None
+        if isinstance(number, int):
+            self._check_label_values([number])
+            return None if number == NULL_LABEL else number
+        on_host = not isinstance(label, jax.Array)  # NumPy arrays, lists: checked before the cast
+        if on_host:
+            host = np.asarray(label)
+            if host.dtype.kind not in "iu":
+                raise ValueError(f"label must be None, an int or an integer array, got dtype {host.dtype}")
+            self._check_label_values(host)
+        concrete_device = not on_host and _is_concrete(label)
         label = jnp.asarray(label)
         if not jnp.issubdtype(label.dtype, jnp.integer):
             raise ValueError(f"label must be None, an int or an integer array, got dtype {label.dtype}")
@@ -247,12 +275,17 @@ class GaussianMixture:
             label = jnp.broadcast_to(label, batch_shape)
         except ValueError:
             raise ValueError(f"label of shape {label.shape} does not broadcast to the batch shape {batch_shape}") from None
-        if _is_concrete(label):
-            found = set(np.unique(np.asarray(label)).tolist()) - {NULL_LABEL}
-            missing = sorted(found - set(self.classes))
-            if missing:
-                raise ValueError(f"label values {missing} have no component of positive weight; classes are {self.classes}")
+        if concrete_device:
+            self._check_label_values(np.asarray(label))
         return label
+
+    def _check_label_values(self, values) -> None:
+        """``ValueError`` unless every value is ``NULL_LABEL`` or a class with positive weight."""
+        missing = sorted(set(np.unique(np.asarray(values)).tolist()) - set(self.classes) - {NULL_LABEL})
+        if missing:
+            raise ValueError(
+                f"label values {missing[:10]} have no component of positive weight; classes are {self.classes}"
+            )
 
     def _class_log_weights(self, label) -> Array:
         """Renormalised log-weights: ``(K,)`` for ``None`` or one class, ``(n, K)`` for labels ``(n,)``."""
@@ -361,10 +394,11 @@ class _Terms:
         resp = self.resp if resp is None else resp
         gain = coef * jnp.sqrt(self.s)
         y = resp[..., None] * self.z_white
+        rows, width = y.shape[0], y.shape[1] * y.shape[2]  # explicit: a -1 cannot be inferred for 0 rows
         if gain.ndim == 2:
-            out = y.reshape(y.shape[0], -1) @ (self.basis.T * gain.reshape(-1, 1))
+            out = y.reshape(rows, width) @ (self.basis.T * gain.reshape(width, 1))
         else:
-            out = (y * gain).reshape(y.shape[0], -1) @ self.basis.T
+            out = (y * gain).reshape(rows, width) @ self.basis.T
         if mean_coef != 0.0:
             out = out + mean_coef * (resp @ self.mix.means)
         return out
@@ -383,7 +417,7 @@ def _sample_rows(mix: GaussianMixture, key: Array, labels, n: int) -> Array:
     def rotate(rows):
         eps_rows, hot_rows = rows
         blocks = hot_rows[:, :, None] * eps_rows[:, None, :]
-        return blocks.reshape(blocks.shape[0], -1) @ basis.T
+        return blocks.reshape(blocks.shape[0], mix.num_components * mix.dim) @ basis.T
 
     return mix.means[comp] + _map_row_chunks(rotate, (eps, one_hot), mix._chunk_rows())
 
@@ -439,14 +473,22 @@ def _map_row_chunks(fn: Callable, arrays: tuple, rows: int) -> Array:
     return out.reshape(num_chunks * rows, *out.shape[2:])[:n]
 
 
-def _validated(weights, means, covs, labels):
-    """Check the constructor arguments (concrete arrays) and return them as float64/int NumPy arrays."""
+def _validated(weights, means, covs, labels, dtype):
+    """Check the constructor arguments (concrete arrays) and return them as float64/int NumPy arrays.
+
+    Means and covariances must stay finite once rounded to ``dtype`` (the mixture's float
+    type: ``1e39`` is finite in float64 and ``inf`` in float32); labels must be integers in
+    ``[0, 2**31 − 1]`` (they are stored as int32).
+    """
+    arrays = {}
     for name, value in (("weights", weights), ("means", means), ("covs", covs)):
         if isinstance(value, jax.core.Tracer):
             raise ValueError(f"{name} must be concrete (build the GaussianMixture outside jit and pass it in)")
-    weights = np.asarray(weights, dtype=np.float64)
-    means = np.asarray(means, dtype=np.float64)
-    covs = np.asarray(covs, dtype=np.float64)
+        try:
+            arrays[name] = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError) as err:
+            raise ValueError(f"{name} must be an array of real numbers: {err}") from None
+    weights, means, covs = arrays["weights"], arrays["means"], arrays["covs"]
     if weights.ndim != 1 or weights.shape[0] == 0:
         raise ValueError(f"weights must have shape (K,) with K >= 1, got {weights.shape}")
     k = weights.shape[0]
@@ -461,10 +503,13 @@ def _validated(weights, means, covs, labels):
         raise ValueError(f"weights must be non-negative; got negative entries at {np.flatnonzero(weights < 0).tolist()[:10]}")
     if not np.any(weights > 0):
         raise ValueError("weights are all zero")
-    if not np.all(np.isfinite(means)):
-        raise ValueError("means contain NaN or inf")
-    if not np.all(np.isfinite(covs)):
-        raise ValueError("covs contain NaN or inf")
+    name = np.dtype(dtype).name
+    for label, array in (("means", means), ("covs", covs)):
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{label} contain NaN or inf")
+        with np.errstate(over="ignore"):
+            if not np.all(np.isfinite(array.astype(dtype))):
+                raise ValueError(f"{label} contain values too large for {name} (largest |value| {np.abs(array).max():.3g})")
     asym = np.abs(covs - np.swapaxes(covs, -1, -2)).max(axis=(-1, -2))
     scale = np.maximum(np.abs(covs).max(axis=(-1, -2)), np.finfo(np.float64).tiny)
     if np.any(asym > _SYMMETRY_RTOL * scale):
@@ -478,9 +523,15 @@ def _validated(weights, means, covs, labels):
         raw = np.asarray(labels)
         if raw.shape != (k,):
             raise ValueError(f"labels must have shape (K,) = ({k},) to match weights, got {raw.shape}")
-        if not (np.issubdtype(raw.dtype, np.integer) or (np.issubdtype(raw.dtype, np.floating) and np.all(raw == np.round(raw)))):
+        if raw.dtype.kind == "f":
+            if not np.all(np.isfinite(raw) & (raw == np.round(raw))):
+                raise ValueError(f"labels must be integers, got {raw.tolist()[:10]}")
+        elif raw.dtype.kind not in "iu":
             raise ValueError(f"labels must be integers, got dtype {raw.dtype}")
-        labels = raw.astype(np.int64)
-        if np.any(labels < 0):
+        if np.any(raw < 0):
             raise ValueError(f"labels must be >= 0 ({NULL_LABEL} is reserved for the whole mixture)")
+        too_large = raw > _MAX_LABEL
+        if np.any(too_large):
+            raise ValueError(f"labels must be <= {_MAX_LABEL} (stored as int32), got {raw[too_large].tolist()[:10]}")
+        labels = raw.astype(np.int64)
     return weights, means, covs, labels

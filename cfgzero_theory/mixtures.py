@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfgzero_theory.mixture import GaussianMixture
+from cfgzero_theory.validation import check_int, check_real
 
 __all__ = ["class_conditional_2d", "fractal_tree", "grid", "guided_class_2d", "random_class_conditional", "ring"]
 
@@ -74,11 +75,11 @@ def class_conditional_2d(
     center = np.asarray(center, dtype=np.float64)
     if center.shape != (2,) or not np.all(np.isfinite(center)):
         raise ValueError(f"center must be a finite pair (x, y), got {center.tolist()}")
-    _check_int("num_classes", num_classes, 1)
-    _check_int("components_per_class", components_per_class, 1)
-    _check_nonnegative("radius", radius)
-    _check_nonnegative("cluster_radius", cluster_radius)
-    _check_positive("std", std)
+    num_classes = check_int("num_classes", num_classes, minimum=1)
+    components_per_class = check_int("components_per_class", components_per_class, minimum=1)
+    radius = check_real("radius", radius, minimum=0.0)
+    cluster_radius = check_real("cluster_radius", cluster_radius, minimum=0.0)
+    std = check_real("std", std, positive=True)
 
     class_angles = 2 * np.pi * np.arange(num_classes) / num_classes + CLASS_ANGLE_OFFSET
     centres = center + radius * _unit(class_angles)  # (C, 2)
@@ -99,9 +100,8 @@ def class_axis(label: int, num_classes: int = 3) -> np.ndarray:
     between the noise mean (the origin) and the data mean, at distance ``|D − radius|`` from
     the origin: the geometry in which a zero first step beats early CFG.
     """
-    _check_int("num_classes", num_classes, 1)
-    if not (isinstance(label, (int, np.integer)) and 0 <= label < num_classes):
-        raise ValueError(f"label must be an integer in [0, {num_classes}), got {label!r}")
+    num_classes = check_int("num_classes", num_classes, minimum=1)
+    label = check_int("label", label, minimum=0, maximum=num_classes - 1)
     return _unit(np.float64(2 * np.pi * label / num_classes + CLASS_ANGLE_OFFSET))
 
 
@@ -120,8 +120,10 @@ def guided_class_2d(distance: float, data_offset: float = 0.0, label: int = 1, *
     for name in ("radius", "center"):
         if name in kwargs:
             raise ValueError(f"{name} is set by distance and data_offset; do not pass it")
-    if not (math.isfinite(distance) and math.isfinite(data_offset) and 0 <= data_offset < distance):
-        raise ValueError(f"need 0 <= data_offset < distance (finite), got data_offset={data_offset!r}, distance={distance!r}")
+    distance = check_real("distance", distance, positive=True)
+    data_offset = check_real("data_offset", data_offset, minimum=0.0)
+    if not data_offset < distance:
+        raise ValueError(f"data_offset must be < distance, got data_offset={data_offset!r}, distance={distance!r}")
     num_classes = kwargs.get("num_classes", 3)
     axis = class_axis(label, num_classes)
     return class_conditional_2d(radius=distance - data_offset, center=tuple((data_offset * axis).tolist()), **kwargs)
@@ -135,9 +137,9 @@ def ring(num_components: int = 8, radius: float = 4.0, std: float = 0.3) -> Gaus
 
     Labels: each component is its own class, ``label = k``.
     """
-    _check_int("num_components", num_components, 1)
-    _check_nonnegative("radius", radius)
-    _check_positive("std", std)
+    num_components = check_int("num_components", num_components, minimum=1)
+    radius = check_real("radius", radius, minimum=0.0)
+    std = check_real("std", std, positive=True)
 
     angles = 2 * np.pi * np.arange(num_components) / num_components
     covs = np.broadcast_to(std**2 * np.eye(2), (num_components, 2, 2))
@@ -155,9 +157,9 @@ def grid(side: int = 5, spacing: float = 2.0, std: float = 0.3) -> GaussianMixtu
     Labels: checkerboard parity ``(i + j) mod 2``; the corner ``(0, 0)`` is class 0, so class 0
     has ``⌈side² / 2⌉`` components and class 1 the rest (none when ``side = 1``).
     """
-    _check_int("side", side, 1)
-    _check_positive("spacing", spacing)
-    _check_positive("std", std)
+    side = check_int("side", side, minimum=1)
+    spacing = check_real("spacing", spacing, positive=True)
+    std = check_real("std", std, positive=True)
 
     i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
     means = spacing * (np.stack([i.ravel(), j.ravel()], axis=-1) - (side - 1) / 2)
@@ -195,12 +197,15 @@ def random_class_conditional(
     constructor's eigendecomposition, about 7 s on two CPU cores at ``dim = 1024`` with 16
     components (the eigendecomposition is half of it).
     """
-    _check_int("dim", dim, 1)
-    _check_int("num_classes", num_classes, 1)
-    _check_int("components_per_class", components_per_class, 1)
-    _check_nonnegative("class_separation", class_separation)
-    _check_nonnegative("component_spread", component_spread)
-    lo, hi = _check_eig_range(eig_range)
+    dim = check_int("dim", dim, minimum=1)
+    num_classes = check_int("num_classes", num_classes, minimum=1)
+    components_per_class = check_int("components_per_class", components_per_class, minimum=1)
+    class_separation = check_real("class_separation", class_separation, minimum=0.0)
+    component_spread = check_real("component_spread", component_spread, minimum=0.0)
+    if isinstance(eig_range, (str, bytes)) or not (hasattr(eig_range, "__len__") and len(eig_range) == 2):
+        raise ValueError(f"eig_range must be a pair (lo, hi) with 0 < lo <= hi, got {eig_range!r}")
+    lo = check_real("eig_range lo", eig_range[0], positive=True)
+    hi = check_real("eig_range hi", eig_range[1], minimum=lo)
 
     k = num_classes * components_per_class
     draws = (np.asarray(a, dtype=np.float64) for a in _standard_draws(key, num_classes, k, dim))
@@ -248,12 +253,12 @@ def fractal_tree(
     root and diverge from it; with the default angles and decay they overlap only near
     the origin (the innermost twigs stay about 0.4 apart, ~30 widths).
     """
-    _check_int("depth", depth, 1)
-    _check_int("components_per_branch", components_per_branch, 1)
-    _check_positive("branch_length", branch_length)
-    _check_positive("length_decay", length_decay)
-    _check_finite("branch_angle", branch_angle)
-    _check_positive("width", width)
+    depth = check_int("depth", depth, minimum=1)
+    components_per_branch = check_int("components_per_branch", components_per_branch, minimum=1)
+    branch_length = check_real("branch_length", branch_length, positive=True)
+    length_decay = check_real("length_decay", length_decay, positive=True)
+    branch_angle = check_real("branch_angle", branch_angle)
+    width = check_real("width", width, positive=True)
 
     trees = [
         _cover_segments(
@@ -339,36 +344,3 @@ def _haar_orthogonal(gaussian: np.ndarray) -> np.ndarray:
     signs = np.sign(np.diagonal(r, axis1=-2, axis2=-1))
     signs[signs == 0] = 1.0
     return q * signs[..., None, :]
-
-
-# --------------------------------------------------------------------------- validation
-def _check_int(name: str, value, minimum: int) -> None:
-    if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_finite(name: str, value) -> None:
-    if not (isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-
-def _check_positive(name: str, value) -> None:
-    _check_finite(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-
-
-def _check_nonnegative(name: str, value) -> None:
-    _check_finite(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-
-
-def _check_eig_range(eig_range) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in eig_range)
-    except (TypeError, ValueError):
-        raise ValueError(f"eig_range must be a pair (lo, hi), got {eig_range!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
-        raise ValueError(f"eig_range must satisfy 0 < lo <= hi (finite), got {eig_range!r}")
-    return lo, hi

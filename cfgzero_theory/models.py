@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cfgzero_theory.mixture import NULL_LABEL
+from cfgzero_theory.validation import check_choice, check_int, check_real
 
 Array = jax.Array
 
@@ -50,15 +51,10 @@ class NetworkConfig:
 
     def __post_init__(self):
         for name in ("dim", "num_classes", "width", "depth", "time_frequencies", "class_embedding"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {self.architecture!r}")
-        if not (isinstance(self.input_scale, (int, float)) and 0 < self.input_scale < float("inf")):
-            raise ValueError(f"input_scale must be a positive finite number, got {self.input_scale!r}")
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
+        check_choice("activation", self.activation, sorted(ACTIVATIONS))
+        check_choice("architecture", self.architecture, sorted(ARCHITECTURES))
+        object.__setattr__(self, "input_scale", check_real("input_scale", self.input_scale, positive=True))
 
 
 def _conditioning(config: NetworkConfig, class_embed: nnx.Embed, x: Array, t, label: Array) -> Array:

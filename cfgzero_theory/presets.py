@@ -32,6 +32,7 @@ from cfgzero_theory.guidance import KINDS, GuidanceRule, make_rule
 from cfgzero_theory.sampling import FlowSampleResult, sample_flow
 from cfgzero_theory.schedules import FlowMatchEuler, FlowSchedule, flow_match_euler_schedule, flux_mu, flux_sigmas
 from cfgzero_theory.unipc import UniPC, unipc_flow_schedule
+from cfgzero_theory.validation import check_choice, check_int, check_real
 
 #: The guidance kinds (the same tuple as :data:`cfgzero_theory.guidance.KINDS`).
 GUIDANCE_KINDS = KINDS
@@ -60,13 +61,23 @@ class SamplerPreset:
     notes: str = ""
 
     def __post_init__(self):
-        if self.solver_name not in SOLVERS:
-            raise ValueError(f"solver_name must be one of {SOLVERS}, got {self.solver_name!r}")
-        if self.guidance not in GUIDANCE_KINDS:
-            raise ValueError(f"guidance must be one of {GUIDANCE_KINDS}, got {self.guidance!r}")
+        check_choice("solver_name", self.solver_name, SOLVERS)
+        check_choice("guidance", self.guidance, GUIDANCE_KINDS)
+        numbers = {
+            "num_steps": check_int("num_steps", self.num_steps, minimum=1),
+            "shift": check_real("shift", self.shift, positive=True),
+            "scale": check_real("scale", self.scale),
+            "zero_init_steps": check_int("zero_init_steps", self.zero_init_steps, minimum=0),
+        }
+        if self.guidance_channels is not None:
+            numbers["guidance_channels"] = check_int("guidance_channels", self.guidance_channels, minimum=1)
+        for name, value in numbers.items():  # stored as Python numbers (np.int64(28) -> 28)
+            object.__setattr__(self, name, value)
 
     def schedule(self, num_steps: int | None = None, *, image_seq_len: int | None = None) -> FlowSchedule:
-        """The σ schedule; Flux-style presets need ``image_seq_len`` (latent tokens, e.g. 4096 at 1024²)."""
+        """The σ schedule; Flux-style presets need ``image_seq_len`` (latent tokens, e.g. 4096 at 1024²),
+        an integer ``>= 1`` (:func:`~cfgzero_theory.schedules.flux_mu`); the time shift stays
+        finite however large it is."""
         n = self.num_steps if num_steps is None else num_steps
         if self.solver_name == "unipc":
             return unipc_flow_schedule(n, flow_shift=self.shift)
@@ -84,8 +95,7 @@ class SamplerPreset:
              zero_init_steps: int | None = None) -> GuidanceRule:
         """The guidance rule of kind ``guidance`` (default: the preset's) with the preset's numbers."""
         kind = self.guidance if guidance is None else guidance
-        if kind not in GUIDANCE_KINDS:
-            raise ValueError(f"guidance must be one of {GUIDANCE_KINDS}, got {kind!r}")
+        check_choice("guidance", kind, GUIDANCE_KINDS)
         w = self.scale if scale is None else scale
         k = zero_init_steps
         if k is None and kind != "cfg" and kind != "cfg-star":
@@ -126,6 +136,4 @@ PRESETS: dict[str, SamplerPreset] = {
 
 def get(name: str) -> SamplerPreset:
     """The preset called ``name`` (one of :data:`PRESETS`)."""
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
-    return PRESETS[name]
+    return PRESETS[check_choice("preset", name, sorted(PRESETS))]

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cfgzero_theory.validation import check_choice, check_int, check_int_leaf, check_leaf, check_real
 
 Array = jax.Array
 
@@ -100,28 +101,19 @@ def _scalar(value, dtype) -> Array:
     return jnp.asarray(value, _default_float()).astype(dtype)
 
 
-def _is_concrete(value) -> bool:
-    return not isinstance(value, jax.core.Tracer)
-
-
-def _positive_int(value, name: str) -> int:
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
-    return value
-
-
-def _check_scalar(value, name: str, positive: bool) -> None:
-    """``value`` must be a scalar; when it is concrete, also finite (and positive if asked)."""
-    if jnp.ndim(value) != 0:
-        raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
-    if _is_concrete(value):
-        number = float(value)
-        if not np.isfinite(number) or (positive and number <= 0):
-            raise ValueError(f"{name} must be {'positive and ' if positive else ''}finite, got {number!r}")
+def _check_sigmas(sigmas, num_inference_steps: int) -> Array:
+    """Custom sigmas as float32 ``(N,)``: concrete ones finite, in ``[0, 1]`` and strictly decreasing
+    after the rounding to float32 (the values the schedule uses)."""
+    given, sigmas = sigmas, jnp.asarray(sigmas, jnp.float32)
+    if sigmas.shape != (num_inference_steps,):
+        raise ValueError(f"sigmas must have shape ({num_inference_steps},) = (num_inference_steps,), got {sigmas.shape}")
+    if not isinstance(sigmas, jax.core.Tracer):
+        host = np.asarray(sigmas)
+        if not np.all(np.isfinite(host)) or np.any(host < 0) or np.any(host > 1):
+            raise ValueError(f"sigmas must be finite and lie in [0, 1], got {given!r}")
+        if np.any(np.diff(host) >= 0):
+            raise ValueError(f"sigmas must be strictly decreasing (noise to data), got {given!r}")
+    return sigmas
 
 
 def _linspace(start, stop, num: int) -> Array:
@@ -144,13 +136,24 @@ def _static_shift(sigma: Array, shift, shift_minus_one) -> Array:
 
 
 def _time_shift(sigma: Array, mu, kind: str) -> Array:
-    """Dynamic shift: ``e^μ / (e^μ + (1/σ − 1))`` (exponential) or ``μ / (μ + (1/σ − 1))`` (linear)."""
+    """Dynamic shift: ``e^μ / (e^μ + (1/σ − 1))`` (exponential) or ``μ / (μ + (1/σ − 1))`` (linear).
+
+    The exponential shift is evaluated as diffusers does wherever that is finite; where
+    ``e^μ`` overflows (μ ≳ 88 in float32, 709 in float64) or underflows to 0 at ``σ = 1``
+    (``0/0``), the same quantity is taken in the form that cannot overflow,
+    ``sigmoid(μ − log(1/σ − 1))`` (1 at ``σ = 1``, 0 at ``σ = 0``).
+    """
     dtype = sigma.dtype
-    if kind == "exponential":
-        scale = _scalar(jnp.exp(jnp.asarray(mu, _default_float())), dtype)
-    else:
+    if kind != "exponential":
         scale = _scalar(mu, dtype)
-    return scale / (scale + (1 / sigma - 1))
+        return scale / (scale + (1 / sigma - 1))
+    mu = jnp.asarray(mu, _default_float())
+    scale = _scalar(jnp.exp(mu), dtype)
+    usable = jnp.isfinite(scale) & (scale > 0)
+    safe = jnp.where(usable, scale, jnp.ones_like(scale))  # no inf/inf in the branch not taken
+    direct = safe / (safe + (1 / sigma - 1))
+    stable = jax.nn.sigmoid(mu - jnp.log(1 / sigma.astype(mu.dtype) - 1)).astype(dtype)
+    return jnp.where(usable & jnp.isfinite(direct), direct, stable)
 
 
 def _stretch_to_terminal(sigma: Array, shift_terminal: float) -> Array:
@@ -211,6 +214,8 @@ def flow_match_euler_schedule(
     * ``use_dynamic_shifting`` ignores ``shift`` and needs ``mu``; without dynamic shifting a
       given ``mu`` is ignored (pipelines such as Flux always pass one);
     * custom ``sigmas`` (length ``N``) are rounded to float32 first and shifted in float32;
+      concrete ones must be finite, in ``[0, 1]`` and strictly decreasing after that rounding
+      (diffusers accepts anything and returns NaN for a NaN);
     * ``shift_terminal`` of ``None`` or ``0`` means no stretch (and needs ``N ≥ 2`` here: with a
       single σ = 1 the stretch is 0/0, which diffusers returns as NaN);
     * Karras / exponential / beta schedules span the ends of the shifted sigmas;
@@ -220,20 +225,20 @@ def flow_match_euler_schedule(
     ``shift`` and ``mu`` may be traced scalars; everything else is static.  ``dtype`` is the
     output dtype (diffusers: float32); ``timesteps`` are ``σ·T`` computed in that dtype.
     """
-    num_inference_steps = _positive_int(num_inference_steps, "num_inference_steps")
-    num_train_timesteps = _positive_int(num_train_timesteps, "num_train_timesteps")
-    if time_shift_type not in TIME_SHIFT_TYPES:
-        raise ValueError(f"time_shift_type must be one of {TIME_SHIFT_TYPES}, got {time_shift_type!r}")
+    num_inference_steps = check_int("num_inference_steps", num_inference_steps, minimum=1)
+    num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, minimum=1)
+    check_choice("time_shift_type", time_shift_type, TIME_SHIFT_TYPES)
     if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
         raise ValueError("at most one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas may be set")
-    _check_scalar(shift, "shift", positive=True)
+    shift = check_leaf("shift", shift, lambda x: x > 0, "a finite positive number", scalar=True)
     if use_dynamic_shifting:
         if mu is None:
             raise ValueError("mu must be given when use_dynamic_shifting is True")
-        _check_scalar(mu, "mu", positive=time_shift_type == "linear")
+        mu = (check_leaf("mu", mu, lambda x: x > 0, "a finite positive number (linear time shift)", scalar=True)
+              if time_shift_type == "linear" else check_leaf("mu", mu, lambda x: True, "a finite number", scalar=True))
     if shift_terminal is not None:
-        shift_terminal = float(shift_terminal)
-        if not 0 <= shift_terminal < 1:
+        shift_terminal = check_real("shift_terminal", shift_terminal, minimum=0.0)
+        if not shift_terminal < 1:
             raise ValueError(f"shift_terminal must lie in [0, 1), got {shift_terminal!r}")
         if shift_terminal and num_inference_steps == 1:
             # The stretch divides by 1 − σ_last, which is 0 for a single σ = 1 (diffusers returns NaN).
@@ -242,9 +247,7 @@ def flow_match_euler_schedule(
         raise ValueError(f"dtype must be a floating dtype, got {dtype!r}")
 
     if sigmas is not None:
-        sigmas = jnp.asarray(sigmas, jnp.float32)
-        if sigmas.shape != (num_inference_steps,):
-            raise ValueError(f"sigmas must have shape ({num_inference_steps},) = (num_inference_steps,), got {sigmas.shape}")
+        sigmas = _check_sigmas(sigmas, num_inference_steps)
     convert = _karras if use_karras_sigmas else _exponential if use_exponential_sigmas else _beta if use_beta_sigmas else None
     return _schedule(
         shift,
@@ -321,8 +324,12 @@ def flux_mu(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, m
 
     ``μ = base_shift + (image_seq_len − base_seq_len)·(max_shift − base_shift)/(max_seq_len − base_seq_len)``,
     evaluated as diffusers' ``calculate_shift`` does (``m·len + b``); works on Python numbers
-    (returning a float) and on JAX arrays alike.
+    (returning a float) and on JAX arrays alike.  ``image_seq_len`` is a token count: a
+    concrete value must be an integer ``>= 1`` (traced ones pass unchecked).  ``μ`` grows
+    without bound with it; :func:`flow_match_euler_schedule` keeps the exponential time shift
+    finite for any finite ``μ``.
     """
+    image_seq_len = check_int_leaf("image_seq_len", image_seq_len, minimum=1)
     if max_seq_len == base_seq_len:
         raise ValueError("max_seq_len must differ from base_seq_len")
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
@@ -336,7 +343,7 @@ def flux_sigmas(num_inference_steps: int) -> np.ndarray:
     They depend only on the static ``N``, so they are built on the host exactly as the
     pipeline builds them; :func:`flow_match_euler_schedule` rounds them to float32.
     """
-    num_inference_steps = _positive_int(num_inference_steps, "num_inference_steps")
+    num_inference_steps = check_int("num_inference_steps", num_inference_steps, minimum=1)
     return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
 
 

@@ -64,7 +64,6 @@ this port returns non-finite values there.
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import NamedTuple
 
 import jax
@@ -73,6 +72,7 @@ import numpy as np
 from jax import lax
 
 from cfgzero_theory.schedules import FlowSchedule
+from cfgzero_theory.validation import check_choice, check_int, check_real
 
 Array = jax.Array
 
@@ -106,8 +106,8 @@ def unipc_flow_schedule(num_inference_steps, *, flow_shift=1.0, num_train_timest
     Returns:
         ``FlowSchedule(sigmas (N + 1,), timesteps (N,))``.
     """
-    num_inference_steps = _int_at_least(num_inference_steps, "num_inference_steps", 1)
-    num_train_timesteps = _int_at_least(num_train_timesteps, "num_train_timesteps", 2)
+    num_inference_steps = check_int("num_inference_steps", num_inference_steps, minimum=1)
+    num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, minimum=2)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype, got {dtype!r}")
     if isinstance(flow_shift, jax.core.Tracer):
@@ -115,10 +115,9 @@ def unipc_flow_schedule(num_inference_steps, *, flow_shift=1.0, num_train_timest
         shift = flow_shift.astype(jax.dtypes.canonicalize_dtype(jnp.float64))
     else:
         xp = np
-        value = np.asarray(flow_shift)
-        if value.ndim != 0 or value.dtype.kind not in "iuf" or not (np.isfinite(value) and value > 0):
-            raise ValueError(f"flow_shift must be a finite real scalar > 0, got {flow_shift!r}")
-        shift = float(value)
+        if np.ndim(flow_shift) != 0:
+            raise ValueError(f"flow_shift must be a scalar, got shape {np.shape(flow_shift)}")
+        shift = check_real("flow_shift", flow_shift, positive=True)
 
     u = xp.asarray(np.linspace(1.0, 1.0 / num_train_timesteps, num_inference_steps + 1)[:-1])
     sigma = shift * u / (1 + (shift - 1) * u)
@@ -127,16 +126,6 @@ def unipc_flow_schedule(num_inference_steps, *, flow_shift=1.0, num_train_timest
     timesteps = (sigma * num_train_timesteps).astype(jax.dtypes.canonicalize_dtype(jnp.int64))
     sigmas = xp.concatenate([sigma, xp.zeros(1, sigma.dtype)]).astype(dtype)
     return FlowSchedule(sigmas=jnp.asarray(sigmas), timesteps=jnp.asarray(timesteps))
-
-
-def _int_at_least(value, name, minimum):
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if isinstance(value, bool) or as_int < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return as_int
 
 
 class UniPCState(NamedTuple):
@@ -182,13 +171,12 @@ class UniPC:
     disable_corrector: tuple = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "order", _int_at_least(self.order, "order", 1))
-        if self.solver_type not in ("bh1", "bh2"):
-            raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {self.solver_type!r}")
+        object.__setattr__(self, "order", check_int("order", self.order, minimum=1))
+        check_choice("solver_type", self.solver_type, ("bh1", "bh2"))
         if not isinstance(self.lower_order_final, bool):
             raise ValueError(f"lower_order_final must be a bool, got {self.lower_order_final!r}")
         try:
-            disabled = tuple(_int_at_least(j, "disable_corrector", 0) for j in self.disable_corrector)
+            disabled = tuple(check_int("disable_corrector", j, minimum=0) for j in self.disable_corrector)
         except TypeError:
             raise ValueError(
                 f"disable_corrector must be a sequence of step indices, got {self.disable_corrector!r}"

@@ -130,16 +130,19 @@ def check_choice(name: str, value, choices: Iterable):
     raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_leaf(name: str, value, ok: Callable[[float], bool], requirement: str):
+def check_leaf(name: str, value, ok: Callable[[float], bool], requirement: str, *, scalar: bool = False):
     """Check a pytree leaf that may be traced: concrete values must be finite reals with ``ok(x)``.
 
     Tracers pass unchecked (they are checked where they were made); arrays of several
-    values are checked element by element.  Returns ``value`` unchanged, except that a
-    concrete Python / NumPy scalar is returned as a Python ``float`` (so ``CFG(4)`` and
-    ``CFG(4.0)`` give the same pytree leaf type and share one compiled program).
+    values are checked element by element.  ``scalar=True`` also asks for a 0-d value, and
+    checks that much of a tracer too (its shape is known).  Returns ``value`` unchanged,
+    except that a concrete Python / NumPy scalar is returned as a Python ``float`` (so
+    ``CFG(4)`` and ``CFG(4.0)`` give the same pytree leaf type and share one compiled program).
     """
     if isinstance(value, (bool, np.bool_, str, bytes)):
         raise _fail(name, requirement, value)
+    if scalar and np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
     if not _is_checkable(value):
         return value
     number = concrete_number(value)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -56,6 +55,7 @@ from cfgzero_theory.guidance import KIND_LABELS, ZERO_INIT_KINDS, describe, make
 from cfgzero_theory.mixture import GaussianMixture
 from cfgzero_theory.models import Network, network_velocity, select
 from cfgzero_theory.sampling import SOLVERS, sample, time_grid
+from cfgzero_theory.validation import check_choice, check_int, check_real
 
 __all__ = ["WIDGET_KINDS", "guidance_widget", "networks_from_checkpoints"]
 
@@ -131,12 +131,11 @@ def _checked_networks(networks, mixture) -> dict[int, Network]:
     checked = {}
     seeds = set()
     for epoch, net in networks.items():
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"networks: epochs must be non-negative integers, got {epoch!r}")
+        epoch = check_int("networks epoch", epoch, minimum=0)
         if not isinstance(net, Network):
             raise ValueError(f"networks[{epoch}] must be a models.Network (stacked over seeds), got {type(net).__name__}")
         seeds.add(analysis.num_seeds(net.state))
-        checked[int(epoch)] = net
+        checked[epoch] = net
     if len(seeds) != 1:
         raise ValueError(f"networks: every epoch must hold the same number of seeds, got {sorted(seeds)}")
     return dict(sorted(checked.items()))
@@ -208,41 +207,31 @@ def guidance_widget(
         raise ValueError(f"mixture must be a GaussianMixture, got {type(mixture).__name__}")
     if mixture.dim != 2:
         raise ValueError(f"mixture must be 2-D, got dimension {mixture.dim}")
-    if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-        raise ValueError(f"label must be an int class, got {label!r}")
-    label = mixture.check_label(int(label))
+    label = mixture.check_label(check_int("label", label))
     if label is None:
         raise ValueError("label must be a class, not the null label")
     if mixture.is_singular:
         raise ValueError("mixture must have nonsingular covariances (the metrics need a data density)")
-    if rule not in WIDGET_KINDS:
-        raise ValueError(f"rule must be one of {WIDGET_KINDS}, got {rule!r}")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    for name, value, low in (("num_points", num_points, 1), ("num_trajectories", num_trajectories, 0),
-                             ("num_steps", num_steps, 1), ("seed", seed, 0), ("res", res, 2), ("jsd_bins", jsd_bins, 2)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    num_trajectories = min(int(num_trajectories), int(num_points))
+    check_choice("rule", rule, WIDGET_KINDS)
+    check_choice("solver", solver, SOLVERS)
+    num_points = check_int("num_points", num_points, minimum=1)
+    num_trajectories = min(check_int("num_trajectories", num_trajectories, minimum=0), num_points)
+    num_steps = check_int("num_steps", num_steps, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
+    res = check_int("res", res, minimum=2)
+    jsd_bins = check_int("jsd_bins", jsd_bins, minimum=2)
     if max_zero_init_steps is None:
         max_zero_init_steps = min(8, num_steps)
-    if isinstance(max_zero_init_steps, bool) or not isinstance(max_zero_init_steps, (int, np.integer)) or not (
-        1 <= max_zero_init_steps <= num_steps
-    ):
-        raise ValueError(f"max_zero_init_steps must be an integer in [1, num_steps = {num_steps}], got {max_zero_init_steps!r}")
-    if not (isinstance(max_scale, (int, float)) and math.isfinite(max_scale) and max_scale > 0):
-        raise ValueError(f"max_scale must be a positive number, got {max_scale!r}")
-    if not (isinstance(scale, (int, float)) and 0 <= scale <= max_scale):
-        raise ValueError(f"scale must lie in [0, max_scale = {max_scale}], got {scale!r}")
-    if isinstance(zero_init_steps, bool) or not isinstance(zero_init_steps, (int, np.integer)) or not (
-        0 <= zero_init_steps <= max_zero_init_steps
-    ):
-        raise ValueError(f"zero_init_steps must be an integer in [0, {max_zero_init_steps}], got {zero_init_steps!r}")
+    max_zero_init_steps = check_int("max_zero_init_steps", max_zero_init_steps, minimum=1, maximum=num_steps)
+    max_scale = check_real("max_scale", max_scale, positive=True)
+    scale = check_real("scale", scale, minimum=0.0, maximum=max_scale)
+    zero_init_steps = check_int("zero_init_steps", zero_init_steps, minimum=0, maximum=max_zero_init_steps)
     if networks is not None:
         networks = _checked_networks(networks, mixture)
         epochs = list(networks)
         if epoch is None:
             epoch = next((e for e in epochs if e > 0), epochs[0])
+        epoch = check_int("epoch", epoch, minimum=0)
         if epoch not in networks:
             raise ValueError(f"epoch must be one of the networks' epochs {epochs}, got {epoch!r}")
         num_seeds = analysis.num_seeds(networks[epochs[0]].state)
@@ -254,16 +243,16 @@ def guidance_widget(
         lo, hi = check_view(grid)
 
     # ---- fixed inputs and the truth, computed once
-    times = time_grid(int(num_steps))
-    x0 = jax.random.normal(jax.random.key(int(seed)), (int(num_points), 2), mixture.dtype)
+    times = time_grid(num_steps)
+    x0 = jax.random.normal(jax.random.key(seed), (num_points, 2), mixture.dtype)
     x0_traj = x0[:num_trajectories]
     # exact class samples: the 95% HDR threshold (as metrics.hdr_log_density_threshold) and the NLL floor
-    reference_log_p = mixture.log_prob(mixture.sample(jax.random.key(int(seed) + 1), metrics.HDR_NUM_REFERENCE, label), label)
+    reference_log_p = mixture.log_prob(mixture.sample(jax.random.key(seed + 1), metrics.HDR_NUM_REFERENCE, label), label)
     threshold = jnp.quantile(reference_log_p, 1.0 - HDR_MASS)
     nll_floor = float(-jnp.mean(reference_log_p))
     jsd_lo, jsd_hi = analysis.jsd_grid(mixture)
     exact_stack = jax.tree_util.tree_map(lambda a: a[None], mixture)
-    step_axis = np.arange(1, int(num_steps) + 1)
+    step_axis = np.arange(1, num_steps + 1)
 
     # ---- controls
     style = {"description_width": "initial"}
@@ -345,7 +334,7 @@ def guidance_widget(
             "nll": float(metrics.mean_nll(mixture, samples, label)),
             "nll_floor": nll_floor,
             "jsd": float(metrics.jsd_to_density_on_grid(samples, lambda x: mixture.log_prob(x, label),
-                                                        jsd_lo, jsd_hi, int(jsd_bins))),
+                                                        jsd_lo, jsd_hi, jsd_bins)),
             "precision": float(metrics.hdr_precision(mixture, samples, label, threshold=threshold)),
         }
         per_step = {

@@ -95,6 +95,12 @@ def test_animation_of_a_network(mixture, networks, tmp_path):
         (dict(formats=("avi",)), "formats"),
         (dict(grid=((0.0, 0.0), (0.0, 1.0))), "grid"),
         (dict(velocity_fn=network_velocity), "params"),
+        # bool is never a number; NaN / inf are refused
+        (dict(label=True), "label"),
+        (dict(num_points=True), "num_points"),
+        (dict(fps=float("inf")), "fps"),
+        (dict(hold=float("nan")), "hold"),
+        (dict(dpi=30.0), "dpi"),
     ],
 )
 def test_animation_rejects_bad_arguments(mixture, tmp_path, change, argument):
@@ -197,6 +203,11 @@ def test_widget_loads_a_checkpoint_directory(mixture, tmp_path):
         (dict(zero_init_steps=-1), "zero_init_steps"),
         (dict(num_points=0), "num_points"),
         (dict(solver="rk4"), "solver"),
+        (dict(label=True), "label"),
+        (dict(scale=True), "scale"),
+        (dict(max_scale=float("inf")), "max_scale"),
+        (dict(zero_init_steps=True), "zero_init_steps"),
+        (dict(num_steps=np.float64(6.0)), "num_steps"),
         (dict(networks={}), "networks"),
         (dict(networks={0: "weights"}), "networks"),
         (dict(epoch=3), "epoch"),

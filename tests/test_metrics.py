@@ -336,6 +336,34 @@ def test_value_errors_name_the_argument(two_class):
             fn()
 
 
+def test_numbers_follow_the_validation_rules(two_class):
+    """bool is never a number, NumPy numbers are, and an empty sample set is a ValueError (not NaN)."""
+    mix, _ = two_class
+    x = np.random.default_rng(0).normal(size=(10, 2))
+    log_p = mix.log_prob
+    for bad, needle in ((True, "bandwidth"), (np.inf, "bandwidth")):
+        with pytest.raises(ValueError, match=needle):
+            metrics.mmd_rbf(x, x, bad)
+        with pytest.raises(ValueError, match=needle):
+            metrics.mmd_rbf_to_mixture(x, mix, 0, bad)
+    for bad in ((8, True), (8, 2.0), (np.float64(8.0), 8)):
+        with pytest.raises(ValueError, match="bins"):
+            metrics.histogram_on_grid(x, -1, 1, bad)
+    with pytest.raises(ValueError, match="lo"):
+        metrics.histogram_on_grid(x, True, 1, 8)
+    with pytest.raises(ValueError, match="num_reference"):
+        metrics.hdr_log_density_threshold(mix, 0, key=jax.random.key(0), num_reference=True)
+    hist, _ = metrics.histogram_on_grid(x, np.float32(-1), 1, (np.int64(4), np.int32(5)))
+    assert hist.shape == (4, 5)
+    assert float(metrics.mmd_rbf(x, x, np.float32(1.0))) == pytest.approx(float(metrics.mmd_rbf(x, x, 1.0)))
+    empty = np.zeros((0, 2))
+    for fn in (lambda: metrics.mean_nll(mix, empty), lambda: metrics.mode_coverage(mix, empty),
+               lambda: metrics.hdr_precision(mix, empty, threshold=0.0),
+               lambda: metrics.jsd_to_density_on_grid(empty, log_p, -1, 1, 8)):
+        with pytest.raises(ValueError, match=r"samples needs at least 1 row\(s\), got 0"):
+            fn()
+
+
 def test_singular_mixture_refused_by_mode_coverage():
     singular = GaussianMixture([1.0, 1.0], [[0.0, 0.0], [3.0, 0.0]], [np.diag([1.0, 0.0]), np.eye(2)])
     with pytest.raises(ValueError, match="singular"):

@@ -375,3 +375,85 @@ def test_velocity_variance_float32_large_batches_match_float64(n):
         jax.config.update("jax_enable_x64", previous)
     assert got.min() > -1e-3
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------- boundaries
+def _eye_covs(k, d=2):
+    return np.tile(np.eye(d), (k, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([0, 2**32], r"labels must be <= 2147483647 \(stored as int32\)"),  # used to wrap to class 0
+        ([0, 2**31], r"labels must be <= 2147483647"),
+        ([0.0, 1e30], r"labels must be <= 2147483647"),
+        ([0.0, np.inf], "labels must be integers"),
+        ([True, False], "labels must be integers"),
+    ],
+)
+def test_labels_must_fit_int32(labels, message):
+    with pytest.raises(ValueError, match=message):
+        GaussianMixture([1.0, 1.0], np.zeros((2, 2)), _eye_covs(2), labels)
+    assert GaussianMixture([1.0, 1.0], np.zeros((2, 2)), _eye_covs(2), [0, 2**31 - 1]).classes == (0, 2**31 - 1)
+
+
+def test_means_and_covs_must_be_finite_in_the_mixture_dtype():
+    """1e39 is a finite float64 but inf in float32 (the default dtype): refused, not stored as inf."""
+    with pytest.raises(ValueError, match="means contain values too large for float32"):
+        GaussianMixture([1.0], [[1e39, 0.0]], _eye_covs(1))
+    with pytest.raises(ValueError, match="covs contain values too large for float32"):
+        GaussianMixture([1.0], [[0.0, 0.0]], 1e39 * _eye_covs(1))
+    with pytest.raises(ValueError, match="weights must be an array of real numbers"):
+        GaussianMixture([10**400, 1], np.zeros((2, 2)), _eye_covs(2))  # not even a float64
+
+
+def test_means_finite_in_float64_are_accepted_under_x64(x64):
+    assert np.isfinite(np.asarray(GaussianMixture([1.0], [[1e39, 0.0]], _eye_covs(1)).means)).all()
+
+
+def test_huge_and_tiny_weights_normalise_without_overflow():
+    """[1e308, 1e308] used to sum to inf in float64, giving NaN log-weights and NaN velocities."""
+    x = np.array([[0.3, -0.2], [1.0, 2.0]])
+    means = np.array([[0.0, 0.0], [2.0, 1.0]])
+    reference = GaussianMixture([1.0, 1.0], means, _eye_covs(2))
+    for weights in ([1e308, 1e308], [5e-324, 5e-324]):
+        gm = GaussianMixture(weights, means, _eye_covs(2))
+        np.testing.assert_allclose(gm.weights, [0.5, 0.5], rtol=1e-6)
+        np.testing.assert_allclose(gm.velocity(x, 0.5), reference.velocity(x, 0.5), rtol=1e-6)
+    np.testing.assert_allclose(GaussianMixture([1e308, 0.0], means, _eye_covs(2)).weights, [1.0, 0.0])
+
+
+def test_empty_batches_give_empty_results():
+    """Used to raise ZeroDivisionError (a reshape with -1 of zero rows) in the field quantities."""
+    gm = GaussianMixture([1.0, 2.0], [[0.0, 0.0], [3.0, 1.0]], _eye_covs(2), [0, 1])
+    for batch in ((0,), (3, 0)):
+        x = np.zeros((*batch, 2))
+        for t in (0.5, np.full(batch, 0.5)):
+            for label in (None, 1, np.zeros(batch, int)):
+                for method in (gm.velocity, gm.posterior_mean_x1, gm.posterior_mean_x0, gm.score):
+                    assert method(x, t, label).shape == (*batch, 2)
+                assert gm.log_prob_t(x, t, label).shape == batch
+                assert gm.velocity_variance(x, t, label).shape == batch
+                assert gm.log_responsibilities(x, t, label).shape == (*batch, 2)
+        assert gm.log_prob(x).shape == batch
+    key = jax.random.key(0)
+    assert gm.sample(key, 0).shape == (0, 2) and gm.sample(key, 0, 1).shape == (0, 2)
+    samples, labels = gm.sample_labelled(key, 0)
+    assert samples.shape == (0, 2) and labels.shape == (0,)
+
+
+def test_counts_and_labels_follow_the_validation_rules():
+    gm = GaussianMixture([1.0, 1.0], [[0.0, 0.0], [3.0, 0.0]], _eye_covs(2), [0, 1])
+    key = jax.random.key(0)
+    assert gm.sample(key, np.int64(3)).shape == (3, 2)
+    assert gm.check_label(np.int64(1)) == 1 and type(gm.check_label(np.int64(1))) is int
+    for bad_n in (True, 2.0, -1):
+        with pytest.raises(ValueError, match="^n must be an integer >= 0"):
+            gm.sample(key, bad_n)
+    with pytest.raises(ValueError, match="label must be None, an int or an integer array, got dtype bool"):
+        gm.velocity(np.zeros((2, 2)), 0.5, True)
+    with pytest.raises(ValueError, match=r"label values \[4294967296\]"):  # checked before the cast to int32
+        gm.velocity(np.zeros((1, 2)), 0.5, np.array([2**32]))
+    with pytest.raises(ValueError, match="^chunk_elements must be an integer >= 1"):
+        GaussianMixture([1.0], [[0.0, 0.0]], _eye_covs(1), chunk_elements=True)

@@ -281,6 +281,13 @@ BAD_ARGUMENTS = [
     (mixtures.fractal_tree, {"length_decay": -0.5}, "length_decay"),
     (mixtures.fractal_tree, {"branch_angle": float("nan")}, "branch_angle"),
     (mixtures.fractal_tree, {"width": 0.0}, "width"),
+    # bool is never a number (True used to pass as 1 for the counts)
+    (mixtures.class_conditional_2d, {"num_classes": True}, "num_classes"),
+    (mixtures.ring, {"num_components": True}, "num_components"),
+    (mixtures.ring, {"radius": True}, "radius"),
+    (mixtures.grid, {"side": np.bool_(True)}, "side"),
+    (mixtures.fractal_tree, {"depth": True}, "depth"),
+    (mixtures.fractal_tree, {"branch_angle": False}, "branch_angle"),
 ]
 
 BAD_RANDOM_ARGUMENTS = [
@@ -295,6 +302,8 @@ BAD_RANDOM_ARGUMENTS = [
     ({"eig_range": (0.1, float("inf"))}, "eig_range"),
     ({"eig_range": (0.1,)}, "eig_range"),
     ({"eig_range": 0.5}, "eig_range"),
+    ({"eig_range": (True, 1.0)}, "eig_range"),
+    ({"dim": True}, "dim"),
 ]
 
 
@@ -311,6 +320,18 @@ def test_bad_random_arguments_raise(kwargs, name):
     kwargs = {"dim": 4, **kwargs}
     with pytest.raises(ValueError, match=name):
         mixtures.random_class_conditional(jax.random.key(0), **kwargs)
+
+
+def test_numpy_integers_and_floats_are_accepted():
+    gm = mixtures.ring(np.int64(4), radius=np.float32(2.0), std=np.float64(0.5))
+    assert gm.num_components == 4
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(gm.means), axis=1), 2.0, rtol=1e-6)
+    assert mixtures.grid(side=np.int32(2)).num_components == 4
+    np.testing.assert_allclose(mixtures.class_axis(np.int64(1)), mixtures.class_axis(1))
+    with pytest.raises(ValueError, match="label"):
+        mixtures.class_axis(True)
+    with pytest.raises(ValueError, match="distance"):
+        mixtures.guided_class_2d(float("inf"), 1.0)
 
 
 def test_class_conditional_2d_center_translates_everything():

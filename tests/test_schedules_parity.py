@@ -267,6 +267,17 @@ def test_jit_and_vmap_over_shift_and_mu(torch, diffusers):
         ({"use_exponential_sigmas": True, "use_beta_sigmas": True}, "use_beta_sigmas"),
         ({"sigmas": [1.0, 0.5]}, "sigmas"),
         ({"sigmas": np.ones((4, 1))}, "sigmas"),
+        ({"num_inference_steps": 3, "sigmas": [1.0, np.nan, 0.2]}, "sigmas must be finite"),  # diffusers: NaN
+        ({"num_inference_steps": 3, "sigmas": [1.0, np.inf, 0.2]}, "sigmas must be finite"),
+        ({"num_inference_steps": 3, "sigmas": [1.0, 0.5, 0.7]}, "sigmas must be strictly decreasing"),
+        ({"num_inference_steps": 3, "sigmas": [1.0, 0.5, 0.5]}, "sigmas must be strictly decreasing"),
+        ({"num_inference_steps": 3, "sigmas": [2.0, 0.5, 0.2]}, r"sigmas must be finite and lie in \[0, 1\]"),
+        ({"num_inference_steps": 3, "sigmas": [1.0, 0.5, -0.2]}, r"sigmas must be finite and lie in \[0, 1\]"),
+        ({"num_inference_steps": True}, "num_inference_steps"),
+        ({"num_train_timesteps": True}, "num_train_timesteps"),
+        ({"shift": True}, "shift"),
+        ({"shift": float("inf")}, "shift"),
+        ({"use_dynamic_shifting": True, "mu": True}, "mu"),
         ({"shift_terminal": 1.0}, "shift_terminal"),
         ({"shift_terminal": -0.1}, "shift_terminal"),
         ({"shift_terminal": 0.1, "num_inference_steps": 1}, "shift_terminal"),
@@ -279,8 +290,65 @@ def test_invalid_arguments(kwargs, name):
         flow_match_euler_schedule(kwargs.pop("num_inference_steps"), **kwargs)
 
 
+def test_numpy_numbers_are_accepted():
+    reference = flow_match_euler_schedule(4, shift=3.0)
+    schedule = flow_match_euler_schedule(np.int64(4), num_train_timesteps=np.int32(1000), shift=np.float32(3.0))
+    np.testing.assert_array_equal(schedule.sigmas, reference.sigmas)
+    assert flux_mu(np.int64(1024)) == flux_mu(1024)
+
+
+def _exponential_shift_as_diffusers(sigmas, mu):
+    """diffusers' ``e^μ / (e^μ + (1/σ − 1))`` in float32 (``e^μ`` from float64, as the schedule rounds it)."""
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scale = np.float32(np.exp(np.float64(mu)))
+        return scale / (scale + (np.float32(1) / sigmas - np.float32(1)))
+
+
+@pytest.mark.parametrize("mu", [-800.0, -120.0, -20.0, 0.0, 0.7, FLUX_MU, 5.0, 20.0, 88.0, 89.0, 120.0, 800.0, 1.7e5])
+def test_exponential_time_shift_is_finite_for_any_mu_and_equals_diffusers_where_that_is(mu):
+    """Where ``e^μ`` overflows (μ > 88.7 in float32) or underflows at σ = 1, diffusers' form is
+    inf/inf or 0/0 = NaN; the schedule then uses ``sigmoid(μ − log(1/σ − 1))``, the same
+    quantity.  Where diffusers' form is finite the two agree to a float32 ulp."""
+    sigmas = np.asarray(flux_sigmas(28), np.float32)
+    ours = np.asarray(flow_match_euler_schedule(28, use_dynamic_shifting=True, mu=mu, sigmas=sigmas).sigmas[:-1])
+    old = _exponential_shift_as_diffusers(sigmas, mu)
+    assert np.all(np.isfinite(ours)) and np.all((ours >= 0) & (ours <= 1))
+    assert np.all(np.diff(ours) <= 0)  # still a decreasing schedule
+    finite = np.isfinite(old)
+    np.testing.assert_allclose(ours[finite], old[finite], rtol=2.4e-7, atol=1.2e-7)
+    if not finite.all():  # the limits: every σ < 1 goes to 1 (μ → ∞) or to 0 (μ → −∞); σ = 1 stays 1
+        assert ours[0] == 1.0
+        np.testing.assert_allclose(ours[1:], 1.0 if mu > 0 else 0.0, atol=1e-6)
+    jitted = jax.jit(lambda m: flow_match_euler_schedule(28, use_dynamic_shifting=True, mu=m, sigmas=sigmas).sigmas)
+    np.testing.assert_array_equal(jitted(jnp.float32(mu))[:-1], ours)
+
+
+def test_flux_preset_at_huge_image_seq_len_stays_finite():
+    """image_seq_len = 1e9 used to give μ ≈ 1.7e5 and a NaN schedule; a float is not a token count."""
+    from cfgzero_theory import presets
+
+    preset = presets.get("flux-dev")
+    schedule = preset.schedule(image_seq_len=10**9)
+    assert np.all(np.isfinite(np.asarray(schedule.sigmas))) and np.all(np.isfinite(np.asarray(schedule.timesteps)))
+    np.testing.assert_allclose(np.asarray(schedule.sigmas)[:-1], 1.0, atol=1e-6)
+    for bad in (1e9, 4096.0, 0, -5, True):
+        with pytest.raises(ValueError, match="^image_seq_len must be an integer >= 1"):
+            preset.schedule(image_seq_len=bad)
+
+
+def test_time_grid_refuses_an_infinite_shift():
+    """sampling.time_grid validates ``shift`` with validation.check_real(positive=True): inf and NaN are refused."""
+    from cfgzero_theory.sampling import time_grid
+
+    for bad in (float("inf"), float("nan"), 0.0, True):
+        with pytest.raises(ValueError, match="shift"):
+            time_grid(8, shift=bad)
+
+
 def test_invalid_helper_arguments():
     with pytest.raises(ValueError, match="num_inference_steps"):
         flux_sigmas(0)
+    with pytest.raises(ValueError, match="image_seq_len"):
+        flux_mu(2.5)
     with pytest.raises(ValueError, match="max_seq_len"):
         flux_mu(1024, base_seq_len=256, max_seq_len=256)

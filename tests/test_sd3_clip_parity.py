@@ -167,3 +167,27 @@ def test_loader_errors(torch, diffusers, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no config.json: expected a transformers CLIP text_encoder/ folder"):
         load_clip_text_encoder(tmp_path / "empty")
+
+
+def test_loader_checks_layer_count_and_dtypes_on_the_headers(torch, diffusers, tmp_path):
+    weights, config = saved_tensors(_reference(torch, "clip_l"), tmp_path / "good")
+    absurd = write_folder(tmp_path / "absurd", weights, {**config, "num_hidden_layers": 100_000})
+    with pytest.raises(ValueError, match="num_hidden_layers = 100000 in the config, but the weights hold blocks 0 … 2"):
+        load_clip_text_encoder(absurd)
+    key = "text_model.embeddings.token_embedding.weight"
+    as_ints = write_folder(tmp_path / "ints", {**weights, key: weights[key].astype(np.uint8)}, config)
+    with pytest.raises(ValueError, match=f"key '{key}' is stored as U8"):
+        load_clip_text_encoder(as_ints)
+
+
+def test_numbers_follow_the_validation_rules():
+    config = CLIPTextConfig(**{**TINY, "num_hidden_layers": np.int64(3), "layer_norm_eps": np.float32(1e-5)})
+    assert type(config.num_hidden_layers) is int and type(config.layer_norm_eps) is float
+    for bad in ({"num_hidden_layers": True}, {"layer_norm_eps": 0.0}, {"layer_norm_eps": float("nan")},
+                {"eos_token_id": True}, {"eos_token_id": 2.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            CLIPTextConfig(**{**TINY, **bad})
+    encoder = CLIPTextEncoder(CLIPTextConfig(**TINY), rngs=nnx.Rngs(0))
+    assert encoder(jnp.zeros((1, 4), jnp.int32), clip_skip=np.int64(1))[0].shape == (1, 4, 32)
+    with pytest.raises(ValueError, match="clip_skip"):
+        encoder(jnp.zeros((1, 4), jnp.int32), clip_skip=True)

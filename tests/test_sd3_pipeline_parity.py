@@ -234,6 +234,24 @@ def test_seeded_noise_and_default_size(tiny):
         ours("a cat", guidance="apg")
 
 
+def test_numbers_follow_the_validation_rules(tiny):
+    """bool is never a number (True used to pass as 1), NumPy integers are accepted."""
+    _, _, ours = tiny
+    assert ours.initial_latents(np.int64(1), np.int64(32), np.int32(32), seed=np.int64(5)).shape == (1, 16, 16, 16)
+    for kwargs, name in ((dict(batch=True), "batch"), (dict(batch=1, height=32.0), "height"),
+                         (dict(batch=1, width=True), "width"), (dict(batch=1, seed=1.5), "seed")):
+        with pytest.raises(ValueError, match=name):
+            ours.initial_latents(**kwargs)
+    for kwargs, name in ((dict(max_sequence_length=True), "max_sequence_length"), (dict(clip_skip=True), "clip_skip"),
+                         (dict(clip_skip=-1), "clip_skip")):
+        with pytest.raises(ValueError, match=name):
+            ours.encode_prompt("a cat", **kwargs)
+    for layers in ([True], [0.5], [], 3):
+        with pytest.raises(ValueError, match="skip_guidance_layers"):
+            ours.skip_layer_guidance(layers)
+    assert ours.skip_layer_guidance([np.int64(1)]) is not None
+
+
 def test_missing_subfolder_and_wrong_pipeline(tiny, tmp_path):
     _, folder, _ = tiny
     broken = tmp_path / "broken"

@@ -87,6 +87,12 @@ def test_param_sharding_on_one_device_and_bad_arguments():
         mesh_sharding([])
     with pytest.raises(ValueError, match="'x.kernel': shape must be"):
         sharding.sharding_for("x.kernel", (4, -1))
+    with pytest.raises(ValueError, match="'x.kernel': shape must be"):
+        sharding.sharding_for("x.kernel", (4, True))
+    with pytest.raises(ValueError, match="min_size"):
+        mesh_sharding(min_size=True)
+    assert mesh_sharding(min_size=np.int64(8)).min_size == 8 and type(mesh_sharding(min_size=np.int64(8)).min_size) is int
+    assert shard_axis((np.int64(256), 256), np.int64(1), np.int32(0)) is None
 
 
 def test_shard_state_keeps_variables_and_describe_counts_bytes():

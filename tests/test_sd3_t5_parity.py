@@ -131,3 +131,22 @@ def test_loader_errors(torch, diffusers, tmp_path):
         load_t5_encoder(variant("ungated", weights, {**config, "feed_forward_proj": "relu"}))
     with pytest.raises(ValueError, match=r"architectures is \['T5Model'\], expected \['T5EncoderModel'\]"):
         load_t5_encoder(variant("arch", weights, {**config, "architectures": ["T5Model"]}))
+
+
+def test_loader_checks_layer_count_and_dtypes_on_the_headers(torch, diffusers, tmp_path):
+    weights, config = saved_tensors(_reference(torch, "relu"), tmp_path / "good")
+    absurd = write_folder(tmp_path / "absurd", weights, {**config, "num_layers": 200_000})
+    with pytest.raises(ValueError, match="num_layers = 200000 in the config, but the weights hold blocks 0 … 2"):
+        load_t5_encoder(absurd)
+    key = "encoder.final_layer_norm.weight"
+    as_bool = write_folder(tmp_path / "bool", {**weights, key: weights[key] > 0}, config)
+    with pytest.raises(ValueError, match=f"key '{key}' is stored as BOOL"):
+        load_t5_encoder(as_bool)
+
+
+def test_numbers_follow_the_validation_rules():
+    assert type(T5Config(**{**TINY, "d_model": np.int64(32)}).d_model) is int
+    for bad in ({"num_layers": True}, {"relative_attention_num_buckets": 3}, {"layer_norm_epsilon": -1.0},
+                {"layer_norm_epsilon": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            T5Config(**{**TINY, **bad})

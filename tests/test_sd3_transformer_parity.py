@@ -217,6 +217,72 @@ def test_wrong_class_name_and_missing_config_are_refused(saved):
         load_sd3_transformer(folder)
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.bool_, np.complex64])
+def test_non_float_tensors_are_refused_naming_key_and_dtype(saved, dtype):
+    root, tensors, config = saved
+    key = "transformer_blocks.0.attn.to_q.weight"
+    tensors[key] = tensors[key].astype(dtype)
+    tensors["proj_out.bias"] = tensors["proj_out.bias"].astype(np.int32)
+    stored = {np.int32: "I32", np.uint8: "U8", np.bool_: "BOOL", np.complex64: "C64"}[dtype]
+    with pytest.raises(ValueError, match="parameters must be stored as float16, bfloat16, float32 or float64: key") as err:
+        load_sd3_transformer(_write(root / "bad", tensors, config))
+    assert f"key '{key}' is stored as {stored}" in str(err.value)
+    assert "key 'proj_out.bias' is stored as I32" in str(err.value)
+
+
+def test_half_precision_tensors_are_floats(saved):
+    root, tensors, config = saved
+    tensors = {k: v.astype(np.float16) for k, v in tensors.items()}
+    model = load_sd3_transformer(_write(root / "fp16", tensors, config))
+    assert model.out_proj.kernel[...].dtype == jnp.float16
+
+
+def test_num_layers_must_match_the_blocks_in_the_file_before_anything_is_built(saved):
+    """A config asking for 200 000 layers used to build the abstract model first (quadratic in
+    num_layers: it never finished); the header check now refuses it at once."""
+    root, tensors, config = saved
+    with pytest.raises(ValueError, match=r"num_layers = 200000 in the config, but the weights hold blocks 0 … 1 \(e\.g\. "
+                                         r"'transformer_blocks\.1\."):
+        load_sd3_transformer(_write(root / "absurd", tensors, {**config, "num_layers": 200_000}))
+    with pytest.raises(ValueError, match=r"num_layers = 3 in the config, but the weights hold blocks 0 … 1"):
+        load_sd3_transformer(_write(root / "three", tensors, {**config, "num_layers": 3}))
+    with pytest.raises(ValueError, match=r"num_layers = 1 in the config, .*unexpected keys \['transformer_blocks\.1\."):
+        load_sd3_transformer(_write(root / "one", tensors, {**config, "num_layers": 1}))
+    no_blocks = {k: v for k, v in tensors.items() if not k.startswith("transformer_blocks.")}
+    with pytest.raises(ValueError, match=r"num_layers = 2 in the config, but the weights hold no such block"):
+        load_sd3_transformer(_write(root / "none", no_blocks, config))
+
+
+def test_abstract_build_matches_an_initialised_module():
+    """The loader's shape-only build (no nnx.Rngs counter) has the structure of a real one."""
+    from cfgzero_theory.sd3.loading import abstract_module
+    from cfgzero_theory.sd3.transformer import SD3Transformer
+
+    config = SD3Config(**TINY, qk_norm="rms_norm", dual_attention_layers=(0,))
+    real = nnx.state(SD3Transformer(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.state(abstract_module(SD3Transformer, config))
+    shapes = lambda state: {path: (v.shape, v.dtype) for path, v in nnx.to_flat_state(state)}  # noqa: E731
+    assert shapes(abstract) == shapes(real)
+
+
+def test_config_and_call_numbers_follow_the_validation_rules():
+    config = SD3Config(**{**TINY, "num_layers": np.int64(2)}, dual_attention_layers=[np.int32(1)])
+    assert config.num_layers == 2 and type(config.num_layers) is int and config.dual_attention_layers == (1,)
+    for bad in ({"num_layers": True}, {"num_layers": 2.0}, {"patch_size": np.bool_(True)},
+                {"dual_attention_layers": (True,)}, {"dual_attention_layers": (2,)}):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=name):
+            SD3Config(**{**TINY, **bad})
+    from cfgzero_theory.sd3.transformer import SD3Transformer
+
+    model = SD3Transformer(SD3Config(**TINY), rngs=nnx.Rngs(0))
+    args = (jnp.zeros((1, 4, 8, 8)), jnp.zeros((1, 3, 16)), jnp.zeros((1, 8)), jnp.zeros((1,)))
+    assert model(*args, skip_layers=(np.int64(0),)).shape == (1, 4, 8, 8)
+    for bad in ((True,), (2,), (0.0,)):
+        with pytest.raises(ValueError, match="skip_layers"):
+            model(*args, skip_layers=bad)
+
+
 # ----------------------------------------------------------------------------- sampling
 
 

@@ -95,6 +95,14 @@ def test_config_rejects_bad_keys():
         VAEConfig.from_diffusers_config({**TINY, "bogus": 1})
     with pytest.raises(ValueError, match="norm_num_groups"):
         VAEConfig.from_diffusers_config({**TINY, "norm_num_groups": 3})
+    for bad, name in (({"layers_per_block": True}, "layers_per_block"), ({"block_out_channels": (8, True)}, "block_out_channels"),
+                      ({"scaling_factor": True}, "scaling_factor"), ({"shift_factor": float("inf")}, "shift_factor"),
+                      ({"scaling_factor": 0.0}, "scaling_factor")):
+        with pytest.raises(ValueError, match=name):
+            VAEConfig(**{**TINY, **bad})
+    config = VAEConfig(**{**TINY, "block_out_channels": (np.int64(8), 16), "scaling_factor": np.float32(1.5)})
+    assert config.block_out_channels == (8, 16) and type(config.block_out_channels[0]) is int
+    assert type(config.scaling_factor) is float
 
 
 def test_loader_errors(torch, diffusers, tmp_path):
@@ -128,3 +136,12 @@ def test_loader_errors(torch, diffusers, tmp_path):
     with pytest.raises(ValueError, match="not a readable safetensors"):
         load_vae(corrupt)
     assert os.path.isdir(good)
+    # repeated blocks are counted on the headers, before the model's structure is built
+    with pytest.raises(ValueError, match=r"layers_per_block \+ 1 = 100001 in the config, but the weights hold blocks 0 … 1"):
+        load_vae(variant("deep", weights, {**config, "layers_per_block": 100_000}))
+    levels = {"block_out_channels": [8, 16, 16], "down_block_types": ["DownEncoderBlock2D"] * 3,
+              "up_block_types": ["UpDecoderBlock2D"] * 3}
+    with pytest.raises(ValueError, match=r"len\(block_out_channels\) = 3 in the config, but the weights hold blocks 0 … 1"):
+        load_vae(variant("levels", weights, {**config, **levels}))
+    with pytest.raises(ValueError, match=f"key '{key}' is stored as C64"):
+        load_vae(variant("complex", {**weights, key: weights[key].astype(np.complex64)}))

@@ -245,6 +245,10 @@ def test_scan_equals_eager_loop(torch, diffusers):
         (lambda: unipc_flow_schedule(4, flow_shift=-3.0), "flow_shift"),
         (lambda: unipc_flow_schedule(4, flow_shift=float("nan")), "flow_shift"),
         (lambda: unipc_flow_schedule(4, flow_shift="3"), "flow_shift"),
+        (lambda: unipc_flow_schedule(4, flow_shift=True), "flow_shift"),
+        (lambda: unipc_flow_schedule(4, flow_shift=float("inf")), "flow_shift"),
+        (lambda: unipc_flow_schedule(4, flow_shift=np.ones(2)), "flow_shift"),
+        (lambda: unipc_flow_schedule(4, num_train_timesteps=True), "num_train_timesteps"),
         (lambda: unipc_flow_schedule(4, num_train_timesteps=1), "num_train_timesteps"),
         (lambda: unipc_flow_schedule(4, dtype=jnp.int32), "dtype"),
         (lambda: UniPC(order=0), "order"),
@@ -253,9 +257,20 @@ def test_scan_equals_eager_loop(torch, diffusers):
         (lambda: UniPC(lower_order_final=1), "lower_order_final"),
         (lambda: UniPC(disable_corrector=(-1,)), "disable_corrector"),
         (lambda: UniPC(disable_corrector=3), "disable_corrector"),
+        (lambda: UniPC(disable_corrector=(True,)), "disable_corrector"),
+        (lambda: UniPC(order=True), "order"),
         (lambda: UniPC().init(jnp.zeros(IMAGE), FlowSchedule(jnp.ones(3), jnp.ones(3))), "schedule"),
     ],
 )
 def test_bad_arguments_raise(torch, diffusers, make, name):
     with pytest.raises(ValueError, match=name):
         make()
+
+
+def test_numpy_numbers_are_accepted():
+    reference = unipc_flow_schedule(6, flow_shift=3.0)
+    schedule = unipc_flow_schedule(np.int64(6), flow_shift=np.float32(3.0), num_train_timesteps=np.int32(1000))
+    np.testing.assert_array_equal(schedule.sigmas, reference.sigmas)
+    np.testing.assert_array_equal(schedule.timesteps, reference.timesteps)
+    solver = UniPC(order=np.int64(2), disable_corrector=(np.int32(1),))
+    assert solver.order == 2 and type(solver.order) is int and solver.disable_corrector == (1,)

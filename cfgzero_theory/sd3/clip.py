@@ -53,11 +53,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cfgzero_theory.sd3.loading import (
-    IDENTITY, LINEAR, TRANSFORMERS, TRANSFORMERS_METADATA_KEYS, WeightMap, check_positive_ints, config_kwargs,
-    linear_rows, load_module, norm_rows,
+    IDENTITY, LINEAR, TRANSFORMERS, TRANSFORMERS_METADATA_KEYS, WeightMap, config_kwargs, linear_rows, load_module,
+    norm_rows,
 )
 from cfgzero_theory.sd3.sharding import ParamSharding
 from cfgzero_theory.sd3.transformer import QKNorm
+from cfgzero_theory.validation import check_choice, check_int, check_real
 
 Array = jax.Array
 
@@ -103,21 +104,16 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
 
     def __post_init__(self):
-        check_positive_ints(self, (
-            "vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
-            "num_attention_heads", "max_position_embeddings",
-        ))
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})"
             )
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
-        eps = self.layer_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"layer_norm_eps must be a positive number, got {eps!r}")
-        if isinstance(self.eos_token_id, bool) or not isinstance(self.eos_token_id, int):
-            raise ValueError(f"eos_token_id must be an integer, got {self.eos_token_id!r}")
+        check_choice("hidden_act", self.hidden_act, sorted(ACTIVATIONS))
+        object.__setattr__(self, "layer_norm_eps", check_real("layer_norm_eps", self.layer_norm_eps, positive=True))
+        object.__setattr__(self, "eos_token_id", check_int("eos_token_id", self.eos_token_id))
 
     @property
     def head_dim(self) -> int:
@@ -223,9 +219,8 @@ class CLIPTextEncoder(nnx.Module):
         t = input_ids.shape[1]
         if t > self.config.max_position_embeddings:
             raise ValueError(f"{t} tokens exceed max_position_embeddings ({self.config.max_position_embeddings})")
-        skip = 0 if clip_skip is None else clip_skip
-        if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < self.config.num_hidden_layers:
-            raise ValueError(f"clip_skip must be None or in 0 … {self.config.num_hidden_layers - 1}, got {clip_skip!r}")
+        skip = 0 if clip_skip is None else check_int("clip_skip", clip_skip, minimum=0,
+                                                     maximum=self.config.num_hidden_layers - 1)
         x = self.token_embedding(input_ids) + self.position_embedding(jnp.arange(t))[None]
         hidden_states = [x]
         for layer in self.layers:
@@ -281,4 +276,5 @@ def load_clip_text_encoder(
         folder, CLIPTextEncoder, CLIPTextConfig, _CLIP_WEIGHT_MAP,
         class_name=CLIP_ARCHITECTURE, what="CLIP text_encoder/", dtype=dtype, variant=variant,
         folder_kind=TRANSFORMERS, sharding=sharding,
+        repeats={"i": ("num_hidden_layers", lambda config: config.num_hidden_layers)},
     )

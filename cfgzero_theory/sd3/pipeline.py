@@ -48,9 +48,9 @@ Not supported: LoRA, IP-adapters, dynamic shifting, and schedulers other than
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import jax
@@ -60,6 +60,7 @@ from flax import nnx
 
 from cfgzero_theory import presets
 from cfgzero_theory.compilation import enable_compilation_cache
+from cfgzero_theory.files import atomic_write_bytes
 from cfgzero_theory.guidance import KINDS as GUIDANCE_KINDS
 from cfgzero_theory.sampling import FlowSampleResult, PerturbedGuidance, sample_flow
 from cfgzero_theory.schedules import flow_match_euler_schedule
@@ -176,10 +177,9 @@ def encode_prompt(components, prompts, negative_prompts=None, max_sequence_lengt
     batch = len(positive[0])
     negative = _per_encoder("" if negative_prompts is None else negative_prompts, negative_prompts_2,
                             negative_prompts_3, "negative_prompts", batch)
-    if not (isinstance(max_sequence_length, int) and max_sequence_length > 0):
-        raise ValueError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}")
-    if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
-        raise ValueError(f"clip_skip must be None or a non-negative integer, got {clip_skip!r}")
+    max_sequence_length = check_int("max_sequence_length", max_sequence_length, minimum=1)
+    if clip_skip is not None:
+        clip_skip = check_int("clip_skip", clip_skip, minimum=0)
     return (*_encode(components, positive, max_sequence_length, clip_skip),
             *_encode(components, negative, max_sequence_length, None))
 
@@ -298,10 +298,14 @@ class SD3Pipeline:
         kept, so repeated calls reuse the compiled loop.  ``scale``, ``start`` and ``stop``
         default to :class:`~cfgzero_theory.sampling.PerturbedGuidance`'s (diffusers' defaults).
         """
-        layers = tuple(sorted({int(i) for i in layers}))
-        if not layers or not all(0 <= i < self.transformer.config.num_layers for i in layers):
-            raise ValueError(f"skip_guidance_layers must be block indices in [0, {self.transformer.config.num_layers})"
-                             f", got {layers!r}")
+        num_layers = self.transformer.config.num_layers
+        try:
+            layers = tuple(sorted({check_int("skip_guidance_layers entry", i, minimum=0, maximum=num_layers - 1)
+                                   for i in layers}))
+        except TypeError:
+            raise ValueError(f"skip_guidance_layers must be a sequence of block indices, got {layers!r}") from None
+        if not layers:
+            raise ValueError(f"skip_guidance_layers must hold at least one block index in [0, {num_layers}), got ()")
         if layers not in self._skip_model_fns:
             self._skip_model_fns[layers] = sd3_model_fn(self.transformer, skip_layers=layers)
         options = {k: v for k, v in dict(scale=scale, start=start, stop=stop).items() if v is not None}
@@ -323,10 +327,11 @@ class SD3Pipeline:
         height = config.sample_size * factor if height is None else height
         width = config.sample_size * factor if width is None else width
         multiple = factor * config.patch_size
-        if not all(isinstance(n, int) and n > 0 and n % multiple == 0 for n in (height, width)):
+        height, width = check_int("height", height, minimum=1), check_int("width", width, minimum=1)
+        if height % multiple or width % multiple:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}×{width}")
-        if not (isinstance(batch, int) and batch >= 1):
-            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        batch = check_int("batch", batch, minimum=1)
+        seed = check_int("seed", seed)
         shape = (batch, config.in_channels, height // factor, width // factor)
         return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32).astype(dtype)
 
@@ -413,20 +418,8 @@ def save_png(images, path: str | os.PathLike) -> str:
         array = np.concatenate(list(array), axis=1)
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
         raise ValueError(f"images must have shape (H, W, C) or (B, H, W, C) with C in 1, 3, 4; got {np.shape(images)}")
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
     pixels = to_uint8(array)
-    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file owner-only; give it a normal file's mode
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
+    path = atomic_write_bytes(path, buffer.getvalue())
     return path

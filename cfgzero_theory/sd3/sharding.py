@@ -49,15 +49,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cfgzero_theory.validation import check_int
+
 __all__ = ["MIN_SIZE", "ParamSharding", "describe_sharding", "mesh_sharding", "shard_axis", "shard_state"]
 
 MIN_SIZE = 2**14
 """Default element count below which a parameter is replicated rather than split."""
-
-
-def _check_min_size(min_size) -> None:
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-        raise ValueError(f"min_size must be a non-negative integer, got {min_size!r}")
 
 
 def shard_axis(shape: Sequence[int], n: int, min_size: int = MIN_SIZE) -> int | None:
@@ -67,10 +64,9 @@ def shard_axis(shape: Sequence[int], n: int, min_size: int = MIN_SIZE) -> int | 
     ``None`` when ``n == 1``, when the tensor has fewer than ``min_size`` elements, or when no
     axis is divisible by ``n``.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    _check_min_size(min_size)
-    shape = tuple(int(d) for d in shape)
+    n = check_int("n", n, minimum=1)
+    min_size = check_int("min_size", min_size, minimum=0)
+    shape = tuple(check_int("shape entry", d, minimum=0) for d in shape)
     if n == 1 or math.prod(shape) < min_size:
         return None
     divisible = [(size, axis) for axis, size in enumerate(shape) if size > 0 and size % n == 0]
@@ -98,7 +94,7 @@ class ParamSharding:
             object.__setattr__(self, "axis", self.mesh.axis_names[0])
         if self.axis not in self.mesh.axis_names:
             raise ValueError(f"axis must be one of the mesh axes {self.mesh.axis_names}, got {self.axis!r}")
-        _check_min_size(self.min_size)
+        object.__setattr__(self, "min_size", check_int("min_size", self.min_size, minimum=0))
 
     @property
     def axis_size(self) -> int:
@@ -107,8 +103,10 @@ class ParamSharding:
 
     def sharding_for(self, path: str, shape: tuple[int, ...]) -> NamedSharding:
         """The ``NamedSharding`` of the parameter at ``path`` (dotted, for messages) with ``shape``."""
-        if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
-            raise ValueError(f"parameter {path!r}: shape must be non-negative integers, got {shape!r}")
+        try:
+            shape = tuple(check_int("shape entry", d, minimum=0) for d in shape)
+        except ValueError:
+            raise ValueError(f"parameter {path!r}: shape must be non-negative integers, got {shape!r}") from None
         spec = [None] * len(shape)
         dim = shard_axis(shape, self.axis_size, self.min_size)
         if dim is not None:

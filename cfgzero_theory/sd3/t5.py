@@ -50,11 +50,11 @@ from flax import nnx
 
 from cfgzero_theory.sd3.clip import ACTIVATIONS
 from cfgzero_theory.sd3.loading import (
-    IDENTITY, LINEAR, TRANSFORMERS, TRANSFORMERS_METADATA_KEYS, WeightMap, check_positive_ints, config_kwargs,
-    load_module,
+    IDENTITY, LINEAR, TRANSFORMERS, TRANSFORMERS_METADATA_KEYS, WeightMap, config_kwargs, load_module,
 )
 from cfgzero_theory.sd3.sharding import ParamSharding
 from cfgzero_theory.sd3.transformer import QKNorm
+from cfgzero_theory.validation import check_choice, check_int, check_real
 
 Array = jax.Array
 
@@ -95,17 +95,14 @@ class T5Config:
     feed_forward_proj: str = "relu"
 
     def __post_init__(self):
-        check_positive_ints(self, (
-            "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
-            "relative_attention_max_distance",
-        ))
-        if self.relative_attention_num_buckets < 4:
-            raise ValueError(f"relative_attention_num_buckets must be at least 4, got {self.relative_attention_num_buckets}")
-        if self.feed_forward_proj not in FEED_FORWARD:
-            raise ValueError(f"feed_forward_proj must be one of {FEED_FORWARD}, got {self.feed_forward_proj!r}")
-        eps = self.layer_norm_epsilon
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"layer_norm_epsilon must be a positive number, got {eps!r}")
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                     "relative_attention_max_distance"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
+        object.__setattr__(self, "relative_attention_num_buckets", check_int(
+            "relative_attention_num_buckets", self.relative_attention_num_buckets, minimum=4))
+        check_choice("feed_forward_proj", self.feed_forward_proj, FEED_FORWARD)
+        object.__setattr__(self, "layer_norm_epsilon",
+                           check_real("layer_norm_epsilon", self.layer_norm_epsilon, positive=True))
 
     @property
     def gated(self) -> bool:
@@ -271,5 +268,5 @@ def load_t5_encoder(
     return load_module(
         folder, T5Encoder, T5Config, _T5_WEIGHT_MAP,
         class_name=T5_ARCHITECTURE, what="T5 text_encoder_3/", dtype=dtype, variant=variant, folder_kind=TRANSFORMERS,
-        sharding=sharding,
+        sharding=sharding, repeats={"i": ("num_layers", lambda config: config.num_layers)},
     )

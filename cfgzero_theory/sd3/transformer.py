@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -61,6 +60,7 @@ import numpy as np
 from flax import nnx
 
 from cfgzero_theory.sd3.loading import config_kwargs
+from cfgzero_theory.validation import check_choice, check_int
 
 Array = jax.Array
 
@@ -111,9 +111,7 @@ class SD3Config:
             "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
             "pos_embed_max_size",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
         if self.sample_size // self.patch_size < 1:
             raise ValueError(f"sample_size ({self.sample_size}) must be at least patch_size ({self.patch_size})")
         if self.inner_dim % 4:
@@ -126,17 +124,13 @@ class SD3Config:
                 f"caption_projection_dim must equal num_attention_heads * attention_head_dim = {self.inner_dim} "
                 f"(the blocks take the embedded context at that width), got {self.caption_projection_dim}"
             )
-        if self.qk_norm not in QK_NORMS:
-            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        check_choice("qk_norm", self.qk_norm, QK_NORMS)
         layers = self.dual_attention_layers
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
             raise ValueError(f"dual_attention_layers must be a sequence of block indices, got {layers!r}")
-        for index in layers:
-            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_layers:
-                raise ValueError(
-                    f"dual_attention_layers entries must be block indices in [0, {self.num_layers}), got {index!r}"
-                )
-        object.__setattr__(self, "dual_attention_layers", tuple(sorted(set(layers))))
+        layers = {check_int("dual_attention_layers entry", index, minimum=0, maximum=self.num_layers - 1)
+                  for index in layers}
+        object.__setattr__(self, "dual_attention_layers", tuple(sorted(layers)))
 
     @property
     def inner_dim(self) -> int:
@@ -437,18 +431,8 @@ class SD3Transformer(nnx.Module):
                 f"pooled_projections must have shape ({batch}, {cfg.pooled_projection_dim}), "
                 f"got {pooled_projections.shape}"
             )
-        indices = []
-        for index in skip_layers:
-            try:
-                if isinstance(index, bool):
-                    raise TypeError
-                value = operator.index(index)
-            except TypeError:
-                value = None
-            if value is None or not 0 <= value < cfg.num_layers:
-                raise ValueError(f"skip_layers entries must be block indices in [0, {cfg.num_layers}), got {index!r}")
-            indices.append(value)
-        return frozenset(indices)
+        return frozenset(check_int("skip_layers entry", index, minimum=0, maximum=cfg.num_layers - 1)
+                         for index in skip_layers)
 
     def patchify(self, x: Array) -> Array:
         """``(B, C, H, W) -> (B, h·w, C·p·p)`` in the conv weight's ``(c, i, j)`` order."""

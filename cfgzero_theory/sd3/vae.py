@@ -57,6 +57,7 @@ from cfgzero_theory.sd3.loading import (
     CONV, IDENTITY, LINEAR, WeightMap, config_kwargs, conv_rows, linear_rows, load_module, norm_rows,
 )
 from cfgzero_theory.sd3.sharding import ParamSharding
+from cfgzero_theory.validation import check_choice, check_int, check_real
 
 Array = jax.Array
 
@@ -111,12 +112,11 @@ class VAEConfig:
         for name in ("down_block_types", "up_block_types", "block_out_channels"):
             as_tuple(name)
         for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        channels = self.block_out_channels
-        if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
-            raise ValueError(f"block_out_channels must be a non-empty sequence of positive integers, got {channels!r}")
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels must be a non-empty sequence of positive integers, got ()")
+        channels = tuple(check_int("block_out_channels entry", c, minimum=1) for c in self.block_out_channels)
+        object.__setattr__(self, "block_out_channels", channels)
         bad = [c for c in channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"norm_num_groups ({self.norm_num_groups}) must divide every block_out_channels entry, got {channels!r}")
@@ -126,16 +126,12 @@ class VAEConfig:
                 raise ValueError(f"{name} must have one entry per block_out_channels entry ({len(channels)}), got {types!r}")
             if any(t != allowed for t in types):
                 raise ValueError(f"{name}: only {allowed!r} is supported, got {types!r}")
-        if self.act_fn not in ACTIVATIONS:
-            raise ValueError(f"act_fn must be one of {ACTIVATIONS}, got {self.act_fn!r}")
-        for name in ("scaling_factor", "shift_factor"):
-            value = getattr(self, name)
-            if value is None and name == "shift_factor":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        check_choice("act_fn", self.act_fn, ACTIVATIONS)
+        object.__setattr__(self, "scaling_factor", check_real("scaling_factor", self.scaling_factor))
         if self.scaling_factor == 0:
             raise ValueError("scaling_factor must be non-zero")
+        if self.shift_factor is not None:
+            object.__setattr__(self, "shift_factor", check_real("shift_factor", self.shift_factor))
         for name in ("latents_mean", "latents_std"):
             value = getattr(self, name)
             if value is not None:
@@ -461,4 +457,8 @@ def load_vae(
     return load_module(
         folder, AutoencoderKL, VAEConfig, _VAE_WEIGHT_MAP,
         class_name=VAE_DIFFUSERS_CLASS_NAME, what="vae/", dtype=dtype, variant=variant, sharding=sharding,
+        repeats={  # levels, and ResNets per level (the decoder's layers_per_block + 1; the mid block's 2)
+            "i": ("len(block_out_channels)", lambda config: len(config.block_out_channels)),
+            "j": ("layers_per_block + 1", lambda config: config.layers_per_block + 1),
+        },
     )

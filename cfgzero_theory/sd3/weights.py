@@ -38,9 +38,11 @@ Errors
 All ``ValueError`` (a nonexistent folder is ``FileNotFoundError``): no ``config.json`` or an
 unreadable one, a wrong ``_class_name``, unknown config keys, missing weight files or
 shards, a file that is not readable safetensors (named), and — gathered into one message —
-missing keys, unexpected keys and wrongly shaped tensors (``key 'x': expected shape (16, 4,
-2, 2), found (16, 4, 3, 3)``, shapes in the file's layout).  All checks run on the headers
-before any tensor data is read.
+tensors not stored as float16/bfloat16/float32/float64, a ``num_layers`` other than the
+number of ``transformer_blocks.{i}`` in the file (checked before the model's structure is
+built, so an absurd ``num_layers`` fails at once), missing keys, unexpected keys and wrongly
+shaped tensors (``key 'x': expected shape (16, 4, 2, 2), found (16, 4, 3, 3)``, shapes in the
+file's layout).  All checks run on the headers before any tensor data is read.
 
 Memory
 ------
@@ -135,6 +137,7 @@ def load_sd3_transformer(
         folder, SD3Transformer, SD3Config, _WEIGHT_MAP,
         class_name=DIFFUSERS_CLASS_NAME, what="SD3 transformer/", dtype=dtype, variant=variant,
         optional={target: sincos_pos_embed for target in OPTIONAL_TARGETS}, sharding=sharding,
+        repeats={"i": ("num_layers", lambda config: config.num_layers)},
     )
 
 
