@@ -97,7 +97,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import operator
 import os
 import re
 import socket
@@ -114,6 +113,7 @@ from safetensors import SafetensorError, deserialize
 from safetensors.numpy import save as _st_save
 
 from cfgzero_theory.files import atomic_write_bytes, remove_temporaries
+from cfgzero_theory.validation import check_int
 
 __all__ = [
     "FORMAT",
@@ -176,14 +176,7 @@ _SAVABLE_DTYPES = frozenset(_ST_DTYPES.values())
 
 def checkpoint_path(directory: str | os.PathLike, epoch: int) -> str:
     """Path of the checkpoint of ``epoch`` in ``directory``: ``epoch_{epoch:06d}.safetensors``."""
-    if isinstance(epoch, bool):
-        raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
-    try:
-        epoch = operator.index(epoch)
-    except TypeError:
-        raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}") from None
-    if epoch < 0:
-        raise ValueError(f"epoch must be a non-negative integer, got {epoch}")
+    epoch = check_int("epoch", epoch, minimum=0)
     return os.path.join(os.fspath(directory), f"epoch_{epoch:06d}.safetensors")
 
 
@@ -252,7 +245,10 @@ def _join(path: tuple) -> str:
 
 def _named_leaves(tree: Any) -> tuple[list[str], list[Any], Any]:
     """Names, leaves and treedef of ``tree``; names unique (else ``ValueError``)."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    try:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+    except (TypeError, ValueError) as err:  # e.g. dict keys 0 and "0", which cannot be sorted together
+        raise ValueError(f"tree cannot be flattened into named leaves (are its dict keys of one type?): {err}") from None
     variable = _nnx_variable_type()
     is_variable = (lambda x: isinstance(x, variable)) if variable is not None else None
     names: list[str] = []

@@ -33,7 +33,6 @@ Equivalences with diffusers (fp32 to 1e-5 relative; see tests/test_guidance_fami
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -435,14 +434,10 @@ class Renormalize(_Wrapper):
 
     def __post_init__(self):
         axis = self.axis
-        if isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
-            axis = int(axis)
-        elif isinstance(axis, (tuple, list)) and all(
-            isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis
-        ):
-            axis = tuple(int(a) for a in axis)
+        if isinstance(axis, (tuple, list)):
+            axis = tuple(check_int("axis", a) for a in axis)
         elif axis is not None:
-            raise ValueError(f"axis must be an int, a tuple of ints or None; got {axis!r}")
+            axis = check_int("axis", axis)
         if not isinstance(self.clamp, (bool, np.bool_)):
             raise ValueError(f"clamp must be a bool; got {self.clamp!r}")
         object.__setattr__(self, "axis", axis)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -51,7 +50,7 @@ import numpy as np
 from cfgzero_theory.guidance import GuidanceRule, apply_rule, init_rule_state, optimized_scale
 from cfgzero_theory.mixture import NULL_LABEL
 from cfgzero_theory.schedules import FlowMatchEuler, FlowSchedule, FlowSolver, Heun
-from cfgzero_theory.validation import check_choice, check_int, check_real
+from cfgzero_theory.validation import check_choice, check_float_dtype, check_int, check_leaf, check_real, concrete_number
 
 Array = jax.Array
 VelocityFn = Callable[..., Array]
@@ -72,7 +71,8 @@ def time_grid(num_steps: int, shift: float = 1.0, dtype=None) -> Array:
     """
     num_steps = check_int("num_steps", num_steps, minimum=1)
     shift = check_real("shift", shift, positive=True)
-    sigma = jnp.linspace(1.0, 0.0, num_steps + 1, dtype=dtype or jnp.result_type(float))
+    dtype = jnp.result_type(float) if dtype is None else check_float_dtype("dtype", dtype)
+    sigma = jnp.linspace(1.0, 0.0, num_steps + 1, dtype=dtype)
     return 1 - shift_sigmas(sigma, shift)
 
 
@@ -215,12 +215,13 @@ class PerturbedGuidance:
     def __post_init__(self):
         if not callable(self.model_fn):
             raise ValueError(f"model_fn must be callable, got {type(self.model_fn).__name__}")
-        values = {name: getattr(self, name) for name in ("scale", "start", "stop")}
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
-            if not all(math.isfinite(v) for v in values.values()):
-                raise ValueError(f"scale, start and stop must be finite, got {values}")
-            if not 0 <= values["start"] <= values["stop"] <= 1:
-                raise ValueError(f"need 0 <= start <= stop <= 1, got start={values['start']}, stop={values['stop']}")
+        object.__setattr__(self, "scale", check_leaf("scale", self.scale, lambda x: True, "a finite number"))
+        for name in ("start", "stop"):
+            object.__setattr__(self, name, check_leaf(name, getattr(self, name), lambda x: 0 <= x <= 1,
+                                                      "a number in [0, 1]"))
+        start, stop = concrete_number(self.start), concrete_number(self.stop)
+        if start is not None and stop is not None and start > stop:
+            raise ValueError(f"start must not exceed stop, got start={start}, stop={stop}")
 
     def active(self, i, num_steps: int):
         """Whether the term is applied at step ``i`` (``N·start < i < N·stop``; traceable)."""

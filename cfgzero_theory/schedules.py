@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfgzero_theory.validation import check_choice, check_int, check_int_leaf, check_leaf, check_real
+from cfgzero_theory.validation import check_choice, check_float_dtype, check_int, check_int_leaf, check_leaf, check_real
 
 Array = jax.Array
 
@@ -243,8 +243,7 @@ def flow_match_euler_schedule(
         if shift_terminal and num_inference_steps == 1:
             # The stretch divides by 1 − σ_last, which is 0 for a single σ = 1 (diffusers returns NaN).
             raise ValueError("shift_terminal needs num_inference_steps >= 2")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"dtype must be a floating dtype, got {dtype!r}")
+    dtype = check_float_dtype("dtype", dtype)
 
     if sigmas is not None:
         sigmas = _check_sigmas(sigmas, num_inference_steps)

@@ -26,6 +26,7 @@ __all__ = [
     "concrete_number",
     "check_int",
     "check_real",
+    "check_float_dtype",
     "check_fraction",
     "check_open_fraction",
     "check_choice",
@@ -118,6 +119,20 @@ def check_open_fraction(name: str, value) -> float:
     if not 0.0 < number < 1.0:
         raise _fail(name, "a number strictly between 0 and 1", value)
     return number
+
+
+def check_float_dtype(name: str, dtype):
+    """``dtype`` as a NumPy floating dtype (``"bfloat16"``, ``jnp.float32``, …); anything that
+    is not a dtype, or not a floating one, is a ``ValueError`` (not NumPy's ``TypeError``)."""
+    import jax.numpy as jnp
+
+    try:
+        resolved = jnp.dtype(dtype)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a floating dtype such as 'float32' or 'bfloat16', got {dtype!r}") from None
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(f"{name} must be a floating dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+    return resolved
 
 
 def check_choice(name: str, value, choices: Iterable):

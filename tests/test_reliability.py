@@ -252,3 +252,19 @@ def test_samplers_refuse_what_they_cannot_sample():
         sampling.sample_flow(sampling.mixture_flow_model, gm, x0, schedule, labels, null, rule, solver="euler")
     out = sampling.sample_flow(sampling.mixture_flow_model, gm, x0, schedule, labels, null, rule, solver=FlowMatchEuler())
     assert np.all(np.isfinite(out.samples))
+
+
+def test_wrong_types_are_value_errors_naming_the_argument(tmp_path):
+    from cfgzero_theory import schedules, sampling
+
+    for call, match in [
+        (lambda: checkpoint.save_pytree(tmp_path / "x.safetensors", {0: np.ones(2), "0": np.ones(2)}), "dict keys"),
+        (lambda: schedules.flow_match_euler_schedule(4, dtype="banana"), "dtype must be a floating dtype"),
+        (lambda: sampling.time_grid(4, dtype="int32"), "dtype must be a floating dtype"),
+        (lambda: checkpoint.checkpoint_path(tmp_path, True), "epoch must be an integer"),
+        (lambda: sampling.PerturbedGuidance(lambda *a: 0, 2.8, 0.5, 0.2), "start must not exceed stop"),
+        (lambda: sampling.PerturbedGuidance(lambda *a: 0, float("nan")), "scale must be a finite number"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert checkpoint.checkpoint_path(tmp_path, np.int64(3)).endswith("epoch_000003.safetensors")

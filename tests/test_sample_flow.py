@@ -141,7 +141,7 @@ def test_perturbed_guidance_adds_its_term_inside_its_interval_only():
         expected = 2.0 * (out.v_cond[i] - 0.5 * out.v_cond[i]) if 2 <= i <= 5 else jnp.zeros_like(out.v_cond[i])
         np.testing.assert_allclose(extra[i], np.asarray(expected), atol=1e-5, err_msg=f"step {i}")
     assert bool(term.active(2, steps)) and not bool(term.active(1, steps)) and not bool(term.active(6, steps))
-    with pytest.raises(ValueError, match="start <= stop"):
+    with pytest.raises(ValueError, match="start must not exceed stop"):
         PerturbedGuidance(_half_model, start=0.5, stop=0.2)
     with pytest.raises(ValueError, match="model_fn must be callable"):
         PerturbedGuidance("skip")

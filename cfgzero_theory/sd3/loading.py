@@ -83,6 +83,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 
 from cfgzero_theory.sd3.sharding import ParamSharding
+from cfgzero_theory.validation import check_float_dtype
 
 __all__ = [
     "CONV", "DIFFUSERS", "FLOAT_DTYPES", "IDENTITY", "LINEAR", "TRANSFORMERS", "TRANSFORMERS_METADATA_KEYS", "FolderKind",
@@ -442,7 +443,7 @@ def load_module(
         raise FileNotFoundError(f"no such folder: {folder}")
     if not os.path.isdir(folder):
         raise ValueError(f"{folder} is not a folder: expected a {folder_kind.library} {what} folder")
-    cast = None if dtype is None else np.dtype(dtype)
+    cast = None if dtype is None else check_float_dtype("dtype", dtype)
     if cast is not None and not np.issubdtype(cast, np.floating) and cast != np.dtype(jnp.bfloat16):
         raise ValueError(f"dtype must be a floating dtype, got {cast}")
     optional = dict(optional or {})
