@@ -42,6 +42,18 @@ def retract_result(path: str) -> None:
         pass
 
 
+def draw_figures(drawings: dict, out_dir: str, show_progress: bool) -> list[str]:
+    """Draw each figure of ``drawings`` (name → ``draw(path_without_extension) -> written paths``)
+    into ``out_dir`` in the project style, with a progress bar; returns every path written."""
+    from cfgzero_theory import plotting
+
+    figures = []
+    with plotting.style():
+        for name in progress(drawings, show_progress, "figures", unit="figure"):
+            figures += drawings[name](os.path.join(out_dir, name))
+    return figures
+
+
 def publishable(payload: dict, figures: list[str], verdict, started: float) -> dict:
     """A study's payload ready for its JSON: private (``_``) keys dropped, the figure file
     names, ``verdict(payload)`` and the total runtime since ``started`` (``time.perf_counter``)."""

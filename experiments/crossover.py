@@ -541,8 +541,7 @@ def main(argv=None) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
-    from cfgzero_theory import plotting
-    from experiments._common import outputs_line, progress, publishable, retract_result, run_or_exit, write_json
+    from experiments._common import draw_figures, outputs_line, publishable, retract_result, run_or_exit, write_json
     from experiments._figures import plot_training_loss
 
     payload = run_or_exit(run, args)
@@ -556,10 +555,7 @@ def main(argv=None) -> dict:
     }
     path = os.path.join(args.out, "crossover.json")
     retract_result(path)
-    figures = []
-    with plotting.style():
-        for name in progress(drawings, not args.no_progress, "figures", unit="figure"):
-            figures += drawings[name](os.path.join(args.out, name))
+    figures = draw_figures(drawings, args.out, not args.no_progress)
     payload = publishable(payload, figures, verdict, start)
     write_json(path, payload)
     print(format_table(payload))

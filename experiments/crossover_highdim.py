@@ -785,8 +785,7 @@ def main(argv=None) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
-    from cfgzero_theory import plotting
-    from experiments._common import publishable, retract_result, run_or_exit, write_json
+    from experiments._common import draw_figures, publishable, retract_result, run_or_exit, write_json
     from experiments._figures import plot_first_step_errors, plot_training_loss
 
     payload = run_or_exit(run, args)
@@ -813,10 +812,7 @@ def main(argv=None) -> dict:
     }
     path = os.path.join(args.out, "crossover_highdim.json")
     retract_result(path)
-    figures = []
-    with plotting.style():
-        for name in progress(drawings, not args.no_progress, "figures", unit="figure"):
-            figures += drawings[name](os.path.join(args.out, name))
+    figures = draw_figures(drawings, args.out, not args.no_progress)
     payload = publishable(payload, figures, verdict, start)
     write_json(path, payload)
     print(format_table(payload))

@@ -31,6 +31,7 @@ arrays, checks, metrics; non-finite numbers are written as ``null``) and the fig
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -505,19 +506,15 @@ def main(argv=None) -> dict:
 
     jax.config.update("jax_enable_x64", args.dtype == "float64")
 
-    from cfgzero_theory import plotting
-
-    from experiments._common import outputs_line, progress, retract_result, run_or_exit, write_json
+    from experiments._common import draw_figures, outputs_line, retract_result, run_or_exit, write_json
 
     result = run_or_exit(run, args)
     compute_s = time.perf_counter() - start
     drawings = {"bias": plot_bias, "samples": plot_samples, "metrics": plot_metrics, "errata": plot_errata}
     path = os.path.join(args.out, "exact_guidance.json")
     retract_result(path)
-    figures = []
-    with plotting.style():
-        for name in progress(drawings, not args.no_progress, "figures", unit="figure"):
-            figures += drawings[name](result, os.path.join(args.out, name))
+    figures = draw_figures({name: functools.partial(draw, result) for name, draw in drawings.items()}, args.out,
+                           not args.no_progress)
     result = {k: v for k, v in result.items() if not k.startswith("_")}
     result["figures"] = [os.path.basename(f) for f in figures]
     result["runtime_s"] = {"compute": compute_s, "total": time.perf_counter() - start}
