@@ -10,6 +10,13 @@ import sys
 import time
 
 
+#: The guidance of the toy studies (crossover, crossover_map's default cell, crossover_highdim,
+#: exact_guidance, lecture_demo), declared once: the scale ``w`` and the zero-init steps ``K``
+#: (the paper's ``K = 1``).  Kept here, not in the library, so the command lines can print
+#: their help and refuse bad arguments before JAX is imported.
+TOY_SCALE = 4.0
+TOY_ZERO_INIT_STEPS = 1
+
 def strict_json(value):
     """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN or inf)."""
     if isinstance(value, float):

@@ -54,7 +54,8 @@ import platform
 import sys
 import time
 
-from experiments._common import OneLineErrorParser, announce, default_out, interval_text, prepare_output_dir
+from experiments._common import (TOY_SCALE, TOY_ZERO_INIT_STEPS, OneLineErrorParser, announce, default_out,
+                                 interval_text, prepare_output_dir)
 
 PRESETS = {
     "smoke": dict(seeds=1, data_seeds=3, epochs=4, dataset_size=512, batch_size=128, n_eval=256, steps=8, width=32),
@@ -81,13 +82,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineErrorParser(prog="python -m experiments.crossover", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="size of the study (default quick)")
     p.add_argument("--out", default=None, help="output folder (default runs/crossover/<preset>)")
-    p.add_argument("--scale", type=float, default=4.0, help="guidance scale w (default 4)")
+    p.add_argument("--scale", type=float, default=TOY_SCALE, help=f"guidance scale w (default {TOY_SCALE:g})")
     p.add_argument("--distance", type=float, default=GEOMETRY["distance"],
                    help=f"distance of the guided class's mean from the noise mean (default {GEOMETRY['distance']:g})")
     p.add_argument("--data-offset", type=float, default=GEOMETRY["data_offset"],
                    help=f"distance of the data mean from the noise mean, along the class's axis (default {GEOMETRY['data_offset']:g})")
     p.add_argument("--label", type=int, default=GEOMETRY["label"], help="guided class: 0, 1 or 2 (default 1)")
-    p.add_argument("--zero-init-steps", type=int, default=1, help="zero-init steps K (default 1)")
+    p.add_argument("--zero-init-steps", type=int, default=TOY_ZERO_INIT_STEPS,
+                   help=f"zero-init steps K (default {TOY_ZERO_INIT_STEPS})")
     p.add_argument("--seed", type=int, default=0, help="root seed of the networks and training noise")
     p.add_argument("--data-seed", type=int, default=0, help="first data seed (datasets use data-seed, data-seed + 1, ...)")
     for name in PRESETS["quick"]:

@@ -114,8 +114,8 @@ import platform
 import sys
 import time
 
-from experiments._common import (OneLineErrorParser, announce, crossover_json, default_out, interval_text, outputs_line,
-                                 prepare_output_dir, progress)
+from experiments._common import (TOY_SCALE, TOY_ZERO_INIT_STEPS, OneLineErrorParser, announce, crossover_json,
+                                 default_out, interval_text, outputs_line, prepare_output_dir, progress)
 
 PRESETS = {
     # eval_every = 0: the doubling grid 0, 1, 2, 4, ..., epochs
@@ -155,9 +155,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="size of the study (default quick)")
     p.add_argument("--out", default=None, help="output folder (default runs/crossover_highdim/<preset>)")
     p.add_argument("--dim", type=int, default=64, help="data dimension d (default 64)")
-    p.add_argument("--scale", type=float, default=4.0, help="guidance scale w (default 4)")
+    p.add_argument("--scale", type=float, default=TOY_SCALE, help=f"guidance scale w (default {TOY_SCALE:g})")
     p.add_argument("--label", type=int, default=0, help=f"guided class, 0..{MIXTURE['num_classes'] - 1} (default 0)")
-    p.add_argument("--zero-init-steps", type=int, default=1, help="zero-init steps K (default 1)")
+    p.add_argument("--zero-init-steps", type=int, default=TOY_ZERO_INIT_STEPS,
+                   help=f"zero-init steps K (default {TOY_ZERO_INIT_STEPS})")
     p.add_argument("--solver", choices=("euler", "heun"), default="euler", help="ODE solver of the sampler (default euler)")
     p.add_argument("--learning-rate", type=float, default=1e-2, help="AdamW learning rate, cosine-decayed (default 1e-2)")
     p.add_argument("--seed", type=int, default=0, help="root seed of the networks, training noise and evaluation noise")

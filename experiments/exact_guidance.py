@@ -38,18 +38,19 @@ import platform
 import sys
 import time
 
-from experiments._common import OneLineErrorParser, announce, default_out, make_rules, prepare_output_dir
+from experiments._common import (TOY_SCALE, TOY_ZERO_INIT_STEPS, OneLineErrorParser, announce, default_out, make_rules,
+                                 prepare_output_dir)
 
 #: Defaults of the full run; ``--quick`` replaces those in QUICK unless given explicitly.
 DEFAULTS = {
     "out": default_out("exact_guidance"),
-    "scale": 4.0,
+    "scale": TOY_SCALE,
     "steps": 32,
     "n": 4096,
     "seed": 0,
     "label": 0,
     "solver": "euler",
-    "zero_init_steps": 1,
+    "zero_init_steps": TOY_ZERO_INIT_STEPS,
     "bins": 64,
     "bandwidth": 1.0,
     "extent": None,

@@ -20,7 +20,8 @@ import math
 import os
 import time
 
-from experiments._common import OneLineErrorParser, announce, default_out, prepare_output_dir
+from experiments._common import (TOY_SCALE, TOY_ZERO_INIT_STEPS, OneLineErrorParser, announce, default_out,
+                                 prepare_output_dir)
 
 SETTINGS = dict(num_points=400, num_steps=25)
 QUICK = dict(num_points=40, num_steps=4, res=24, dpi=40)
@@ -33,9 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     with status 2 and one line on stderr, before any import of JAX or any work."""
     p = OneLineErrorParser(prog="python -m experiments.lecture_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=default_out("lecture_demo"), help="output folder (default runs/lecture_demo)")
-    p.add_argument("--scale", type=float, default=4.0, help="guidance scale w (default 4)")
+    p.add_argument("--scale", type=float, default=TOY_SCALE, help=f"guidance scale w (default {TOY_SCALE:g})")
     p.add_argument("--label", type=int, default=1, help=f"guided class, 0..{MIXTURE['num_classes'] - 1} (default 1)")
-    p.add_argument("--zero-init-steps", type=int, default=1, help="zero-init steps K of CFG-Zero* (default 1)")
+    p.add_argument("--zero-init-steps", type=int, default=TOY_ZERO_INIT_STEPS,
+                   help=f"zero-init steps K of CFG-Zero* (default {TOY_ZERO_INIT_STEPS})")
     p.add_argument("--quick", action="store_true", help=f"tiny settings for tests: {QUICK}")
     args = p.parse_args(argv)
     if not math.isfinite(args.scale):
