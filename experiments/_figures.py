@@ -15,11 +15,18 @@ GUIDANCE_BIAS = r"$\mathrm{E}\,\|\tilde v_0^* - v^*_0\|$"
 ZERO_ERROR = r"$\mathrm{E}\,\|v^*_0\|$"
 
 
-def mark_crossover(ax, epoch, color: str, name: str) -> None:
+def mark_crossover(ax, epoch, color: str, name: str, zero_beats_early: bool = True) -> None:
     """Rule ``name``'s crossover ``epoch`` as a vertical line in its ``color``, labelled for the legend;
-    ``None`` (no crossover) adds a legend entry saying so instead."""
+    ``None`` (no crossover) adds a legend entry saying so instead.  Where zero never beat the rule
+    at an early epoch (``zero_beats_early`` false: above the zero line at initialisation only),
+    the line only marks where the rule's error stays below the zero line, and the label says
+    that this is not a crossover by the protocol."""
     if epoch is None:
         ax.plot([], [], linestyle="none", label=f"{name}: no crossover in the evaluated epochs")
+    elif not zero_beats_early:
+        ax.axvline(epoch, color=color, linewidth=1.0, alpha=0.6, linestyle="--",
+                   label=f"{name}: below the zero line from epoch {epoch:g} (never above it after epoch 0: "
+                         "no crossover)")
     else:
         ax.axvline(epoch, color=color, linewidth=1.0, alpha=0.6, label=f"{name}: crossover at epoch {epoch:g}")
 

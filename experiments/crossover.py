@@ -377,7 +377,7 @@ def plot_first_step(payload, rules, path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from cfgzero_theory import plotting
+    from cfgzero_theory import plotting, verdicts
     from experiments._figures import GUIDANCE_BIAS, MODEL_ERROR, ZERO_ERROR, mark_crossover
 
     epochs = np.asarray(payload["epochs"])
@@ -394,7 +394,8 @@ def plot_first_step(payload, rules, path):
         ax.axhline(payload["guidance_bias"][name], color=style["color"], linestyle=":", linewidth=1.0,
                    label=f"exact {title} bias {GUIDANCE_BIAS} (converged limit)")
         cross = payload["crossover"][name]
-        mark_crossover(ax, cross["epoch"] if cross["found"] else None, style["color"], title)
+        early = verdicts.epochs_above(epochs, payload["err"][name], payload["err_zero"])
+        mark_crossover(ax, cross["epoch"] if cross["found"] else None, style["color"], title, bool(early))
         bx.plot(epochs, payload["frac_above_zero"][name], label=title, **style)
     ax.set_ylabel("first-step error at t = 0")
     ax.set_title(f"Zero vs early CFG against the true velocity v*: class {cfg['label']} at distance "
