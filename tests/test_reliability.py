@@ -268,3 +268,35 @@ def test_wrong_types_are_value_errors_naming_the_argument(tmp_path):
         with pytest.raises(ValueError, match=match):
             call()
     assert checkpoint.checkpoint_path(tmp_path, np.int64(3)).endswith("epoch_000003.safetensors")
+
+
+CONCURRENT_JSON_WRITER = textwrap.dedent(
+    """
+    import sys
+    from experiments._common import write_json
+    path, tag = sys.argv[1], sys.argv[2]
+    for i in range(300):
+        write_json(path, {"writer": tag, "i": i, "padding": [i] * 2000})
+    """
+)
+
+
+def test_concurrent_json_writers_never_expose_a_partial_file(tmp_path):
+    path = str(tmp_path / "result.json")
+    writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_JSON_WRITER, path, tag]) for tag in "ab"]
+    partial = reads = 0
+    while any(w.poll() is None for w in writers):
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            continue
+        reads += 1
+        try:
+            json.loads(text)
+        except ValueError:
+            partial += 1
+    assert [w.returncode for w in writers] == [0, 0]
+    assert reads > 0 and partial == 0
+    assert json.load(open(path))["i"] == 299
+    assert os.listdir(tmp_path) == ["result.json"]
