@@ -244,7 +244,8 @@ def test_checkpoint_files_hold_networks_and_one_training_state(tmp_path):
     assert os.path.getsize(tmp_path / "epoch_000006.safetensors") < 0.5 * os.path.getsize(training_state_path(tmp_path))
     # a missing network file before the saved state: the run retrains from scratch, with the same result
     os.remove(tmp_path / "epoch_000002.safetensors")
-    again = train(MIXTURE, NET, SMALL, out_dir=str(tmp_path), progress=False)
+    with pytest.warns(UserWarning, match=r"no valid network file for epochs \[2\]: training restarts from epoch 0"):
+        again = train(MIXTURE, NET, SMALL, out_dir=str(tmp_path), progress=False)
     assert sorted(again.networks) == [0, 2, 4, 6] and (tmp_path / "epoch_000002.safetensors").exists()
     for a, b in zip(jax.tree_util.tree_leaves(again.networks[6].state), jax.tree_util.tree_leaves(result.networks[6].state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
