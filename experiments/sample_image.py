@@ -274,19 +274,23 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
 
 
 def check_source(parser, args) -> None:
-    """Exactly one of ``--checkpoint`` and ``--tiny-random``; a checkpoint must be a folder
-    holding ``model_index.json``.  ``args.checkpoint`` becomes the expanded path."""
+    """Exactly one of ``--checkpoint`` and ``--tiny-random``; a checkpoint must be a folder whose
+    ``model_index.json`` names a ported pipeline (:data:`cfgzero_theory.pipelines.PIPELINES`).
+    ``args.checkpoint`` becomes the expanded path."""
     if (args.checkpoint is None) == (not args.tiny_random):
         usage_error(parser, "give exactly one of --checkpoint DIR and --tiny-random")
     if args.checkpoint is None:
         return
-    folder = os.path.expanduser(args.checkpoint)
-    if not os.path.isdir(folder):
-        usage_error(parser, f"--checkpoint {args.checkpoint!r} is not a folder")
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        usage_error(parser, f"--checkpoint {args.checkpoint!r} has no model_index.json: not a diffusers pipeline "
-                    "folder")
-    args.checkpoint = folder
+    from cfgzero_theory.pipelines import PIPELINES, pipeline_class_name
+
+    try:
+        name = pipeline_class_name(args.checkpoint)
+    except ValueError as err:
+        usage_error(parser, f"--checkpoint: {err}")
+    if name not in PIPELINES:
+        usage_error(parser, f"--checkpoint {args.checkpoint!r} is a {name} folder, which is not ported; supported: "
+                    f"{sorted(PIPELINES)}")
+    args.checkpoint = os.path.expanduser(args.checkpoint)
 
 
 def check_sizes(parser, args) -> None:
@@ -389,11 +393,12 @@ def load_pipeline(args):
     """``--checkpoint`` loaded, or the tiny random pipeline built (quietly) into a temporary folder and loaded."""
     import jax.numpy as jnp
 
+    from cfgzero_theory import pipelines
     from cfgzero_theory.sd3.pipeline import SD3Pipeline
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
     if not args.tiny_random:
-        return SD3Pipeline.from_pretrained(args.checkpoint, dtype=dtype)
+        return pipelines.from_pretrained(args.checkpoint, dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
         with quiet_hugging_face():
             build_tiny_random_pipeline(tmp, seed=args.seed)

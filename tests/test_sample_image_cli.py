@@ -102,6 +102,7 @@ BAD = [
     (["--tiny-random", "--checkpoint", "{checkpoint}"], "give exactly one of --checkpoint DIR and --tiny-random"),
     (["--checkpoint", "{tmp}/missing"], "is not a folder"),
     (["--checkpoint", "{tmp}"], "has no model_index.json"),
+    (["--checkpoint", "{flux}"], "is a FluxPipeline folder, which is not ported"),
     (["--tiny-random", "--steps", "0"], "--steps must be a positive integer, got 0"),
     (["--tiny-random", "--height", "40"], "--height must be a positive multiple of 16"),
     (["--tiny-random", "--width", "-16"], "--width must be a positive multiple of 16"),
@@ -126,7 +127,10 @@ BAD = [
 @pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(argv) or "no source" for argv, _ in BAD])
 def test_bad_arguments_exit_2_with_one_line_before_any_build(argv, message, no_build, checkpoint, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
-    fill = {"tmp": tmp_path, "checkpoint": checkpoint}
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    fill = {"tmp": tmp_path, "checkpoint": checkpoint, "flux": flux}
     argv = [arg.format(**fill) for arg in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
@@ -166,7 +170,7 @@ class RecordingPipeline:
 @pytest.fixture
 def recording(monkeypatch):
     pipe = RecordingPipeline()
-    monkeypatch.setattr(SD3Pipeline, "from_pretrained", lambda folder, dtype=None: pipe)
+    monkeypatch.setattr(SD3Pipeline, "from_pretrained", lambda folder, dtype=None, sharding=None: pipe)
     return pipe
 
 
