@@ -49,6 +49,19 @@ def retract_result(path: str) -> None:
         pass
 
 
+def start_study(parse_args, plan, argv):
+    """The opening every study's ``main`` shares: parse and check ``argv`` (``parse_args``), print
+    the plan line at once (``plan(args)``), select matplotlib's file backend.  Returns
+    ``(start, args)``, ``start`` from ``time.perf_counter`` for the total runtime."""
+    start = time.perf_counter()
+    args = parse_args(argv)
+    announce(plan(args))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    return start, args
+
+
 def draw_figures(drawings: dict, out_dir: str, show_progress: bool) -> list[str]:
     """Draw each figure of ``drawings`` (name → ``draw(path_without_extension) -> written paths``)
     into ``out_dir`` in the project style, with a progress bar; returns every path written."""

@@ -54,8 +54,8 @@ import platform
 import sys
 import time
 
-from experiments._common import (TOY_SCALE, TOY_ZERO_INIT_STEPS, OneLineErrorParser, announce, default_out,
-                                 interval_text, prepare_output_dir)
+from experiments._common import (TOY_SCALE, TOY_ZERO_INIT_STEPS, OneLineErrorParser, default_out,
+                                 interval_text, prepare_output_dir, start_study)
 
 PRESETS = {
     "smoke": dict(seeds=1, data_seeds=3, epochs=4, dataset_size=512, batch_size=128, n_eval=256, steps=8, width=32),
@@ -538,12 +538,7 @@ def plan(args) -> str:
 
 
 def main(argv=None) -> dict:
-    start = time.perf_counter()
-    args = parse_args(argv)
-    announce(plan(args))
-    import matplotlib
-
-    matplotlib.use("Agg")
+    start, args = start_study(parse_args, plan, argv)
     from experiments._common import draw_figures, outputs_line, publishable, retract_result, run_or_exit, write_json
     from experiments._figures import plot_training_loss
 

@@ -114,8 +114,8 @@ import platform
 import sys
 import time
 
-from experiments._common import (TOY_SCALE, TOY_ZERO_INIT_STEPS, OneLineErrorParser, announce, crossover_json,
-                                 default_out, interval_text, outputs_line, prepare_output_dir, progress)
+from experiments._common import (TOY_SCALE, TOY_ZERO_INIT_STEPS, OneLineErrorParser, crossover_json,
+                                 default_out, interval_text, outputs_line, prepare_output_dir, progress, start_study)
 
 PRESETS = {
     # eval_every = 0: the doubling grid 0, 1, 2, 4, ..., epochs
@@ -780,12 +780,7 @@ def plan(args) -> str:
 
 
 def main(argv=None) -> dict:
-    start = time.perf_counter()
-    args = parse_args(argv)
-    announce(plan(args))
-    import matplotlib
-
-    matplotlib.use("Agg")
+    start, args = start_study(parse_args, plan, argv)
     from experiments._common import draw_figures, publishable, retract_result, run_or_exit, write_json
     from experiments._figures import plot_first_step_errors, plot_training_loss
 

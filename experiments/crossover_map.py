@@ -41,7 +41,7 @@ import platform
 import sys
 import time
 
-from experiments._common import OneLineErrorParser, announce, default_out, prepare_output_dir
+from experiments._common import OneLineErrorParser, default_out, prepare_output_dir, start_study
 
 PRESETS = {
     "smoke": dict(seeds=1, data_seeds=3, epochs=3, dataset_size=512, batch_size=128, width=16,
@@ -267,12 +267,7 @@ def plan(args) -> str:
 
 
 def main(argv=None) -> dict:
-    start = time.perf_counter()
-    args = parse_args(argv)
-    announce(plan(args))
-    import matplotlib
-
-    matplotlib.use("Agg")
+    start, args = start_study(parse_args, plan, argv)
     from cfgzero_theory import plotting
     from experiments._common import outputs_line, publishable, retract_result, run_or_exit, write_json
 

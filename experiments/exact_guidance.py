@@ -38,8 +38,8 @@ import platform
 import sys
 import time
 
-from experiments._common import (TOY_SCALE, TOY_ZERO_INIT_STEPS, OneLineErrorParser, announce, default_out, make_rules,
-                                 prepare_output_dir)
+from experiments._common import (TOY_SCALE, TOY_ZERO_INIT_STEPS, OneLineErrorParser, default_out, make_rules,
+                                 prepare_output_dir, start_study)
 
 #: Defaults of the full run; ``--quick`` replaces those in QUICK unless given explicitly.
 DEFAULTS = {
@@ -497,12 +497,7 @@ def plan(args) -> str:
 
 
 def main(argv=None) -> dict:
-    start = time.perf_counter()
-    args = parse_args(argv)
-    announce(plan(args))
-    import matplotlib
-
-    matplotlib.use("Agg")
+    start, args = start_study(parse_args, plan, argv)
     import jax
 
     jax.config.update("jax_enable_x64", args.dtype == "float64")
