@@ -25,8 +25,7 @@ def mark_crossover(ax, epoch, color: str, name: str, zero_beats_early: bool = Tr
         ax.plot([], [], linestyle="none", label=f"{name}: no crossover in the evaluated epochs")
     elif not zero_beats_early:
         ax.axvline(epoch, color=color, linewidth=1.0, alpha=0.6, linestyle="--",
-                   label=f"{name}: below the zero line from epoch {epoch:g} (never above it after epoch 0: "
-                         "no crossover)")
+                   label=f"{name}: below the line from epoch {epoch:g}; no crossover (above at epoch 0 only)")
     else:
         ax.axvline(epoch, color=color, linewidth=1.0, alpha=0.6, label=f"{name}: crossover at epoch {epoch:g}")
 
