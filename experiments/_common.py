@@ -49,6 +49,51 @@ def retract_result(path: str) -> None:
         pass
 
 
+def study_parser(study: str, presets: dict, doc: str) -> OneLineErrorParser:
+    """The command line every training study opens with: ``prog`` ``python -m experiments.<study>``,
+    the description from ``doc``'s first paragraph, ``--preset`` (one of ``presets``, default
+    ``quick``) and ``--out`` (default ``runs/<study>/<preset>``, settled by :func:`settle_out`)."""
+    p = OneLineErrorParser(prog=f"python -m experiments.{study}", description=doc.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(presets), default="quick", help="size of the study (default quick)")
+    p.add_argument("--out", default=None, help=f"output folder (default runs/{study}/<preset>)")
+    return p
+
+
+def add_preset_overrides(parser, presets: dict, notes: dict | None = None) -> None:
+    """One ``--<name>`` integer option per setting of the quick preset, overriding the chosen preset's
+    value (``notes``: extra help text per setting); applied by :func:`preset_settings`."""
+    for name in presets["quick"]:
+        extra = (notes or {}).get(name, "")
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                            help=f"override the preset's {name}{extra}")
+
+
+def preset_settings(parser, args, presets: dict, minimums: dict | None = None) -> dict:
+    """The chosen preset's settings with every given override applied, each at least its minimum
+    (``minimums``, default 1); a batch may not exceed the dataset.  Overrides that were not
+    declared (:func:`add_preset_overrides`) are simply absent from ``args``."""
+    settings = dict(presets[args.preset])
+    for name in settings:
+        value = getattr(args, name, None)
+        if value is not None:
+            minimum = (minimums or {}).get(name, 1)
+            if value < minimum:
+                parser.error(f"--{name.replace('_', '-')} must be at least {minimum}")
+            settings[name] = value
+    if "batch_size" in settings and settings["batch_size"] > settings["dataset_size"]:
+        parser.error(f"--batch-size ({settings['batch_size']}) must not exceed --dataset-size "
+                     f"({settings['dataset_size']})")
+    return settings
+
+
+def settle_out(parser, args, study: str) -> None:
+    """``args.out`` defaulted to ``runs/<study>/<preset>``, created and proved writable
+    (:func:`prepare_output_dir`)."""
+    if args.out is None:
+        args.out = default_out(study, args.preset)
+    prepare_output_dir(parser, args.out)
+
+
 def start_study(parse_args, plan, argv):
     """The opening every study's ``main`` shares: parse and check ``argv`` (``parse_args``), print
     the plan line at once (``plan(args)``), select matplotlib's file backend.  Returns

@@ -54,8 +54,8 @@ import platform
 import sys
 import time
 
-from experiments._common import (TOY_SCALE, TOY_ZERO_INIT_STEPS, OneLineErrorParser, default_out,
-                                 interval_text, prepare_output_dir, start_study)
+from experiments._common import (TOY_SCALE, TOY_ZERO_INIT_STEPS, add_preset_overrides, interval_text, preset_settings,
+                                 settle_out, start_study, study_parser)
 
 PRESETS = {
     "smoke": dict(seeds=1, data_seeds=3, epochs=4, dataset_size=512, batch_size=128, n_eval=256, steps=8, width=32),
@@ -79,9 +79,7 @@ LEVEL = 0.9
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and validate every argument, then create ``--out`` and prove it writable: a user error exits
     with status 2 and one line on stderr, before any import of JAX or any work."""
-    p = OneLineErrorParser(prog="python -m experiments.crossover", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="size of the study (default quick)")
-    p.add_argument("--out", default=None, help="output folder (default runs/crossover/<preset>)")
+    p = study_parser("crossover", PRESETS, __doc__)
     p.add_argument("--scale", type=float, default=TOY_SCALE, help=f"guidance scale w (default {TOY_SCALE:g})")
     p.add_argument("--distance", type=float, default=GEOMETRY["distance"],
                    help=f"distance of the guided class's mean from the noise mean (default {GEOMETRY['distance']:g})")
@@ -92,20 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"zero-init steps K (default {TOY_ZERO_INIT_STEPS})")
     p.add_argument("--seed", type=int, default=0, help="root seed of the networks and training noise")
     p.add_argument("--data-seed", type=int, default=0, help="first data seed (datasets use data-seed, data-seed + 1, ...)")
-    for name in PRESETS["quick"]:
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"override the preset's {name}")
+    add_preset_overrides(p, PRESETS)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
-    args.settings = dict(PRESETS[args.preset])
-    for name in args.settings:
-        value = getattr(args, name)
-        if value is not None:
-            if value < 1:
-                p.error(f"--{name.replace('_', '-')} must be at least 1")
-            args.settings[name] = value
-    s = args.settings
-    if s["batch_size"] > s["dataset_size"]:
-        p.error(f"--batch-size ({s['batch_size']}) must not exceed --dataset-size ({s['dataset_size']})")
+    s = args.settings = preset_settings(p, args, PRESETS)
     if not (math.isfinite(args.scale) and args.scale > 0):
         p.error("--scale must be positive")
     if not (math.isfinite(args.distance) and math.isfinite(args.data_offset) and 0 <= args.data_offset < args.distance):
@@ -114,9 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--label must be a class of the mixture: 0, 1 or 2")
     if not 1 <= args.zero_init_steps < s["steps"]:
         p.error(f"--zero-init-steps must be at least 1 and below the number of sampler steps ({s['steps']})")
-    if args.out is None:
-        args.out = default_out("crossover", args.preset)
-    prepare_output_dir(p, args.out)
+    settle_out(p, args, "crossover")
     return args
 
 

@@ -114,8 +114,8 @@ import platform
 import sys
 import time
 
-from experiments._common import (TOY_SCALE, TOY_ZERO_INIT_STEPS, OneLineErrorParser, crossover_json,
-                                 default_out, interval_text, outputs_line, prepare_output_dir, progress, start_study)
+from experiments._common import (TOY_SCALE, TOY_ZERO_INIT_STEPS, add_preset_overrides, crossover_json, interval_text,
+                                 outputs_line, preset_settings, progress, settle_out, start_study, study_parser)
 
 PRESETS = {
     # eval_every = 0: the doubling grid 0, 1, 2, 4, ..., epochs
@@ -151,9 +151,7 @@ PER_STEP_POINTS = 128
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and validate every argument, then create ``--out`` and prove it writable: a user error exits
     with status 2 and one line on stderr, before any import of JAX or any work."""
-    p = OneLineErrorParser(prog="python -m experiments.crossover_highdim", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="size of the study (default quick)")
-    p.add_argument("--out", default=None, help="output folder (default runs/crossover_highdim/<preset>)")
+    p = study_parser("crossover_highdim", PRESETS, __doc__)
     p.add_argument("--dim", type=int, default=64, help="data dimension d (default 64)")
     p.add_argument("--scale", type=float, default=TOY_SCALE, help=f"guidance scale w (default {TOY_SCALE:g})")
     p.add_argument("--label", type=int, default=0, help=f"guided class, 0..{MIXTURE['num_classes'] - 1} (default 0)")
@@ -164,22 +162,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="root seed of the networks, training noise and evaluation noise")
     p.add_argument("--data-seed", type=int, default=0,
                    help="first data seed: the mixtures use data-seed, data-seed + 1, ... (default 0)")
-    for name in PRESETS["quick"]:
-        extra = " (0: doubling grid 0, 1, 2, 4, ...)" if name == "eval_every" else ""
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"override the preset's {name}{extra}")
+    add_preset_overrides(p, PRESETS, {"eval_every": " (0: doubling grid 0, 1, 2, 4, ...)"})
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
-    args.settings = dict(PRESETS[args.preset])
-    for name in args.settings:
-        value = getattr(args, name)
-        if value is not None:
-            minimum = {"eval_every": 0, "n_eval": 2}.get(name, 1)
-            if value < minimum:
-                p.error(f"--{name.replace('_', '-')} must be at least {minimum}")
-            args.settings[name] = value
-    s = args.settings
-    if s["batch_size"] > s["dataset_size"]:
-        p.error(f"--batch-size ({s['batch_size']}) must not exceed --dataset-size ({s['dataset_size']})")
+    s = args.settings = preset_settings(p, args, PRESETS, {"eval_every": 0, "n_eval": 2})
     if args.dim < 2:
         p.error("--dim must be at least 2")
     if not (math.isfinite(args.scale) and args.scale > 0):
@@ -190,9 +176,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--zero-init-steps must be at least 1 and below the number of sampler steps ({s['steps']})")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         p.error("--learning-rate must be positive")
-    if args.out is None:
-        args.out = default_out("crossover_highdim", args.preset)
-    prepare_output_dir(p, args.out)
+    settle_out(p, args, "crossover_highdim")
     return args
 
 

@@ -41,7 +41,7 @@ import platform
 import sys
 import time
 
-from experiments._common import OneLineErrorParser, default_out, prepare_output_dir, start_study
+from experiments._common import preset_settings, settle_out, start_study, study_parser
 
 PRESETS = {
     "smoke": dict(seeds=1, data_seeds=3, epochs=3, dataset_size=512, batch_size=128, width=16,
@@ -59,9 +59,7 @@ LEVEL = 0.9
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and validate every argument, then create ``--out`` and prove it writable: a user error exits
     with status 2 and one line on stderr, before any import of JAX or any work."""
-    p = OneLineErrorParser(prog="python -m experiments.crossover_map", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="size of the study (default quick)")
-    p.add_argument("--out", default=None, help="output folder (default runs/crossover_map/<preset>)")
+    p = study_parser("crossover_map", PRESETS, __doc__)
     p.add_argument("--label", type=int, default=1, help="guided class: 0, 1 or 2 (default 1)")
     p.add_argument("--seed", type=int, default=0, help="root seed of the networks and training noise")
     p.add_argument("--data-seed", type=int, default=0, help="first data seed (datasets use data-seed, data-seed + 1, ...)")
@@ -69,10 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.label < 3:
         p.error("--label must be a class of the mixture: 0, 1 or 2")
-    args.settings = dict(PRESETS[args.preset])
-    if args.out is None:
-        args.out = default_out("crossover_map", args.preset)
-    prepare_output_dir(p, args.out)
+    args.settings = preset_settings(p, args, PRESETS)
+    settle_out(p, args, "crossover_map")
     return args
 
 
