@@ -264,14 +264,12 @@ def plan(args) -> str:
 
 def main(argv=None) -> dict:
     start, args = start_study(parse_args, plan, argv)
-    from cfgzero_theory import plotting
-    from experiments._common import outputs_line, publishable, retract_result, run_or_exit, write_json
+    from experiments._common import draw_figures, outputs_line, publishable, retract_result, run_or_exit, write_json
 
     payload = run_or_exit(run, args)
     path = os.path.join(args.out, "crossover_map.json")
     retract_result(path)
-    with plotting.style():
-        figures = plot_map(payload, os.path.join(args.out, "crossover_map"))
+    figures = draw_figures({"crossover_map": lambda out: plot_map(payload, out)}, args.out, not args.no_progress)
     payload["summary"] = summary(payload)
     payload = publishable(payload, figures, verdict, start)
     write_json(path, payload)
