@@ -18,12 +18,22 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["PIPELINES", "from_pretrained", "pipeline_class_name"]
+__all__ = ["PIPELINES", "RANDOM_BUILDERS", "build_random", "from_pretrained", "pipeline_class_name"]
 
 #: diffusers pipeline class → ``"module:class"`` of our pipeline (imported on use).
 PIPELINES = {
     "StableDiffusion3Pipeline": "cfgzero_theory.sd3.pipeline:SD3Pipeline",
 }
+
+#: model name → ``"module:function"`` building a random diffusers checkpoint of that model.
+RANDOM_BUILDERS = {
+    "sd3": "cfgzero_theory.sd3.tiny:build_random_pipeline",
+}
+
+
+def _resolve(reference: str):
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def pipeline_class_name(folder: str | os.PathLike) -> str:
@@ -47,13 +57,21 @@ def from_pretrained(folder: str | os.PathLike, dtype=None, sharding=None, **opti
     """Our pipeline for the diffusers pipeline folder ``folder`` (see the module docstring).
 
     ``dtype`` casts every weight (``None``: as stored); ``sharding`` splits the weights over a
-    device mesh as they load (e.g. :func:`cfgzero_theory.sd3.sharding.mesh_sharding` ``()``);
+    device mesh as they load (e.g. :func:`cfgzero_theory.ports.sharding.mesh_sharding` ``()``);
     ``options`` go to the pipeline's own ``from_pretrained`` (e.g. ``compilation_cache=False``).
     """
     name = pipeline_class_name(folder)
     if name not in PIPELINES:
         raise ValueError(f"{name} is not ported: model_index.json of {os.fspath(folder)!r} names {name!r}; "
                          f"supported pipeline classes: {sorted(PIPELINES)}")
-    module, cls = PIPELINES[name].split(":")
-    pipeline = getattr(importlib.import_module(module), cls)
-    return pipeline.from_pretrained(os.path.expanduser(os.fspath(folder)), dtype=dtype, sharding=sharding, **options)
+    return _resolve(PIPELINES[name]).from_pretrained(os.path.expanduser(os.fspath(folder)), dtype=dtype, sharding=sharding, **options)
+
+
+def build_random(model: str, folder: str | os.PathLike, size: str = "tiny", seed: int = 0, torch_dtype=None):
+    """Build a random diffusers pipeline of ``model`` (a key of :data:`RANDOM_BUILDERS`) and
+    size ``size`` with diffusers (the ``[test]`` extra; nothing downloaded), save it to
+    ``folder`` and return the diffusers pipeline; :func:`from_pretrained` ``(folder)`` loads it
+    as ours.  ``torch_dtype`` casts the weights before saving."""
+    if model not in RANDOM_BUILDERS:
+        raise ValueError(f"model must be one of {tuple(RANDOM_BUILDERS)}, got {model!r}")
+    return _resolve(RANDOM_BUILDERS[model])(folder, size, seed=seed, torch_dtype=torch_dtype)

@@ -5,9 +5,9 @@
     python -m experiments.bench_pipeline --config medium --device gpu --dtype bfloat16
     python -m experiments.bench_pipeline --quick --out /tmp/bench.json   # tiny, 2 steps, 1 repeat (tests)
 
-For each ``--config`` (sizes: :data:`experiments.sample_image.PIPELINE_SIZES`) a random
+For each ``--config`` (sizes: :data:`cfgzero_theory.sd3.tiny.PIPELINE_SIZES`) a random
 pipeline is built with diffusers / transformers classes
-(:func:`experiments.sample_image.build_random_pipeline`, hand-written tiny tokenizers, nothing
+(:func:`cfgzero_theory.sd3.tiny.build_random_pipeline`, hand-written tiny tokenizers, nothing
 downloaded), saved with safetensors to a temporary folder and loaded by
 :meth:`SD3Pipeline.from_pretrained`; the diffusers pipeline is the built object itself, moved
 with ``.to(device, dtype)``.  Both sides get the same prompt (repeated ``--batch`` times), the
@@ -199,7 +199,7 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from cfgzero_theory.sd3.pipeline import SD3Pipeline
-    from experiments.sample_image import PIPELINE_SIZES, build_random_pipeline
+    from cfgzero_theory.sd3.tiny import PIPELINE_SIZES, build_random_pipeline
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     jax_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from cfgzero_theory import presets
+from cfgzero_theory import pipelines, presets
 from cfgzero_theory.sampling import PerturbedGuidance
 from cfgzero_theory.sd3.pipeline import SD3Pipeline
 from experiments import sample_image
@@ -35,7 +35,7 @@ def no_build(monkeypatch):
     def refuse(*args, **kwargs):
         raise Built
 
-    monkeypatch.setattr(sample_image, "build_tiny_random_pipeline", refuse)
+    monkeypatch.setattr(pipelines, "build_random", refuse)
     monkeypatch.setattr(SD3Pipeline, "from_pretrained", refuse)
 
 

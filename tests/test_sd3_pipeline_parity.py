@@ -1,6 +1,6 @@
 """Parity of :mod:`cfgzero_theory.sd3.pipeline` with ``diffusers.StableDiffusion3Pipeline``.
 
-A tiny random pipeline (``experiments.sample_image.build_tiny_random_pipeline``: two tiny
+A tiny random pipeline (``cfgzero_theory.sd3.tiny.build_tiny_random_pipeline``: two tiny
 CLIP towers and a tiny T5 with hand-written tokenizer vocabularies, a 2-layer transformer, a
 16-channel VAE) is saved once per module and loaded with :meth:`SD3Pipeline.from_pretrained`.
 
@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cfgzero_theory.sd3.pipeline import SD3Pipeline, save_png
+from cfgzero_theory.ports.pipeline_parts import save_png
+from cfgzero_theory.sd3.pipeline import SD3Pipeline
 
 pytestmark = pytest.mark.parity
 
@@ -41,7 +42,7 @@ def _close(ours, ref):
 
 @pytest.fixture(scope="module")
 def tiny(torch, diffusers, tmp_path_factory):
-    from experiments.sample_image import build_tiny_random_pipeline
+    from cfgzero_theory.sd3.tiny import build_tiny_random_pipeline
 
     folder = tmp_path_factory.mktemp("sd3_pipeline")
     reference = build_tiny_random_pipeline(folder, seed=0)

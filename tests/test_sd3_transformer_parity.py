@@ -255,7 +255,7 @@ def test_num_layers_must_match_the_blocks_in_the_file_before_anything_is_built(s
 
 def test_abstract_build_matches_an_initialised_module():
     """The loader's shape-only build (no nnx.Rngs counter) has the structure of a real one."""
-    from cfgzero_theory.sd3.loading import abstract_module
+    from cfgzero_theory.ports.loading import abstract_module
     from cfgzero_theory.sd3.transformer import SD3Transformer
 
     config = SD3Config(**TINY, qk_norm="rms_norm", dual_attention_layers=(0,))

@@ -2,8 +2,6 @@
 
 Public API
 ----------
-* :func:`load_tokenizer` ``(folder)`` — a checkpoint's own tokenizer (transformers'
-  ``AutoTokenizer``; the only non-JAX dependency, imported lazily: ``pip install -e ".[sd3]"``);
 * :func:`encode_prompt` ``(components, prompts, negative_prompts=None, max_sequence_length=256, *,
   prompts_2=None, prompts_3=None, negative_prompts_2=None, negative_prompts_3=None, clip_skip=None)
   -> (prompt_embeds, pooled, negative_prompt_embeds, negative_pooled)``;
@@ -11,7 +9,7 @@ Public API
   ``pipeline(prompts or embeddings=..., ...) -> (latents, images)`` (also ``pipeline.generate``),
   and its stages ``encode_prompt``, ``initial_latents``, ``sample`` (the loop alone, with
   ``return_trajectory``), ``decode``, ``skip_layer_guidance`` and the ``model_fn`` property;
-* :func:`save_png` ``(images, path)``.
+* :func:`cfgzero_theory.ports.pipeline_parts.save_png` ``(images, path)`` writes the images.
 
 Prompt encoding (the conditioning of ``StableDiffusion3Pipeline``)
 -------------------------------------------------------------------
@@ -47,31 +45,35 @@ Not supported: LoRA, IP-adapters, dynamic shifting, and schedulers other than
 
 from __future__ import annotations
 
-import functools
-import io
-import json
 import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from cfgzero_theory import presets
 from cfgzero_theory.compilation import enable_compilation_cache
-from cfgzero_theory.files import atomic_write_bytes
 from cfgzero_theory.guidance import KINDS as GUIDANCE_KINDS
 from cfgzero_theory.sampling import FlowSampleResult, PerturbedGuidance, sample_flow
 from cfgzero_theory.schedules import flow_match_euler_schedule
-from cfgzero_theory.sd3.clip import load_clip_text_encoder
-from cfgzero_theory.sd3.sharding import ParamSharding
-from cfgzero_theory.sd3.t5 import load_t5_encoder
-from cfgzero_theory.sd3.vae import load_vae
+from cfgzero_theory.ports.autoencoder import load_vae
+from cfgzero_theory.ports.clip import load_clip_text_encoder
+from cfgzero_theory.ports.moved import moved_attributes
+from cfgzero_theory.ports.pipeline_parts import (
+    as_prompt_list, encode_tokens, initial_noise, load_tokenizer, pipeline_components, read_json, token_ids,
+)
+from cfgzero_theory.ports.sharding import ParamSharding
+from cfgzero_theory.ports.t5 import load_t5_encoder
 from cfgzero_theory.sd3.weights import load_sd3_transformer, sd3_model_fn
 from cfgzero_theory.validation import check_int
 
-__all__ = ["GUIDANCE_KINDS", "SD3Pipeline", "encode_prompt", "load_tokenizer", "save_png"]
+__all__ = ["GUIDANCE_KINDS", "SD3Pipeline", "encode_prompt"]
+
+__getattr__ = moved_attributes(__name__, {
+    "save_png": "cfgzero_theory.ports.pipeline_parts:save_png",
+    "to_uint8": "cfgzero_theory.ports.pipeline_parts:to_uint8",
+})
 
 #: The sampler defaults of :meth:`SD3Pipeline.sample` (guidance kind, scale, ``K``, steps).
 PRESET = presets.get("sd3")
@@ -84,42 +86,7 @@ SCHEDULE_KEYS = ("num_train_timesteps", "shift", "shift_terminal", "use_karras_s
 """Keys of ``scheduler_config.json`` handed to :func:`flow_match_euler_schedule` when present."""
 
 
-# ----------------------------------------------------------------------------- tokenisation
-
-
-def load_tokenizer(folder: str | os.PathLike):
-    """The tokenizer saved in ``folder`` (``AutoTokenizer.from_pretrained``; no torch needed)."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            'the SD3 pipeline tokenises with transformers: install it with pip install -e ".[sd3]"'
-        ) from err
-    return AutoTokenizer.from_pretrained(os.fspath(folder))
-
-
-def _token_ids(tokenizer, prompts: list[str], length: int) -> jax.Array:
-    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np")
-    return jnp.asarray(np.asarray(ids["input_ids"]), jnp.int32)
-
-
-def _as_list(prompts, what: str) -> list[str]:
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{what} must be a string or a non-empty list of strings, got {prompts!r}")
-    return prompts
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _apply_jit(graphdef, state, token_ids, clip_skip):
-    encoder = nnx.merge(graphdef, state)
-    return encoder(token_ids) if clip_skip is None else encoder(token_ids, clip_skip=clip_skip)
-
-
-def _apply(encoder, token_ids, clip_skip=None):
-    """``encoder(token_ids)`` as a compiled program (once per encoder structure, token shape and ``clip_skip``)."""
-    graphdef, state = nnx.split(encoder)
-    return _apply_jit(graphdef, state, token_ids, clip_skip)
+# ----------------------------------------------------------------------------- prompts
 
 
 def _encode(components, prompts: tuple[list[str], list[str], list[str]], max_sequence_length: int,
@@ -127,15 +94,16 @@ def _encode(components, prompts: tuple[list[str], list[str], list[str]], max_seq
     clip_states, pooled = [], []
     for texts, tokenizer, encoder in ((prompts[0], components.tokenizer, components.text_encoder),
                                       (prompts[1], components.tokenizer_2, components.text_encoder_2)):
-        ids = _token_ids(tokenizer, texts, tokenizer.model_max_length)
-        hidden, text_embeds = _apply(encoder, ids, clip_skip)
+        ids = token_ids(tokenizer, texts, tokenizer.model_max_length)
+        hidden, text_embeds = (encode_tokens(encoder, ids) if clip_skip is None
+                               else encode_tokens(encoder, ids, clip_skip=clip_skip))
         clip_states.append(hidden)
         pooled.append(text_embeds)
     clip = jnp.concatenate(clip_states, axis=-1)
     if components.text_encoder_3 is None:
         t5 = jnp.zeros((len(prompts[2]), max_sequence_length, components.joint_attention_dim), clip.dtype)
     else:
-        t5 = _apply(components.text_encoder_3, _token_ids(components.tokenizer_3, prompts[2], max_sequence_length))
+        t5 = encode_tokens(components.text_encoder_3, token_ids(components.tokenizer_3, prompts[2], max_sequence_length))
     width = t5.shape[-1]
     if clip.shape[-1] > width:
         raise ValueError(f"the CLIP states ({clip.shape[-1]} features) are wider than the T5 states ({width})")
@@ -148,7 +116,7 @@ def _per_encoder(first, second, third, what: str, batch: int | None = None) -> t
     (diffusers' ``prompt_2 or prompt``); a single string is repeated ``batch`` times."""
     lists = []
     for suffix, texts in (("", first), ("_2", second or first), ("_3", third or first)):
-        texts = _as_list(texts, what + suffix)
+        texts = as_prompt_list(texts, what + suffix)
         if batch is not None and len(texts) == 1:
             texts = texts * batch
         lists.append(texts)
@@ -185,13 +153,6 @@ def encode_prompt(components, prompts, negative_prompts=None, max_sequence_lengt
 
 
 # ----------------------------------------------------------------------------- the pipeline
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {what} {path}: {err}") from None
 
 
 class SD3Pipeline:
@@ -238,7 +199,7 @@ class SD3Pipeline:
         """Load a diffusers ``StableDiffusion3Pipeline`` folder (``model_index.json`` and subfolders).
 
         ``dtype`` casts every weight (``None`` keeps the stored dtypes); ``sharding`` (e.g.
-        :func:`~cfgzero_theory.sd3.sharding.mesh_sharding` ``()``) splits every model's weights
+        :func:`~cfgzero_theory.ports.sharding.mesh_sharding` ``()``) splits every model's weights
         over a device mesh as they are read, for models that do not fit one device.  Raises ``ValueError``
         when the folder is not an SD3 pipeline or a subfolder it lists is missing.
         ``compilation_cache`` turns on JAX's persistent compilation cache
@@ -248,24 +209,8 @@ class SD3Pipeline:
         if compilation_cache:
             enable_compilation_cache()
         root = Path(folder)
-        if not root.is_dir():
-            raise ValueError(f"{root} is not a folder")
-        index = _read_json(root / "model_index.json", "the pipeline index")
-        if index.get("_class_name") not in PIPELINE_CLASSES:
-            raise ValueError(f"{root} is not an SD3 pipeline: model_index.json names {index.get('_class_name')!r}, "
-                             f"expected one of {PIPELINE_CLASSES}")
-        present = {}
-        for name in REQUIRED + OPTIONAL:
-            entry = index.get(name)
-            if entry is None or entry == [None, None]:
-                if name in REQUIRED:
-                    raise ValueError(f"{root}: model_index.json lists no {name!r} component")
-                present[name] = None
-                continue
-            if not (root / name).is_dir():
-                raise ValueError(f"{root}: the {name}/ subfolder is missing")
-            present[name] = root / name
-        scheduler = _read_json(root / "scheduler" / "scheduler_config.json", "the scheduler config")
+        present = pipeline_components(root, "an SD3 pipeline", PIPELINE_CLASSES, REQUIRED, OPTIONAL)
+        scheduler = read_json(root / "scheduler" / "scheduler_config.json", "the scheduler config")
         t5_folder = present["text_encoder_3"]
         tok3_folder = present["tokenizer_3"]
         return cls(
@@ -331,9 +276,7 @@ class SD3Pipeline:
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}×{width}")
         batch = check_int("batch", batch, minimum=1)
-        seed = check_int("seed", seed)
-        shape = (batch, config.in_channels, height // factor, width // factor)
-        return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32).astype(dtype)
+        return initial_noise(seed, (batch, config.in_channels, height // factor, width // factor), dtype)
 
     def sample(self, embeddings, latents, *, guidance: str | None = None, scale: float | None = None,
                zero_init_steps: int | None = None, num_steps: int | None = None, skip_guidance_layers=None,
@@ -399,27 +342,3 @@ class SD3Pipeline:
         return result.samples, self.decode(result.samples)
 
     generate = __call__
-
-
-# ----------------------------------------------------------------------------- output
-
-
-def to_uint8(images) -> np.ndarray:
-    """Images in ``[0, 1]`` → ``uint8`` (``round(255·x)``)."""
-    return np.round(np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
-
-
-def save_png(images, path: str | os.PathLike) -> str:
-    """Write ``images`` (``(H, W, 3)``, or ``(B, H, W, 3)`` tiled left to right) as one PNG, atomically."""
-    from PIL import Image
-
-    array = np.asarray(images)
-    if array.ndim == 4:
-        array = np.concatenate(list(array), axis=1)
-    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"images must have shape (H, W, C) or (B, H, W, C) with C in 1, 3, 4; got {np.shape(images)}")
-    pixels = to_uint8(array)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
-    path = atomic_write_bytes(path, buffer.getvalue())
-    return path

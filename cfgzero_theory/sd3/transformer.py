@@ -42,7 +42,7 @@ diffusers' ``skip_layers`` does.
 
 Numerics: norms compute their statistics in float32; matmuls and attention use the
 parameters' and inputs' promoted dtype; the attention program depends on the backend
-(:func:`attention_implementation`: cuDNN's fused kernel for bf16/fp16 on a GPU).  On accelerators whose default float32 matmul
+(:func:`cfgzero_theory.ports.attention.attention_implementation`: cuDNN's fused kernel for bf16/fp16 on a GPU).  On accelerators whose default float32 matmul
 precision is reduced (TF32/bf16 passes), wrap calls in ``jax.default_matmul_precision("highest")``
 for fp32 parity.  ``pos_embed_max_size=None`` (uncropped, interpolated embeddings) is not
 supported; every released SD3/SD3.5 checkpoint sets it.
@@ -51,7 +51,6 @@ supported; every released SD3/SD3.5 checkpoint sets it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -59,12 +58,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cfgzero_theory.sd3.loading import config_kwargs
+from cfgzero_theory.ports.attention import attention
+from cfgzero_theory.ports.layers import MLP, Norm, layer_norm, modulation, timestep_embedding
+from cfgzero_theory.ports.loading import config_kwargs
+from cfgzero_theory.ports.moved import moved_attributes
 from cfgzero_theory.validation import check_choice, check_int
 
 Array = jax.Array
 
-__all__ = ["DIFFUSERS_CLASS_NAME", "PosEmbed", "SD3Config", "SD3Transformer", "sincos_pos_embed", "timestep_embedding"]
+__all__ = ["DIFFUSERS_CLASS_NAME", "PosEmbed", "SD3Config", "SD3Transformer", "sincos_pos_embed"]
+
+__getattr__ = moved_attributes(__name__, {
+    "QKNorm": "cfgzero_theory.ports.layers:Norm",
+    "attention_implementation": "cfgzero_theory.ports.attention:attention_implementation",
+})
 
 DIFFUSERS_CLASS_NAME = "SD3Transformer2DModel"
 QK_NORMS = (None, "rms_norm", "layer_norm")
@@ -171,21 +178,6 @@ def sincos_pos_embed(config: SD3Config) -> np.ndarray:
     return table.astype(np.float32)
 
 
-def _time_frequencies() -> np.ndarray:
-    half = TIME_CHANNELS // 2
-    exponent = np.float32(-math.log(10000.0)) * np.arange(half, dtype=np.float32) / np.float32(half)
-    return np.exp(exponent.astype(np.float64)).astype(np.float32)
-
-
-_TIME_FREQUENCIES = _time_frequencies()
-
-
-def timestep_embedding(timestep: Array) -> Array:
-    """``(B,) -> (B, 256)`` float32: ``[cos(τ·f), sin(τ·f)]``, ``f_k = exp(−ln(10000)·k/128)``."""
-    angles = jnp.asarray(timestep, jnp.float32)[:, None] * jnp.asarray(_TIME_FREQUENCIES)[None, :]
-    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
-
-
 # ----------------------------------------------------------------------------- layers
 
 
@@ -193,86 +185,18 @@ class PosEmbed(nnx.Variable):
     """A fixed (non-trainable) buffer: the positional table."""
 
 
-def _layer_norm(x: Array, eps: float = NORM_EPS) -> Array:
-    """Parameter-free LayerNorm over the last axis, statistics in float32."""
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    centred = x32 - mean
-    var = jnp.mean(centred * centred, -1, keepdims=True)
-    return (centred * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
-
-class QKNorm(nnx.Module):
-    """Per-head RMSNorm (learned scale) or LayerNorm (learned scale and bias), eps ``1e-6``
-    (another ``eps`` makes it the text encoders' RMS / Layer norms over the features)."""
-
-    def __init__(self, dim: int, kind: str, *, param_dtype=jnp.float32, eps: float = NORM_EPS):
-        self.kind = kind
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if kind == "layer_norm" else None
-
-    def __call__(self, x: Array) -> Array:
-        if self.kind == "rms_norm":
-            x32 = x.astype(jnp.float32)
-            normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
-            scale = self.scale[...]
-            if scale.dtype in (jnp.float16, jnp.bfloat16):  # diffusers casts to a half-precision weight
-                return normed.astype(scale.dtype) * scale
-            return (normed * scale).astype(jnp.promote_types(x.dtype, scale.dtype))
-        return _layer_norm(x, self.eps) * self.scale[...] + self.bias[...]
-
-
 def _qk_norm(dim: int, kind: str | None, param_dtype):
-    return None if kind is None else QKNorm(dim, kind, param_dtype=param_dtype)
+    return None if kind is None else Norm(dim, kind, eps=NORM_EPS, param_dtype=param_dtype)
 
 
 def _apply(norm, x: Array) -> Array:
     return x if norm is None else norm(x)
 
 
-def attention_implementation(q: Array) -> str:
-    """Which attention program :func:`_attention` builds for queries ``q`` on this backend.
-
-    * ``"cudnn"`` — half-precision queries on a GPU with a head size cuDNN supports (a multiple
-      of 8, at most 128): cuDNN's fused flash attention, the score matrix never materialised;
-    * ``"head_major"`` — on a CPU: the two products written as einsums in ``(B, H, T, D)``
-      layout with a float32-statistics softmax between them, which XLA's CPU backend runs about
-      twice as fast as :func:`jax.nn.dot_product_attention` (measured 140 vs 307 ms for
-      2 × 1357 tokens × 8 heads of 64 on 2 cores);
-    * ``"xla"`` — :func:`jax.nn.dot_product_attention`'s XLA program otherwise (float32 on a GPU).
-    """
-    backend = jax.default_backend()
-    if (backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128):
-        return "cudnn"
-    return "head_major" if backend == "cpu" else "xla"
-
-
 def _attention(q: Array, k: Array, v: Array) -> Array:
-    """Softmax attention, ``(B, T, H, Dh) × (B, S, H, Dh) -> (B, T, H·Dh)``, scale ``Dh^-1/2``."""
-    implementation = attention_implementation(q)
-    if implementation == "head_major":
-        scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhts,bshd->bthd", weights, v)
-    else:
-        out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    """:func:`~cfgzero_theory.ports.attention.attention` with the heads merged: ``(B, T, H·Dh)``."""
+    out = attention(q, k, v)
     return out.reshape(*out.shape[:2], -1)
-
-
-class MLP(nnx.Module):
-    """``Linear → act → Linear`` (``act``: ``"silu"`` or ``"gelu_tanh"``)."""
-
-    def __init__(self, d_in: int, d_hidden: int, d_out: int, act: str, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
-        self.act = act
-        self.fc1 = nnx.Linear(d_in, d_hidden, rngs=rngs, param_dtype=param_dtype)
-        self.fc2 = nnx.Linear(d_hidden, d_out, rngs=rngs, param_dtype=param_dtype)
-
-    def __call__(self, x: Array) -> Array:
-        h = self.fc1(x)
-        h = jax.nn.silu(h) if self.act == "silu" else jax.nn.gelu(h, approximate=True)
-        return self.fc2(h)
 
 
 class JointAttention(nnx.Module):
@@ -326,11 +250,6 @@ class SelfAttention(nnx.Module):
         return self.out(_attention(q, k, split(self.v(x))))
 
 
-def _chunks(mod: Array, n: int) -> list[Array]:
-    """Split a modulation ``(B, n·D)`` into ``n`` pieces ``(B, 1, D)`` (broadcast over tokens)."""
-    return [piece[:, None, :] for piece in jnp.split(mod, n, axis=-1)]
-
-
 class JointBlock(nnx.Module):
     """One MMDiT block (AdaLN-Zero on both streams; optional dual attention; optional pre-only context)."""
 
@@ -349,13 +268,13 @@ class JointBlock(nnx.Module):
 
     def __call__(self, img: Array, txt: Array, cond: Array) -> tuple[Array, Array]:
         act = jax.nn.silu(cond)
-        img_mod = _chunks(self.img_mod(act), 9 if self.dual else 6)
+        img_mod = modulation(self.img_mod(act), 9 if self.dual else 6)
         shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = img_mod[:6]
-        img_normed = _layer_norm(img)
+        img_normed = layer_norm(img)
         img_in = img_normed * (1 + scale) + shift
 
-        txt_mod = _chunks(self.txt_mod(act), 2 if self.context_pre_only else 6)
-        txt_normed = _layer_norm(txt)
+        txt_mod = modulation(self.txt_mod(act), 2 if self.context_pre_only else 6)
+        txt_normed = layer_norm(txt)
         if self.context_pre_only:
             txt_scale, txt_shift = txt_mod  # AdaLayerNormContinuous order
         else:
@@ -367,13 +286,13 @@ class JointBlock(nnx.Module):
         if self.self_attn is not None:
             shift2, scale2, gate2 = img_mod[6:]
             img = img + gate2 * self.self_attn(img_normed * (1 + scale2) + shift2)
-        img = img + mlp_gate * self.img_mlp(_layer_norm(img) * (1 + mlp_scale) + mlp_shift)
+        img = img + mlp_gate * self.img_mlp(layer_norm(img) * (1 + mlp_scale) + mlp_shift)
 
         if self.context_pre_only:
             return img, txt
         txt_gate, txt_mlp_shift, txt_mlp_scale, txt_mlp_gate = txt_mod[2:]
         txt = txt + txt_gate * txt_attn
-        txt = txt + txt_mlp_gate * self.txt_mlp(_layer_norm(txt) * (1 + txt_mlp_scale) + txt_mlp_shift)
+        txt = txt + txt_mlp_gate * self.txt_mlp(layer_norm(txt) * (1 + txt_mlp_scale) + txt_mlp_shift)
         return img, txt
 
 
@@ -486,6 +405,6 @@ class SD3Transformer(nnx.Module):
             if index not in skip_layers:
                 img, txt = block(img, txt, cond)
 
-        scale, shift = _chunks(self.out_mod(jax.nn.silu(cond)), 2)
-        img = _layer_norm(img) * (1 + scale) + shift
+        scale, shift = modulation(self.out_mod(jax.nn.silu(cond)), 2)
+        img = layer_norm(img) * (1 + scale) + shift
         return self.unpatchify(self.out_proj(img), height, width)

@@ -8,8 +8,8 @@ Public API
 * :func:`sd3_model_fn` ``(model, *, skip_layers=()) -> model_fn`` for
   :func:`cfgzero_theory.sampling.sample_flow`, called with ``params = nnx.state(model)``.
 
-The folder reading, checks and tensor loading are :func:`cfgzero_theory.sd3.loading.load_module`
-(shared with :func:`cfgzero_theory.sd3.vae.load_vae`); this module supplies the table.
+The folder reading, checks and tensor loading are :func:`cfgzero_theory.ports.loading.load_module`
+(shared with :func:`cfgzero_theory.ports.autoencoder.load_vae`); this module supplies the table.
 
 The folder
 ----------
@@ -49,7 +49,7 @@ Memory
 Tensors are read one at a time with ``safetensors.safe_open(framework="numpy")``,
 transformed, cast (``dtype``; ``None`` keeps the stored dtype, bf16 included) and placed on
 the default device — or, with ``sharding``, split straight from the host onto a device mesh
-(:mod:`cfgzero_theory.sd3.sharding`) — before the next is read, so the host never holds a
+(:mod:`cfgzero_theory.ports.sharding`) — before the next is read, so the host never holds a
 second full copy and, sharded, no device holds the full set of weights.
 """
 
@@ -60,8 +60,8 @@ import os
 import jax.numpy as jnp
 from flax import nnx
 
-from cfgzero_theory.sd3.loading import IDENTITY, LINEAR, Transform, WeightMap, linear_rows, load_module, norm_rows
-from cfgzero_theory.sd3.sharding import ParamSharding
+from cfgzero_theory.ports.loading import IDENTITY, LINEAR, Transform, WeightMap, linear_rows, load_module, norm_rows
+from cfgzero_theory.ports.sharding import ParamSharding
 from cfgzero_theory.sd3.transformer import DIFFUSERS_CLASS_NAME, SD3Config, SD3Transformer, sincos_pos_embed
 
 __all__ = ["OPTIONAL_TARGETS", "TRANSFORMS", "WEIGHT_MAP", "load_sd3_transformer", "sd3_model_fn"]
@@ -125,13 +125,13 @@ def load_sd3_transformer(
       dtype: cast every floating tensor to this dtype (e.g. ``jnp.float32``); ``None`` keeps
         the stored dtypes.
       variant: diffusers' weight variant (``"fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``).
-      sharding: a :class:`~cfgzero_theory.sd3.sharding.ParamSharding` (e.g.
+      sharding: a :class:`~cfgzero_theory.ports.sharding.ParamSharding` (e.g.
         ``mesh_sharding()``) to split the weights over a device mesh as they are read;
         ``None`` puts them on the default device.
 
     Returns the module, ready to call; ``nnx.split(module)`` gives ``(graphdef, state)``.
     Raises ``ValueError`` naming every problem (see the module docstring).  The loading itself
-    is :func:`cfgzero_theory.sd3.loading.load_module`.
+    is :func:`cfgzero_theory.ports.loading.load_module`.
     """
     return load_module(
         folder, SD3Transformer, SD3Config, _WEIGHT_MAP,

@@ -1,4 +1,4 @@
-"""Parity of :mod:`cfgzero_theory.sd3.t5` with ``transformers.T5EncoderModel``.
+"""Parity of :mod:`cfgzero_theory.ports.t5` with ``transformers.T5EncoderModel``.
 
 Tiny random encoders — T5 v1.1-like (``gated-gelu``, as SD3's ``text_encoder_3/``) and T5
 v1.0-like (``relu``) — with few relative-position buckets and a short ``max_distance`` so that
@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from text_encoder_helpers import assert_close, perturbed, saved_tensors, write_folder
 
-from cfgzero_theory.sd3.t5 import T5Config, T5Encoder, load_t5_encoder, relative_position_buckets
+from cfgzero_theory.ports.t5 import T5Config, T5Encoder, load_t5_encoder, relative_position_buckets
 
 pytestmark = pytest.mark.parity
 

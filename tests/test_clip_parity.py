@@ -1,4 +1,4 @@
-"""Parity of :mod:`cfgzero_theory.sd3.clip` with ``transformers.CLIPTextModelWithProjection``.
+"""Parity of :mod:`cfgzero_theory.ports.clip` with ``transformers.CLIPTextModelWithProjection``.
 
 Tiny random text towers in the two SD3 flavours — CLIP-L-like (``quick_gelu``, the legacy
 ``eos_token_id=2``: pooled at ``argmax(input_ids)``) and bigG-like (``gelu``, a real
@@ -18,7 +18,7 @@ from flax import nnx
 from text_encoder_helpers import assert_close as _close
 from text_encoder_helpers import perturbed, saved_tensors, write_folder
 
-from cfgzero_theory.sd3.clip import CLIPTextConfig, CLIPTextEncoder, load_clip_text_encoder
+from cfgzero_theory.ports.clip import CLIPTextConfig, CLIPTextEncoder, load_clip_text_encoder
 
 pytestmark = pytest.mark.parity
 

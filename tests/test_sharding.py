@@ -1,4 +1,4 @@
-"""Weight sharding over a device mesh (:mod:`cfgzero_theory.sd3.sharding`) and the loaders' ``sharding=``.
+"""Weight sharding over a device mesh (:mod:`cfgzero_theory.ports.sharding`) and the loaders' ``sharding=``.
 
 The rule is tested as a pure function of ``(shape, n)``; the layouts on a mesh run in one
 subprocess with four fake CPU devices (``--xla_force_host_platform_device_count=4``): tiny
@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from text_encoder_helpers import perturbed
 
 from cfgzero_theory.sd3 import load_clip_text_encoder, load_sd3_transformer, load_t5_encoder, load_vae
-from cfgzero_theory.sd3.sharding import ParamSharding, describe_sharding, mesh_sharding, shard_axis, shard_state
+from cfgzero_theory.ports.sharding import ParamSharding, describe_sharding, mesh_sharding, shard_axis, shard_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +128,7 @@ FOUR_DEVICES = textwrap.dedent(
     from cfgzero_theory.sampling import sample_flow
     from cfgzero_theory.schedules import flow_match_euler_schedule
     from cfgzero_theory.sd3 import load_clip_text_encoder, load_sd3_transformer, load_vae, sd3_model_fn
-    from cfgzero_theory.sd3.sharding import describe_sharding, mesh_sharding, shard_axis, shard_state
+    from cfgzero_theory.ports.sharding import describe_sharding, mesh_sharding, shard_axis, shard_state
 
     assert len(jax.devices()) == 4
     transformer_dir, vae_dir, clip_dir, pipeline_dir = sys.argv[1:]
@@ -218,7 +218,7 @@ def test_loaders_shard_over_four_devices(torch, diffusers, tmp_path):
             perturbed(torch, model).save_pretrained(tmp_path / folder, safe_serialization=True)
         clip = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**CLIP))
         perturbed(torch, clip).save_pretrained(tmp_path / "text_encoder", safe_serialization=True)
-    from experiments.sample_image import build_tiny_random_pipeline
+    from cfgzero_theory.sd3.tiny import build_tiny_random_pipeline
 
     build_tiny_random_pipeline(tmp_path / "pipeline")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")

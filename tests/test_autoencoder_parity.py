@@ -1,4 +1,4 @@
-"""Parity of :mod:`cfgzero_theory.sd3.vae` with ``diffusers.AutoencoderKL`` (tiny random models, fp32).
+"""Parity of :mod:`cfgzero_theory.ports.autoencoder` with ``diffusers.AutoencoderKL`` (tiny random models, fp32).
 
 Tolerance: max |ours − diffusers| ≤ 1e-4 · max(1, max |diffusers|) for the encoder mean and
 logvar and the decoder output (observed ~2.6e-6 absolute on outputs of scale ~2–4).
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cfgzero_theory.sd3.vae import AutoencoderKL, VAEConfig, load_vae, sample_latent
+from cfgzero_theory.ports.autoencoder import AutoencoderKL, VAEConfig, load_vae, sample_latent
 
 pytestmark = pytest.mark.parity
 

@@ -1,0 +1,128 @@
+"""Pieces every text-to-image pipeline is made of.
+
+* :func:`read_json` ``(path, what)`` — a JSON file, or a ``ValueError`` naming ``what``;
+* :func:`pipeline_components` ``(folder, what, classes, required, optional)`` — the component
+  subfolders a ``model_index.json`` lists, checked;
+* :func:`load_tokenizer` ``(folder)`` and :func:`token_ids` ``(tokenizer, prompts, length)``;
+* :func:`as_prompt_list` ``(prompts, what)``;
+* :func:`encode_tokens` ``(encoder, token_ids, **static)`` — an encoder call as one compiled
+  program (one compile per encoder structure, token shape and static options);
+* :func:`initial_noise` ``(seed, shape, dtype)`` — the pipelines' ``N(0, I)`` draw;
+* :func:`to_uint8` ``(images)`` and :func:`save_png` ``(images, path)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cfgzero_theory.files import atomic_write_bytes
+from cfgzero_theory.validation import check_int
+
+__all__ = ["as_prompt_list", "encode_tokens", "initial_noise", "load_tokenizer", "pipeline_components", "read_json",
+           "save_png", "to_uint8", "token_ids"]
+
+
+def read_json(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; ``ValueError`` naming ``what`` when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {what} {path}: {err}") from None
+
+
+def pipeline_components(folder: str | os.PathLike, what: str, classes: Sequence[str], required: Sequence[str],
+                        optional: Sequence[str] = ()) -> dict[str, Path | None]:
+    """``{component: subfolder or None}`` for a diffusers pipeline folder whose ``model_index.json``
+    names one of ``classes``; ``ValueError`` when it names another class (the message says it is not ``what``,
+    e.g. ``"an SD3 pipeline"``), omits a ``required``
+    component or lists a component whose subfolder is missing.  An ``optional`` component set to
+    ``null`` (``[null, null]``) maps to ``None``."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder")
+    index = read_json(root / "model_index.json", "the pipeline index")
+    if index.get("_class_name") not in classes:
+        raise ValueError(f"{root} is not {what}: model_index.json names {index.get('_class_name')!r}, "
+                         f"expected one of {tuple(classes)}")
+    present = {}
+    for name in (*required, *optional):
+        entry = index.get(name)
+        if entry is None or entry == [None, None]:
+            if name in required:
+                raise ValueError(f"{root}: model_index.json lists no {name!r} component")
+            present[name] = None
+        elif not (root / name).is_dir():
+            raise ValueError(f"{root}: the {name}/ subfolder is missing")
+        else:
+            present[name] = root / name
+    return present
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The tokenizer saved in ``folder`` (``AutoTokenizer.from_pretrained``; no torch needed)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError('the pipelines tokenise with transformers: install it with pip install -e ".[sd3]"') from err
+    return AutoTokenizer.from_pretrained(os.fspath(folder))
+
+
+def token_ids(tokenizer, prompts: list[str], length: int) -> jax.Array:
+    """``prompts`` tokenised, padded to and truncated at ``length``: ``(B, length)`` int32."""
+    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np")
+    return jnp.asarray(np.asarray(ids["input_ids"]), jnp.int32)
+
+
+def as_prompt_list(prompts, what: str) -> list[str]:
+    """A string or a non-empty list of strings as a list; ``ValueError`` naming ``what`` otherwise."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{what} must be a string or a non-empty list of strings, got {prompts!r}")
+    return prompts
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encode_jit(graphdef, state, ids, static):
+    return nnx.merge(graphdef, state)(ids, **dict(static))
+
+
+def encode_tokens(encoder: nnx.Module, ids, **static):
+    """``encoder(ids, **static)`` as a compiled program (``static``: hashable keyword options)."""
+    graphdef, state = nnx.split(encoder)
+    return _encode_jit(graphdef, state, ids, tuple(sorted(static.items())))
+
+
+def initial_noise(seed: int, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """``jax.random.normal(PRNGKey(seed), shape)`` drawn in float32, cast to ``dtype``."""
+    seed = check_int("seed", seed)
+    return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32).astype(dtype)
+
+
+def to_uint8(images) -> np.ndarray:
+    """Images in ``[0, 1]`` → ``uint8`` (``round(255·x)``)."""
+    return np.round(np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def save_png(images, path: str | os.PathLike) -> str:
+    """Write ``images`` (``(H, W, 3)``, or ``(B, H, W, 3)`` tiled left to right) as one PNG, atomically."""
+    from PIL import Image
+
+    array = np.asarray(images)
+    if array.ndim == 4:
+        array = np.concatenate(list(array), axis=1)
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"images must have shape (H, W, C) or (B, H, W, C) with C in 1, 3, 4; got {np.shape(images)}")
+    pixels = to_uint8(array)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue())

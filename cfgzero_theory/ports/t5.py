@@ -1,0 +1,272 @@
+"""SD3's T5 text encoder in Flax NNX, faithful to ``transformers.T5EncoderModel``.
+
+Stable Diffusion 3 / 3.5's ``text_encoder_3/`` is the encoder of T5 v1.1 XXL
+(``feed_forward_proj="gated-gelu"``); the prompt embeddings are its last hidden state.
+
+Public API
+----------
+* :class:`T5Config` (``T5Config.from_transformers_config(dict)``);
+* :class:`T5Encoder`: ``encoder(input_ids) -> (B, T, d_model)`` (transformers'
+  ``last_hidden_state``); :func:`relative_position_buckets` ``(length, num_buckets,
+  max_distance)``;
+* :data:`T5_WEIGHT_MAP` and :func:`load_t5_encoder` ``(folder, *, dtype=None, variant=None,
+  sharding=None)`` for a transformers ``text_encoder_3/`` folder.
+
+Architecture (``H = num_heads``, ``d_kv`` per head; every norm is T5's RMS norm — no mean, no
+bias, learned scale, ``layer_norm_epsilon``, statistics in float32)
+-----------------------------------------------------------------------------------------
+* token embedding (no position embedding, no scaling);
+* ``num_layers`` pre-norm blocks: ``x + o(attn(RMS(x)))`` with bias-free q/k/v/o maps and
+  **unscaled** scores ``q·k`` plus a relative position bias; then ``x + ff(RMS(x))`` with
+  ``ff = wo(act(wi_0 x) · wi_1 x)`` for ``gated-*`` (``gated-gelu`` uses the tanh GELU,
+  transformers' ``gelu_new``) or ``wo(act(wi x))`` otherwise (``relu`` for T5 v1.0);
+* the relative position bias is one table ``(relative_attention_num_buckets, H)`` held by the
+  first block and shared by all: for query ``i`` and key ``j`` the bucket of ``j − i``
+  (bidirectional: half the buckets per sign; within a half, distances below a quarter of the
+  buckets are exact, larger ones share logarithmically wider buckets up to
+  ``relative_attention_max_distance``, beyond which the last bucket is used);
+* a final RMS norm.
+
+SD3 use (``StableDiffusion3Pipeline._get_t5_prompt_embeds``): ``encoder(input_ids)`` with no
+attention mask (padding tokens are attended to, as in the pipeline).
+
+Not supported: padding masks, the decoder, ``T5ForConditionalGeneration`` folders and the
+float16 overflow clamping transformers applies to float16 activations (run in bfloat16 or
+float32).  A checkpoint may store the embedding as ``shared.weight``,
+``encoder.embed_tokens.weight`` or both (tied copies; the last one read is kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cfgzero_theory.ports.loading import (
+    IDENTITY, LINEAR, TRANSFORMERS, TRANSFORMERS_METADATA_KEYS, WeightMap, config_kwargs, load_module,
+)
+from cfgzero_theory.ports.sharding import ParamSharding
+from cfgzero_theory.ports.attention import attention
+from cfgzero_theory.ports.layers import ACTIVATIONS, Norm
+from cfgzero_theory.validation import check_choice, check_int, check_real
+
+Array = jax.Array
+
+__all__ = ["T5Config", "T5Encoder", "T5_ARCHITECTURE", "T5_WEIGHT_MAP", "load_t5_encoder", "relative_position_buckets"]
+
+T5_ARCHITECTURE = "T5EncoderModel"
+FEED_FORWARD = ("relu", "gated-relu", "gelu", "gated-gelu")
+
+IGNORED_CONFIG_KEYS = TRANSFORMERS_METADATA_KEYS | {
+    # training, generation and decoder settings, special ids; dense_act_fn / is_gated_act are
+    # derived from feed_forward_proj (transformers recomputes them from it, so do we)
+    "dropout_rate", "classifier_dropout", "initializer_factor", "is_encoder_decoder", "is_decoder", "use_cache",
+    "output_past", "pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id", "num_decoder_layers",
+    "tie_word_embeddings", "scale_decoder_outputs", "dense_act_fn", "is_gated_act", "n_positions", "task_specific_params",
+}
+"""Keys of a ``T5Config`` that do not change the encoder's inference."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """The encoder keys of a transformers ``T5Config`` (same defaults).
+
+    Construction raises ``ValueError`` naming a bad value.
+    """
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                     "relative_attention_max_distance"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
+        object.__setattr__(self, "relative_attention_num_buckets", check_int(
+            "relative_attention_num_buckets", self.relative_attention_num_buckets, minimum=4))
+        check_choice("feed_forward_proj", self.feed_forward_proj, FEED_FORWARD)
+        object.__setattr__(self, "layer_norm_epsilon",
+                           check_real("layer_norm_epsilon", self.layer_norm_epsilon, positive=True))
+
+    @property
+    def gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> str:
+        """transformers' ``dense_act_fn``: ``gated-gelu`` means the tanh GELU (``gelu_new``)."""
+        return "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
+
+    @classmethod
+    def from_transformers_config(cls, config: Mapping) -> T5Config:
+        """Build from a transformers ``config.json`` dict of a ``T5EncoderModel``.
+
+        Metadata, training-only and decoder keys (:data:`IGNORED_CONFIG_KEYS`, keys starting
+        with ``_``) are dropped; ``architectures``, when present, must contain
+        ``"T5EncoderModel"``.  Any other unknown key raises ``ValueError`` naming it; missing
+        keys take transformers' defaults.
+        """
+        return cls(**config_kwargs(cls, config, T5_ARCHITECTURE, ignore=IGNORED_CONFIG_KEYS))
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
+    """The ``(length, length)`` bucket of ``key − query`` for T5's bidirectional encoder.
+
+    Float32 arithmetic in transformers' order, so that the truncation to an integer lands on
+    the same side at the logarithmic buckets' boundaries.
+    """
+    relative = np.arange(length)[None, :] - np.arange(length)[:, None]
+    half = num_buckets // 2
+    buckets = np.where(relative > 0, half, 0)
+    distance = np.abs(relative)
+    max_exact = half // 2
+    scaled = np.maximum(distance, 1).astype(np.float32) / np.float32(max_exact)  # distance 0 is exact anyway
+    ratio = np.log(scaled) / np.float32(math.log(max_distance / max_exact))
+    large = max_exact + (ratio * np.float32(half - max_exact)).astype(np.int64)
+    large = np.minimum(large, half - 1)
+    return buckets + np.where(distance < max_exact, distance, large)
+
+
+class Attention(nnx.Module):
+    """Bias-free multi-head self-attention with unscaled scores and an additive position bias."""
+
+    def __init__(self, config: T5Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.heads = config.num_heads
+        inner = config.num_heads * config.d_kv
+        lin = lambda a, b: nnx.Linear(a, b, use_bias=False, rngs=rngs, param_dtype=param_dtype)  # noqa: E731
+        self.q, self.k, self.v = lin(config.d_model, inner), lin(config.d_model, inner), lin(config.d_model, inner)
+        self.o = lin(inner, config.d_model)
+
+    def __call__(self, x: Array, bias: Array) -> Array:
+        split = lambda y: y.reshape(*y.shape[:2], self.heads, -1)  # noqa: E731
+        out = attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), bias=bias, scale=1.0)
+        return self.o(out.reshape(*out.shape[:2], -1))
+
+
+class FeedForward(nnx.Module):
+    """``wo(act(wi_0 x) · wi_1 x)`` (gated) or ``wo(act(wi x))``, bias-free."""
+
+    def __init__(self, config: T5Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.act = config.activation
+        lin = lambda a, b: nnx.Linear(a, b, use_bias=False, rngs=rngs, param_dtype=param_dtype)  # noqa: E731
+        if config.gated:
+            self.wi_0, self.wi_1, self.wi = lin(config.d_model, config.d_ff), lin(config.d_model, config.d_ff), None
+        else:
+            self.wi_0, self.wi_1, self.wi = None, None, lin(config.d_model, config.d_ff)
+        self.wo = lin(config.d_ff, config.d_model)
+
+    def __call__(self, x: Array) -> Array:
+        act = ACTIVATIONS[self.act]
+        h = act(self.wi(x)) if self.wi is not None else act(self.wi_0(x)) * self.wi_1(x)
+        return self.wo(h)
+
+
+class Block(nnx.Module):
+    """``x + attn(RMS(x))``, then ``x + ff(RMS(x))``."""
+
+    def __init__(self, config: T5Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        eps = config.layer_norm_epsilon
+        self.attn_norm = Norm(config.d_model, "rms_norm", param_dtype=param_dtype, eps=eps)
+        self.attn = Attention(config, rngs=rngs, param_dtype=param_dtype)
+        self.ff_norm = Norm(config.d_model, "rms_norm", param_dtype=param_dtype, eps=eps)
+        self.ff = FeedForward(config, rngs=rngs, param_dtype=param_dtype)
+
+    def __call__(self, x: Array, bias: Array) -> Array:
+        x = x + self.attn(self.attn_norm(x), bias)
+        return x + self.ff(self.ff_norm(x))
+
+
+class T5Encoder(nnx.Module):
+    """``transformers.T5EncoderModel`` as SD3 uses it (see the module docstring)."""
+
+    def __init__(self, config: T5Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.config = config
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.d_model, rngs=rngs, param_dtype=param_dtype)
+        self.relative_attention_bias = nnx.Embed(
+            config.relative_attention_num_buckets, config.num_heads, rngs=rngs, param_dtype=param_dtype,
+        )
+        self.layers = nnx.List([Block(config, rngs=rngs, param_dtype=param_dtype) for _ in range(config.num_layers)])
+        self.final_norm = Norm(config.d_model, "rms_norm", param_dtype=param_dtype, eps=config.layer_norm_epsilon)
+
+    def position_bias(self, length: int) -> Array:
+        """The shared attention bias ``(1, num_heads, length, length)``."""
+        cfg = self.config
+        buckets = relative_position_buckets(length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
+        return jnp.transpose(self.relative_attention_bias(jnp.asarray(buckets)), (2, 0, 1))[None]
+
+    def __call__(self, input_ids: Array) -> Array:
+        """Encode token ids ``(B, T)`` into the last hidden state ``(B, T, d_model)`` (SD3's T5
+        prompt embeddings).  Raises ``ValueError`` for a bad shape or dtype."""
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be an integer array (batch, tokens), got {input_ids.dtype} {input_ids.shape}")
+        x = self.embed_tokens(input_ids)
+        bias = self.position_bias(input_ids.shape[1]).astype(x.dtype)
+        for layer in self.layers:
+            x = layer(x, bias)
+        return self.final_norm(x)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+_B = "encoder.block.{i}.layer"
+T5_WEIGHT_MAP: tuple[tuple[str, str, str], ...] = (
+    # (transformers key, our state path, transform)
+    ("shared.weight", "embed_tokens.embedding", "identity"),
+    ("encoder.embed_tokens.weight", "embed_tokens.embedding", "identity"),  # a tied copy, when stored
+    ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "relative_attention_bias.embedding",
+     "identity"),
+    (f"{_B}.0.SelfAttention.{{x}}.weight", "layers.{i}.attn.{x}.kernel", "linear"),
+    (f"{_B}.0.layer_norm.weight", "layers.{i}.attn_norm.scale", "identity"),
+    (f"{_B}.1.DenseReluDense.{{w}}.weight", "layers.{i}.ff.{w}.kernel", "linear"),
+    (f"{_B}.1.layer_norm.weight", "layers.{i}.ff_norm.scale", "identity"),
+    ("encoder.final_layer_norm.weight", "final_norm.scale", "identity"),
+)
+"""The T5 encoder weight mapping: ``{i}`` a block, ``{x}`` ``q``/``k``/``v``/``o``, ``{w}``
+``wi_0``/``wi_1``/``wi``/``wo``; transforms ``identity`` and ``linear`` (transpose)."""
+
+_T5_WEIGHT_MAP = WeightMap(
+    T5_WEIGHT_MAP, {"i": r"\d+", "x": "[qkvo]", "w": "wi_0|wi_1|wi|wo"}, {"identity": IDENTITY, "linear": LINEAR},
+)
+
+
+def load_t5_encoder(
+    folder: str | os.PathLike, *, dtype=None, variant: str | None = None, sharding: ParamSharding | None = None,
+) -> T5Encoder:
+    """Load a transformers ``T5EncoderModel`` folder (SD3's ``text_encoder_3/``) into an NNX
+    :class:`T5Encoder`.
+
+    The folder holds ``config.json`` (``architectures`` containing ``"T5EncoderModel"``) and
+    ``model.safetensors`` or a sharded ``model.safetensors.index.json`` (``variant="fp16"``
+    reads ``model.fp16.safetensors``).  Same checks as the other loaders (all are
+    :func:`cfgzero_theory.ports.loading.load_module`): missing, unexpected or wrongly shaped keys
+    reported in one ``ValueError`` before any tensor data is read; tensors are then read,
+    transformed, cast (``dtype``; ``None`` keeps the stored dtype) and placed one at a time — on
+    the default device, or split over a device mesh as ``sharding`` (a
+    :class:`~cfgzero_theory.ports.sharding.ParamSharding`) says.
+    """
+    return load_module(
+        folder, T5Encoder, T5Config, _T5_WEIGHT_MAP,
+        class_name=T5_ARCHITECTURE, what="T5 text_encoder_3/", dtype=dtype, variant=variant, folder_kind=TRANSFORMERS,
+        sharding=sharding, repeats={"i": ("num_layers", lambda config: config.num_layers)},
+    )
