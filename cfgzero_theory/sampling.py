@@ -266,7 +266,10 @@ def sample_flow(
 
     At step ``i`` (``σ_i = schedule.sigmas[i]``, ``τ_i = schedule.timesteps[i]``) the model is
     called once on the doubled batch, ``model_fn(params, [x; x], σ_i, τ_i, [context;
-    uncond_context])``, giving ``(v_c, v_u)``; the rule (with its state, e.g. APG's momentum,
+    uncond_context])``, giving ``(v_c, v_u)``; with ``uncond_context=None`` it is called on the
+    conditional batch alone (one branch per step, e.g. guidance-distilled Flux) and ``v_u = v_c``,
+    so every :class:`~cfgzero_theory.guidance.Guidance` kind returns ``v_c``, zeroed for its
+    first ``K`` steps; the rule (with its state, e.g. APG's momentum,
     in the scan carry) gives ``ṽ``; the solver (with its multistep history in the carry)
     gives the next latents.  Zero-init, guidance intervals and truncation are traced
     conditions on ``i``.  The guided prediction is cast to the model's output dtype and the
@@ -283,6 +286,7 @@ def sample_flow(
       schedule: sigmas and timesteps, e.g. ``flow_match_euler_schedule(28, shift=3.0)``.
       context / uncond_context: pytrees whose leaves have batch axis ``B`` (prompt
         embeddings, class labels, …); concatenated leaf by leaf into the doubled batch.
+        ``uncond_context=None``: the conditional branch only (see above).
       rule: any guidance rule of :mod:`cfgzero_theory.guidance` or
         :mod:`cfgzero_theory.guidance_family` (traced: scales can be vmapped).
       solver: a :class:`~cfgzero_theory.schedules.FlowSolver` (default Euler).
@@ -308,7 +312,7 @@ def sample_flow(
         for leaf in jax.tree_util.tree_leaves(tree):
             if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != batch:
                 raise ValueError(f"every leaf of {name} needs a leading batch axis of {batch}, got shape {jnp.shape(leaf)}")
-    if jax.tree_util.tree_structure(context) != jax.tree_util.tree_structure(uncond_context):
+    if uncond_context is not None and jax.tree_util.tree_structure(context) != jax.tree_util.tree_structure(uncond_context):
         raise ValueError("context and uncond_context must have the same tree structure")
     if model_fn is mixture_flow_model and not isinstance(context, jax.core.Tracer):
         params.check_label(context, (batch,))  # the contexts are the mixture's labels
@@ -326,14 +330,21 @@ def sample_flow(
 @functools.partial(jax.jit, static_argnums=(0, 9))
 def _sample_flow_jit(model_fn, params, latents, schedule, context, uncond_context, rule, solver, perturbed,
                      return_trajectory):
-    both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), context, uncond_context)
     batch = latents.shape[0]
     num_steps = schedule.timesteps.shape[0]
 
+    def branches(x, sigma, timestep):
+        """``(v_c, v_u)``: one call on the doubled batch, or on the conditional batch alone."""
+        if uncond_context is None:
+            v_c = model_fn(params, x, sigma, timestep, context)
+            return v_c, v_c
+        both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), context, uncond_context)
+        v = model_fn(params, jnp.concatenate([x, x]), sigma, timestep, both)
+        return v[:batch], v[batch:]
+
     def guided_at(x, sigma, timestep, i, rule_state):
         """The guided prediction at ``(x, σ)`` for step ``i``: ``(ṽ, rule_state', v_c, v_u)``."""
-        v = model_fn(params, jnp.concatenate([x, x]), sigma, timestep, both)
-        v_c, v_u = v[:batch], v[batch:]
+        v_c, v_u = branches(x, sigma, timestep)
         guided, rule_state = apply_rule(rule, rule_state, v_c, v_u, i)
         if perturbed is not None:
             v_p = jax.lax.cond(perturbed.active(i, num_steps),

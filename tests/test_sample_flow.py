@@ -176,3 +176,25 @@ def test_switching_kind_scale_or_k_does_not_recompile():
     assert len({np.asarray(o).tobytes() for o in outputs.values()}) == len(outputs)  # every setting took effect
     run(make_rule("cfg", 2.0), steps=9)
     assert sampling._sample_flow_jit._cache_size() == before + 2
+
+
+def test_conditional_branch_only_calls_the_model_on_the_batch_once_per_step():
+    """``uncond_context=None``: one forward of batch B per step (not 2B), ``v_u = v_c``; the
+    result equals the two-branch run of the ``conditional`` kind, zero-init included."""
+    gm = mixtures.class_conditional_2d()
+    p = presets.get("sd3")
+    x0 = jax.random.normal(jax.random.key(3), (16, 2))
+    labels = jnp.full((16,), 1)
+    batches = []
+
+    def counting_model(mixture, x, sigma, timestep, context):
+        batches.append(x.shape[0])  # recorded while tracing: the batch each call sees
+        return mixture_flow_model(mixture, x, sigma, timestep, context)
+
+    rule = presets.get("flux-dev").rule(zero_init_steps=2)
+    one = sample_flow(counting_model, gm, x0, p.schedule(6), labels, None, rule, return_trajectory=True)
+    assert set(batches) == {16}
+    np.testing.assert_array_equal(np.asarray(one.v_uncond), np.asarray(one.v_cond))
+    np.testing.assert_array_equal(np.asarray(one.guided[:2]), 0.0)
+    two = sample_flow(mixture_flow_model, gm, x0, p.schedule(6), labels, jnp.full_like(labels, NULL_LABEL), rule)
+    np.testing.assert_allclose(np.asarray(one.samples), np.asarray(two.samples), rtol=1e-6, atol=1e-6)

@@ -1,0 +1,110 @@
+"""Loading a diffusers ``FluxTransformer2DModel`` folder, and the transformer as a sampler model.
+
+* :data:`WEIGHT_MAP` — rows ``(diffusers key, our state path, transform)``: ``{i}`` numbers a
+  double-stream block, ``{j}`` a single-stream block, ``{x}`` is ``q``/``k``/``v``, ``{n}``
+  ``1``/``2``;
+* :func:`load_flux_transformer` ``(folder, *, dtype=None, variant=None, sharding=None)``: the
+  shared loader (:func:`cfgzero_theory.ports.loading.load_module`: every header problem
+  reported at once, tensors placed one at a time, optionally sharded);
+* :func:`flux_model_fn` ``(model, grid)``: a ``model_fn`` for
+  :func:`~cfgzero_theory.sampling.sample_flow`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+from cfgzero_theory.flux.transformer import DIFFUSERS_CLASS_NAME, FluxConfig, FluxTransformer
+from cfgzero_theory.ports.loading import IDENTITY, LINEAR, WeightMap, linear_rows, load_module, norm_rows
+from cfgzero_theory.ports.sharding import ParamSharding
+from cfgzero_theory.validation import check_int
+
+__all__ = ["WEIGHT_MAP", "flux_model_fn", "load_flux_transformer", "weight_map"]
+
+_D = "transformer_blocks.{i}"
+_S = "single_transformer_blocks.{j}"
+WEIGHT_MAP: tuple[tuple[str, str, str], ...] = (
+    *linear_rows("x_embedder", "x_embedder"),
+    *linear_rows("context_embedder", "context_embedder"),
+    *linear_rows("time_text_embed.timestep_embedder.linear_{n}", "time_mlp.fc{n}"),
+    *linear_rows("time_text_embed.guidance_embedder.linear_{n}", "guidance_mlp.fc{n}"),
+    *linear_rows("time_text_embed.text_embedder.linear_{n}", "pooled_mlp.fc{n}"),
+    *linear_rows(f"{_D}.norm1.linear", "double_blocks.{i}.img_mod"),
+    *linear_rows(f"{_D}.norm1_context.linear", "double_blocks.{i}.txt_mod"),
+    *linear_rows(f"{_D}.attn.to_{{x}}", "double_blocks.{i}.img_qkv.{x}"),
+    *linear_rows(f"{_D}.attn.add_{{x}}_proj", "double_blocks.{i}.txt_qkv.{x}"),
+    *norm_rows(f"{_D}.attn.norm_{{x}}", "double_blocks.{i}.img_qkv.{x}_norm"),
+    *norm_rows(f"{_D}.attn.norm_added_{{x}}", "double_blocks.{i}.txt_qkv.{x}_norm"),
+    *linear_rows(f"{_D}.attn.to_out.0", "double_blocks.{i}.img_out"),
+    *linear_rows(f"{_D}.attn.to_add_out", "double_blocks.{i}.txt_out"),
+    *linear_rows(f"{_D}.ff.net.0.proj", "double_blocks.{i}.img_mlp.fc1"),
+    *linear_rows(f"{_D}.ff.net.2", "double_blocks.{i}.img_mlp.fc2"),
+    *linear_rows(f"{_D}.ff_context.net.0.proj", "double_blocks.{i}.txt_mlp.fc1"),
+    *linear_rows(f"{_D}.ff_context.net.2", "double_blocks.{i}.txt_mlp.fc2"),
+    *linear_rows(f"{_S}.norm.linear", "single_blocks.{j}.mod"),
+    *linear_rows(f"{_S}.attn.to_{{x}}", "single_blocks.{j}.qkv.{x}"),
+    *norm_rows(f"{_S}.attn.norm_{{x}}", "single_blocks.{j}.qkv.{x}_norm"),
+    *linear_rows(f"{_S}.proj_mlp", "single_blocks.{j}.proj_mlp"),
+    *linear_rows(f"{_S}.proj_out", "single_blocks.{j}.proj_out"),
+    *linear_rows("norm_out.linear", "out_mod"),
+    *linear_rows("proj_out", "out_proj"),
+)
+"""The Flux transformer's weight mapping (module docstring)."""
+
+weight_map = WeightMap(WEIGHT_MAP, {"i": r"\d+", "j": r"\d+", "x": "[qkv]", "n": "[12]"},
+                       {"identity": IDENTITY, "linear": LINEAR})
+""":data:`WEIGHT_MAP` compiled (``to_ours`` / ``to_diffusers``), also what LoRA merging maps through."""
+
+
+def load_flux_transformer(
+    folder: str | os.PathLike, *, dtype=None, variant: str | None = None, sharding: ParamSharding | None = None,
+) -> FluxTransformer:
+    """Load a diffusers ``FluxTransformer2DModel`` folder (``.../transformer``) into an NNX module.
+
+    ``dtype`` casts every floating tensor (``None`` keeps the stored dtypes); ``variant`` reads
+    ``diffusion_pytorch_model.<variant>.safetensors``; ``sharding`` (a
+    :class:`~cfgzero_theory.ports.sharding.ParamSharding`) splits the weights over a device
+    mesh as they are read.  Raises ``ValueError`` naming every missing, unexpected or wrongly
+    shaped key, and a config whose block counts differ from the file's.
+    """
+    return load_module(
+        folder, FluxTransformer, FluxConfig, weight_map,
+        class_name=DIFFUSERS_CLASS_NAME, what="Flux transformer/", dtype=dtype, variant=variant, sharding=sharding,
+        repeats={"i": ("num_layers", lambda config: config.num_layers),
+                 "j": ("num_single_layers", lambda config: config.num_single_layers)},
+    )
+
+
+def flux_model_fn(model, grid: Sequence[int]):
+    """A ``model_fn(params, x, sigma, timestep, context)`` for :func:`~cfgzero_theory.sampling.sample_flow`.
+
+    ``model`` is a :class:`FluxTransformer` (or its ``nnx.GraphDef``), ``grid = (h, w)`` the
+    packed latent grid (static: one function per image size); call ``sample_flow`` with
+    ``params = nnx.state(model)``, packed latents ``(B, h·w, in_channels)`` and ``context =
+    (prompt_embeds, pooled)`` — plus the distilled guidance ``(B,)`` for a guidance-embedding
+    model.  As in ``FluxPipeline``, the scheduler timestep ``τ = σ·1000`` is cast to the
+    latents' dtype and divided by 1000 there, and the transformer's prediction is the flow
+    velocity the scheduler steps with.
+    """
+    if isinstance(model, FluxTransformer):
+        graphdef = nnx.graphdef(model)
+    elif isinstance(model, nnx.GraphDef):
+        graphdef = model
+    else:
+        raise ValueError(f"model must be a FluxTransformer or its nnx.GraphDef, got {type(model).__name__}")
+    grid = tuple(check_int("grid entry", g, minimum=1) for g in grid)
+    if len(grid) != 2:
+        raise ValueError(f"grid must be (h, w), got {grid}")
+
+    def model_fn(params, x, sigma, timestep, context):
+        del sigma  # Flux is conditioned on the timestep only
+        prompt_embeds, pooled, *guidance = context
+        t = jnp.broadcast_to(jnp.asarray(timestep), (x.shape[0],)).astype(x.dtype) / 1000
+        transformer = nnx.merge(graphdef, params)
+        return transformer(x, prompt_embeds, pooled, t, guidance[0] if guidance else None, grid=grid)
+
+    return model_fn
