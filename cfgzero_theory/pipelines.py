@@ -6,9 +6,10 @@ has the same call, ``pipe(prompts, negative_prompts=None, guidance=KIND, scale=,
 zero_init_steps=, num_steps=, height=, width=, seed=, latents=) -> (latents, images)``, with
 the guidance kinds of :func:`cfgzero_theory.guidance.make_rule`.
 
-Ported today (:data:`PIPELINES`): ``StableDiffusion3Pipeline`` (SD3 and SD3.5).  Flux,
-Wan2.1 and Lumina-Next are planned; their folders, like any other class, are refused with a
-``ValueError`` naming the class and listing what is supported.
+Ported today (:data:`PIPELINES`): ``StableDiffusion3Pipeline`` (SD3 and SD3.5) and
+``FluxPipeline`` (FLUX.1 dev and schnell).  Wan2.1 and Lumina-Next are planned; their folders,
+like any other class, are refused with a ``ValueError`` naming the class and listing what is
+supported.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ __all__ = ["PIPELINES", "RANDOM_BUILDERS", "build_random", "from_pretrained", "p
 #: diffusers pipeline class → ``"module:class"`` of our pipeline (imported on use).
 PIPELINES = {
     "StableDiffusion3Pipeline": "cfgzero_theory.sd3.pipeline:SD3Pipeline",
+    "FluxPipeline": "cfgzero_theory.flux.pipeline:FluxPipeline",
 }
 
 #: model name → ``"module:function"`` building a random diffusers checkpoint of that model.
 RANDOM_BUILDERS = {
     "sd3": "cfgzero_theory.sd3.tiny:build_random_pipeline",
+    "flux": "cfgzero_theory.flux.tiny:build_random_pipeline",
 }
 
 

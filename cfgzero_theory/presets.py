@@ -122,6 +122,8 @@ PRESETS: dict[str, SamplerPreset] = {
                       notes="the paper's SD3.5 setting"),
         SamplerPreset("flux-dev", 50, "flow_match_euler", 1.0, "conditional", 1.0, 1, resolution_shift=True,
                       notes="guidance-distilled: pass guidance 3.5 to the network; zero-init only"),
+        SamplerPreset("flux-schnell", 4, "flow_match_euler", 1.0, "conditional", 1.0, 0,
+                      notes="timestep-distilled, no guidance embedding; not in the paper: no zero-init by default"),
         SamplerPreset("flux-dev-true-cfg", 50, "flow_match_euler", 1.0, "cfg-zero-star", 4.0, 1,
                       resolution_shift=True,
                       notes="true CFG with a negative prompt (scale 4.0 is our choice, not the paper's)"),

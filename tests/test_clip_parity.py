@@ -87,6 +87,28 @@ def test_hidden_states_and_text_embeds_match_transformers(torch, diffusers, tmp_
     _close(skipped, ref.hidden_states[-3])
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_clip_text_model_without_projection_matches_pooler_output(torch, diffusers, tmp_path, variant):
+    """Flux's ``text_encoder/``: a ``CLIPTextModel``, whose pooled embedding is ``pooler_output``."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = perturbed(torch, transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY, **VARIANTS[variant])))
+    model.save_pretrained(tmp_path / "text_encoder", safe_serialization=True)
+    with pytest.raises(ValueError, match="CLIPTextModelWithProjection"):
+        load_clip_text_encoder(tmp_path / "text_encoder")
+    ours = load_clip_text_encoder(tmp_path / "text_encoder", architecture="CLIPTextModel")
+    assert ours.config.with_projection is False and ours.text_projection is None
+    ids = _token_ids(variant)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids), output_hidden_states=True)
+    penultimate, pooled = ours(jnp.asarray(ids))
+    _close(pooled, ref.pooler_output)
+    _close(penultimate, ref.hidden_states[-2])
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        load_clip_text_encoder(tmp_path / "text_encoder", architecture="CLIPVisionModel")
+
+
 def test_pool_position_follows_eos_rule(torch, diffusers):
     """Legacy eos id 2: the (first) largest id; otherwise the first eos, not a later one used as padding."""
     legacy = CLIPTextEncoder(CLIPTextConfig(**TINY, eos_token_id=2), rngs=nnx.Rngs(0))
@@ -129,7 +151,9 @@ def test_config_rejects_bad_keys():
     with pytest.raises(ValueError, match="bogus"):
         CLIPTextConfig.from_transformers_config({**base, "bogus": 1})
     with pytest.raises(ValueError, match="architectures"):
-        CLIPTextConfig.from_transformers_config({**base, "architectures": ["CLIPTextModel"]})
+        CLIPTextConfig.from_transformers_config({**base, "architectures": ["CLIPVisionModel"]})
+    plain = CLIPTextConfig.from_transformers_config({**base, "architectures": ["CLIPTextModel"]})
+    assert plain == CLIPTextConfig(**TINY, with_projection=False)
     with pytest.raises(ValueError, match="num_attention_heads"):
         CLIPTextConfig.from_transformers_config({**base, "num_attention_heads": 5})
 

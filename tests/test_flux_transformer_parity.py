@@ -11,12 +11,14 @@ Tolerance (float32): ``max |ours − diffusers| ≤ 1e-4 · max |diffusers|``.  
 implementations round at different places).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cfgzero_theory.flux import FluxConfig, load_flux_transformer
 from cfgzero_theory.flux.transformer import image_ids
+from cfgzero_theory.ports.layers import round_to
 
 pytestmark = pytest.mark.parity
 
@@ -95,7 +97,13 @@ def test_bfloat16_rounds_timestep_and_guidance_like_diffusers(torch, diffusers, 
     mine = _ours(ours, x, context, pooled, t, guidance, grid, dtype=jnp.bfloat16)
     assert mine.dtype == jnp.bfloat16
     _assert_close(mine, theirs, rtol=5e-2)
-    assert float(jnp.asarray(3.5, jnp.bfloat16) * 1000) == 3504.0
+
+    @jax.jit
+    def embedded(guidance):  # inside a compiled program, where XLA may skip a plain astype round trip
+        return round_to(round_to(guidance, jnp.bfloat16) * 1000, jnp.bfloat16)
+
+    assert float(embedded(jnp.float32(3.5))) == 3504.0
+    assert float(jax.jit(lambda g: round_to(g * 1000, jnp.float32))(jnp.float32(3.5))) == 3500.0
 
 
 def test_config_and_input_errors(tmp_path, torch, diffusers):

@@ -26,7 +26,7 @@ def test_the_class_named_in_model_index_picks_our_pipeline(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("index, message", [
-    ({"_class_name": "FluxPipeline"}, "FluxPipeline is not ported: .* supported pipeline classes: \\['StableDiffusion3"),
+    ({"_class_name": "WanPipeline"}, "WanPipeline is not ported: .* supported pipeline classes: \\[.FluxPipeline., .StableDiffusion3"),
     ({"_class_name": "WanPipeline"}, "WanPipeline is not ported"),
     ({"transformer": ["diffusers", "X"]}, "names no pipeline class"),
     ("{not json", "cannot read"),

@@ -45,7 +45,7 @@ from flax import nnx
 
 from cfgzero_theory.ports.attention import attention
 from cfgzero_theory.ports.layers import (
-    MLP, Norm, apply_rope, layer_norm, modulation, rope_tables, timestep_embedding,
+    MLP, Norm, apply_rope, layer_norm, modulation, rope_tables, round_to, timestep_embedding,
 )
 from cfgzero_theory.ports.loading import config_kwargs
 from cfgzero_theory.validation import check_int
@@ -264,8 +264,8 @@ class FluxTransformer(nnx.Module):
         img = self.x_embedder(hidden_states)
         dtype = img.dtype
 
-        def embed(mlp, value):  # cast to the weights' dtype, then × 1000 (diffusers' order)
-            value = jnp.broadcast_to(jnp.asarray(value), (batch,)).astype(dtype) * 1000
+        def embed(mlp, value):  # rounded to the weights' dtype, × 1000, rounded again (diffusers' order)
+            value = round_to(round_to(jnp.broadcast_to(jnp.asarray(value), (batch,)), dtype) * 1000, dtype)
             return mlp(timestep_embedding(value, TIME_CHANNELS).astype(pooled_projections.dtype))
 
         cond = embed(self.time_mlp, timestep)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cfgzero_theory.flux.transformer import DIFFUSERS_CLASS_NAME, FluxConfig, FluxTransformer
+from cfgzero_theory.ports.layers import round_to
 from cfgzero_theory.ports.loading import IDENTITY, LINEAR, WeightMap, linear_rows, load_module, norm_rows
 from cfgzero_theory.ports.sharding import ParamSharding
 from cfgzero_theory.validation import check_int
@@ -86,8 +87,8 @@ def flux_model_fn(model, grid: Sequence[int]):
     packed latent grid (static: one function per image size); call ``sample_flow`` with
     ``params = nnx.state(model)``, packed latents ``(B, h·w, in_channels)`` and ``context =
     (prompt_embeds, pooled)`` — plus the distilled guidance ``(B,)`` for a guidance-embedding
-    model.  As in ``FluxPipeline``, the scheduler timestep ``τ = σ·1000`` is cast to the
-    latents' dtype and divided by 1000 there, and the transformer's prediction is the flow
+    model.  As in ``FluxPipeline``, the scheduler timestep ``τ = σ·1000`` is rounded to the
+    latents' dtype and divided by 1000 in it, and the transformer's prediction is the flow
     velocity the scheduler steps with.
     """
     if isinstance(model, FluxTransformer):
@@ -103,7 +104,7 @@ def flux_model_fn(model, grid: Sequence[int]):
     def model_fn(params, x, sigma, timestep, context):
         del sigma  # Flux is conditioned on the timestep only
         prompt_embeds, pooled, *guidance = context
-        t = jnp.broadcast_to(jnp.asarray(timestep), (x.shape[0],)).astype(x.dtype) / 1000
+        t = round_to(round_to(jnp.broadcast_to(jnp.asarray(timestep), (x.shape[0],)), x.dtype) / 1000, x.dtype)
         transformer = nnx.merge(graphdef, params)
         return transformer(x, prompt_embeds, pooled, t, guidance[0] if guidance else None, grid=grid)
 

@@ -1,15 +1,19 @@
-"""SD3's CLIP text encoders in Flax NNX, faithful to ``transformers.CLIPTextModelWithProjection``.
+"""CLIP text encoders in Flax NNX, faithful to ``transformers.CLIPTextModelWithProjection`` and
+``CLIPTextModel``.
 
 Stable Diffusion 3 / 3.5 conditions on two CLIP text towers, ``text_encoder/`` (CLIP ViT-L:
 ``quick_gelu``, width 768) and ``text_encoder_2/`` (OpenCLIP bigG: ``gelu``, width 1280); both
-are ``CLIPTextModelWithProjection`` folders that differ only in their configs.
+are ``CLIPTextModelWithProjection`` folders that differ only in their configs.  Flux's
+``text_encoder/`` is a ``CLIPTextModel`` (CLIP ViT-L without the projection); its pooled
+embedding is the ``pooler_output``.
 
 Public API
 ----------
 * :class:`CLIPTextConfig` (``CLIPTextConfig.from_transformers_config(dict)``);
 * :class:`CLIPTextEncoder`: ``encoder(input_ids, *, clip_skip=None, output_hidden_states=False)
   -> (hidden, text_embeds)`` — the per-token embeddings SD3 uses (the penultimate layer, or
-  every hidden state) and the pooled, projected ``text_embeds``;
+  every hidden state) and the pooled, projected ``text_embeds`` (without a projection — a
+  ``CLIPTextModel`` — the pooled ``pooler_output``);
 * :data:`CLIP_WEIGHT_MAP` and :func:`load_clip_text_encoder` ``(folder, *, dtype=None,
   variant=None, sharding=None)`` for a transformers ``text_encoder/`` or ``text_encoder_2/`` folder.
 
@@ -63,9 +67,12 @@ from cfgzero_theory.validation import check_choice, check_int, check_real
 
 Array = jax.Array
 
-__all__ = ["CLIPTextConfig", "CLIPTextEncoder", "CLIP_ARCHITECTURE", "CLIP_WEIGHT_MAP", "load_clip_text_encoder"]
+__all__ = ["CLIPTextConfig", "CLIPTextEncoder", "CLIP_ARCHITECTURE", "CLIP_ARCHITECTURES", "CLIP_WEIGHT_MAP",
+           "load_clip_text_encoder"]
 
 CLIP_ARCHITECTURE = "CLIPTextModelWithProjection"
+CLIP_ARCHITECTURES = (CLIP_ARCHITECTURE, "CLIPTextModel")
+"""The transformers classes we load: with the text projection (SD3) and without it (Flux)."""
 LEGACY_EOS_TOKEN_ID = 2
 """An ``eos_token_id`` of 2 means: pool at ``argmax(input_ids)`` (transformers' legacy rule)."""
 
@@ -95,6 +102,7 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
+    with_projection: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
@@ -107,6 +115,8 @@ class CLIPTextConfig:
         check_choice("hidden_act", self.hidden_act, sorted(ACTIVATIONS))
         object.__setattr__(self, "layer_norm_eps", check_real("layer_norm_eps", self.layer_norm_eps, positive=True))
         object.__setattr__(self, "eos_token_id", check_int("eos_token_id", self.eos_token_id))
+        if not isinstance(self.with_projection, bool):
+            raise ValueError(f"with_projection must be a bool, got {self.with_projection!r}")
 
     @property
     def head_dim(self) -> int:
@@ -114,14 +124,19 @@ class CLIPTextConfig:
 
     @classmethod
     def from_transformers_config(cls, config: Mapping) -> CLIPTextConfig:
-        """Build from a transformers ``config.json`` dict of a ``CLIPTextModelWithProjection``.
+        """Build from a transformers ``config.json`` dict of a ``CLIPTextModelWithProjection``
+        (or, when ``architectures`` names ``"CLIPTextModel"``, of a ``CLIPTextModel``:
+        ``with_projection=False``).
 
         Metadata and training-only keys (:data:`IGNORED_CONFIG_KEYS`, keys starting with
-        ``_``) are dropped; ``architectures``, when present, must contain
-        ``"CLIPTextModelWithProjection"``.  Any other unknown key raises ``ValueError`` naming
-        it; missing keys take transformers' defaults.
+        ``_``) are dropped; ``architectures``, when present, must contain one of
+        :data:`CLIP_ARCHITECTURES`.  Any other unknown key raises ``ValueError`` naming it;
+        missing keys take transformers' defaults.
         """
-        return cls(**config_kwargs(cls, config, CLIP_ARCHITECTURE, ignore=IGNORED_CONFIG_KEYS))
+        architectures = config.get("architectures") if isinstance(config, Mapping) else None
+        plain = isinstance(architectures, list) and CLIP_ARCHITECTURES[1] in architectures
+        kwargs = config_kwargs(cls, config, CLIP_ARCHITECTURES[plain], ignore=IGNORED_CONFIG_KEYS)
+        return cls(**{**kwargs, "with_projection": not plain})
 
 
 # ----------------------------------------------------------------------------- layers
@@ -173,7 +188,8 @@ class CLIPTextEncoder(nnx.Module):
             EncoderLayer(config, rngs=rngs, param_dtype=param_dtype) for _ in range(config.num_hidden_layers)
         ])
         self.final_norm = LayerNorm(d, config.layer_norm_eps, param_dtype=param_dtype)
-        self.text_projection = nnx.Linear(d, config.projection_dim, use_bias=False, rngs=rngs, param_dtype=param_dtype)
+        self.text_projection = (nnx.Linear(d, config.projection_dim, use_bias=False, rngs=rngs, param_dtype=param_dtype)
+                                if config.with_projection else None)
 
     def pool_index(self, input_ids: Array) -> Array:
         """The token each sequence is pooled at, ``(B,)`` (see the module docstring)."""
@@ -189,7 +205,8 @@ class CLIPTextEncoder(nnx.Module):
         Returns ``(hidden, text_embeds)``: ``hidden`` is ``hidden_states[-(clip_skip + 2)]``
         ``(B, T, hidden_size)`` (``clip_skip=None``: the penultimate layer's output, SD3's
         prompt embeddings), or, with ``output_hidden_states=True``, the tuple of all
-        ``num_hidden_layers + 1`` hidden states; ``text_embeds`` ``(B, projection_dim)``.
+        ``num_hidden_layers + 1`` hidden states; ``text_embeds`` ``(B, projection_dim)`` (without
+        a projection: the pooled ``pooler_output`` ``(B, hidden_size)``).
         Raises ``ValueError`` for a bad shape, a sequence longer than
         ``max_position_embeddings`` or a ``clip_skip`` outside ``0 … num_hidden_layers − 1``.
         """
@@ -208,7 +225,7 @@ class CLIPTextEncoder(nnx.Module):
             hidden_states.append(x)
         final = self.final_norm(x)
         pooled = final[jnp.arange(final.shape[0]), self.pool_index(input_ids)]
-        text_embeds = self.text_projection(pooled)
+        text_embeds = pooled if self.text_projection is None else self.text_projection(pooled)
         if output_hidden_states:
             return tuple(hidden_states), text_embeds
         return hidden_states[-(skip + 2)], text_embeds
@@ -229,21 +246,24 @@ CLIP_WEIGHT_MAP: tuple[tuple[str, str, str], ...] = (
     ("text_projection.weight", "text_projection.kernel", "linear"),
 )
 """The CLIP text weight mapping: ``{i}`` a layer, ``{x}`` ``q``/``k``/``v``/``out``, ``{n}``
-``1``/``2``; transforms ``identity`` and ``linear`` (transpose)."""
+``1``/``2``; transforms ``identity`` and ``linear`` (transpose).  transformers 5 saves a
+``CLIPTextModel`` without the ``text_model.`` prefix, so each such key is also accepted bare."""
 
 _CLIP_WEIGHT_MAP = WeightMap(
-    CLIP_WEIGHT_MAP, {"i": r"\d+", "x": "q|k|v|out", "n": "[12]"}, {"identity": IDENTITY, "linear": LINEAR},
+    CLIP_WEIGHT_MAP + tuple((key.removeprefix("text_model."), ours, transform)
+                            for key, ours, transform in CLIP_WEIGHT_MAP if key.startswith("text_model.")), {"i": r"\d+", "x": "q|k|v|out", "n": "[12]"}, {"identity": IDENTITY, "linear": LINEAR},
 )
 
 
 def load_clip_text_encoder(
     folder: str | os.PathLike, *, dtype=None, variant: str | None = None, sharding: ParamSharding | None = None,
+    architecture: str = CLIP_ARCHITECTURE,
 ) -> CLIPTextEncoder:
     """Load a transformers ``CLIPTextModelWithProjection`` folder (SD3's ``text_encoder/`` or
-    ``text_encoder_2/``) into an NNX :class:`CLIPTextEncoder`.
+    ``text_encoder_2/``) — or, with ``architecture="CLIPTextModel"``, a ``CLIPTextModel``
+    folder (Flux's ``text_encoder/``) — into an NNX :class:`CLIPTextEncoder`.
 
-    The folder holds ``config.json`` (``architectures`` containing
-    ``"CLIPTextModelWithProjection"``) and ``model.safetensors`` or a sharded
+    The folder holds ``config.json`` (``architectures`` containing ``architecture``) and ``model.safetensors`` or a sharded
     ``model.safetensors.index.json`` (``variant="fp16"`` reads ``model.fp16.safetensors``).
     Same checks as the other loaders (all are :func:`cfgzero_theory.ports.loading.load_module`):
     every problem in the headers — missing, unexpected or wrongly shaped keys — reported in one
@@ -254,7 +274,7 @@ def load_clip_text_encoder(
     """
     return load_module(
         folder, CLIPTextEncoder, CLIPTextConfig, _CLIP_WEIGHT_MAP,
-        class_name=CLIP_ARCHITECTURE, what="CLIP text_encoder/", dtype=dtype, variant=variant,
+        class_name=check_choice("architecture", architecture, CLIP_ARCHITECTURES), what="CLIP text_encoder/", dtype=dtype, variant=variant,
         folder_kind=TRANSFORMERS, sharding=sharding,
         repeats={"i": ("num_hidden_layers", lambda config: config.num_hidden_layers)},
     )

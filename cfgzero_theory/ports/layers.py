@@ -8,6 +8,8 @@
 * :func:`timestep_embedding` ``(t, channels=256)`` — diffusers' ``Timesteps(channels,
   flip_sin_to_cos=True, downscale_freq_shift=0)``: ``[cos(t·f), sin(t·f)]`` with
   ``f_k = exp(−ln(10000)·k/(channels/2))``, the frequencies rounded to float32 as torch does;
+* :func:`round_to` ``(x, dtype)`` — ``x`` rounded to ``dtype``'s precision, kept in float32, a
+  rounding XLA may not skip (it can elide a ``float32 → bfloat16 → float32`` round trip);
 * :func:`modulation` ``(mod, n)`` — AdaLN's ``(B, n·D)`` split into ``n`` pieces ``(B, 1, D)``;
 * :func:`rope_tables` ``(positions, axes_dims, theta)`` and :func:`apply_rope` ``(x, cos, sin)``
   — rotary position embeddings over several position axes with interleaved pairs.
@@ -28,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 __all__ = ["ACTIVATIONS", "MLP", "NORM_KINDS", "Norm", "apply_rope", "layer_norm", "modulation", "rope_tables",
-           "timestep_embedding"]
+           "round_to", "timestep_embedding"]
 
 Array = jax.Array
 
@@ -101,6 +103,18 @@ def timestep_embedding(timestep: Array, channels: int = 256) -> Array:
     """``(B,) -> (B, channels)`` float32: ``[cos(τ·f), sin(τ·f)]``, ``f_k = exp(−ln(10000)·k/(channels/2))``."""
     angles = jnp.asarray(timestep, jnp.float32)[:, None] * jnp.asarray(_time_frequencies(channels))[None, :]
     return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def round_to(x: Array, dtype) -> Array:
+    """``x`` in float32, rounded to the nearest value of the floating ``dtype`` (identity for
+    float32 and wider).  Where PyTorch computes ``x.to(bfloat16) * 1000`` the rounding changes
+    the result (bf16(3.5)·1000 = 3504); XLA, allowed excess precision, may drop a plain
+    ``astype`` round trip inside a compiled program, but never ``lax.reduce_precision``."""
+    x = jnp.asarray(x, jnp.float32)
+    info = jnp.finfo(dtype)
+    if info.bits >= 32:
+        return x
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def modulation(mod: Array, n: int) -> list[Array]:
