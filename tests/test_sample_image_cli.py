@@ -72,16 +72,21 @@ def test_help_names_the_command_and_every_default(capsys, monkeypatch):
     text = help_text(capsys, monkeypatch)
     assert text.startswith(f"usage: {PROG} ")
     entries = option_entries(text)
-    preset = presets.get("sd3")
+    preset, flux, true_cfg = presets.get("sd3"), presets.get("flux-dev"), presets.get("flux-dev-true-cfg")
     perturbed = {f.name: f.default for f in dataclasses.fields(PerturbedGuidance)}
-    for option, value in (("--scale", preset.scale), ("--steps", preset.num_steps),
-                          ("--zero-init-steps", preset.zero_init_steps), ("--guidance", preset.guidance),
-                          ("--skip-layer-guidance-scale", perturbed["scale"]),
-                          ("--skip-layer-guidance-start", perturbed["start"]),
-                          ("--skip-layer-guidance-stop", perturbed["stop"])):
-        assert entries[option].endswith(f"(default: the pipeline's, {value})"), entries[option]
+    for option, value, flux_value in (
+            ("--scale", preset.scale, f"{true_cfg.scale} with --negative-prompt"),
+            ("--steps", preset.num_steps, flux.num_steps),
+            ("--zero-init-steps", preset.zero_init_steps, flux.zero_init_steps),
+            ("--guidance", preset.guidance, f"{flux.guidance}, {true_cfg.guidance} with --negative-prompt")):
+        assert entries[option].endswith(f"(default: the pipeline's, sd3 {value}, flux {flux_value})"), entries[option]
+    for name in ("scale", "start", "stop"):
+        option = f"--skip-layer-guidance-{name}"
+        assert entries[option].endswith(f"(default: the pipeline's, {perturbed[name]})"), entries[option]
+    assert entries["--distilled-guidance"].endswith("(default: 3.5)")
+    assert entries["--max-sequence-length"].endswith("(default: sd3 256, flux 512)")
     assert entries["--out"].endswith("(default: runs/sample_image, under the current folder)")
-    assert len(entries) == 21, sorted(entries)
+    assert len(entries) == 23, sorted(entries)
     for name, entry in entries.items():
         assert len(entry.split()) > 2, f"{name} has no help text"
         if name not in ("-h", "--tiny-random", "--compare", "--checkpoint"):  # flags, and the no-default choice
@@ -94,7 +99,7 @@ def test_help_reads_the_defaults_from_the_library(capsys, monkeypatch):
     monkeypatch.setitem(presets.PRESETS, "sd3", changed)
     entries = option_entries(help_text(capsys, monkeypatch))
     for option, value in (("--scale", "5.5"), ("--steps", "13"), ("--zero-init-steps", "3")):
-        assert entries[option].endswith(f"(default: the pipeline's, {value})"), entries[option]
+        assert f"(default: the pipeline's, sd3 {value}, flux " in entries[option], entries[option]
 
 
 BAD = [
@@ -102,7 +107,17 @@ BAD = [
     (["--tiny-random", "--checkpoint", "{checkpoint}"], "give exactly one of --checkpoint DIR and --tiny-random"),
     (["--checkpoint", "{tmp}/missing"], "is not a folder"),
     (["--checkpoint", "{tmp}"], "has no model_index.json"),
-    (["--checkpoint", "{flux}"], "is a FluxPipeline folder, which is not ported"),
+    (["--checkpoint", "{wan}"], "is a WanPipeline folder, which is not ported"),
+    (["--checkpoint", "{checkpoint}", "--model", "flux"], "is a StableDiffusion3Pipeline folder (sd3); leave --model"),
+    (["--tiny-random", "--model", "flux", "--guidance", "cfg"], "--guidance cfg is true CFG: give Flux a --negative"),
+    (["--tiny-random", "--model", "flux", "--scale", "3"], "--scale is Flux's true-CFG scale"),
+    (["--tiny-random", "--model", "flux", "--negative-prompt", "", "--guidance", "conditional"],
+     "--guidance conditional samples one branch"),
+    (["--tiny-random", "--model", "flux", "--skip-guidance-layers", "1"], "skip-layer guidance"),
+    (["--tiny-random", "--model", "flux", "--max-sequence-length", "513"], "a positive integer <= 512, got 513"),
+    (["--tiny-random", "--distilled-guidance", "3"], "--distilled-guidance is FLUX.1-dev's"),
+    (["--tiny-random", "--model", "flux", "--distilled-guidance", "inf"], "--distilled-guidance must be a finite"),
+    (["--tiny-random", "--model", "sdxl"], "argument --model: invalid choice"),
     (["--tiny-random", "--steps", "0"], "--steps must be a positive integer, got 0"),
     (["--tiny-random", "--height", "40"], "--height must be a positive multiple of 16"),
     (["--tiny-random", "--width", "-16"], "--width must be a positive multiple of 16"),
@@ -127,10 +142,10 @@ BAD = [
 @pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(argv) or "no source" for argv, _ in BAD])
 def test_bad_arguments_exit_2_with_one_line_before_any_build(argv, message, no_build, checkpoint, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    fill = {"tmp": tmp_path, "checkpoint": checkpoint, "flux": flux}
+    wan = tmp_path / "wan"
+    wan.mkdir()
+    (wan / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    fill = {"tmp": tmp_path, "checkpoint": checkpoint, "wan": wan}
     argv = [arg.format(**fill) for arg in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
@@ -264,3 +279,21 @@ def test_tiny_random_end_to_end_with_a_clean_console(torch, diffusers, tmp_path)
 
     assert np.asarray(Image.open(out / "cfg-zero-star.png")).shape == (32, 32, 3)
     assert np.asarray(Image.open(out / "cfg_vs_cfg-zero-star.png")).shape[1] > 2 * 32
+
+
+def test_tiny_random_flux_one_branch_compares_zero_init(torch, diffusers, tmp_path):
+    """``--model flux`` without a negative prompt: the conditional branch, compared without and with zero-init."""
+    out = tmp_path / "flux"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.sample_image", "--tiny-random", "--model", "flux", "--steps", "2",
+         "--max-sequence-length", "8", "--height", "32", "--width", "48", "--no-compilation-cache", "--out", str(out)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get(
+            "PYTHONPATH"))))}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    assert "tiny Flux pipeline" in lines[0]
+    assert lines[1].startswith(f"wrote {out}/: conditional, guidance_vs_zero-init (2 files, ")
+    from PIL import Image
+
+    assert np.asarray(Image.open(out / "conditional.png")).shape == (32, 48, 3)
