@@ -113,7 +113,7 @@ from safetensors import SafetensorError, deserialize
 from safetensors.numpy import save as _st_save
 
 from cfgzero_theory.files import atomic_write_bytes, remove_temporaries
-from cfgzero_theory.validation import check_int
+from cfgzero_theory.validation import check_int, limited_list
 
 __all__ = [
     "FORMAT",
@@ -278,13 +278,6 @@ def _named_leaves(tree: Any) -> tuple[list[str], list[Any], Any]:
 
 def _is_prng_dtype(dtype: Any) -> bool:
     return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def _limited(items: list[str]) -> str:
-    shown = ", ".join(repr(item) for item in items[:_MAX_LISTED])
-    if len(items) > _MAX_LISTED:
-        shown += f", ... and {len(items) - _MAX_LISTED} more"
-    return f"[{shown}]"
 
 
 # --------------------------------------------------------------------------- saving
@@ -597,9 +590,9 @@ def load_pytree(path: str | os.PathLike, template: Any) -> Any:
     unexpected = sorted(set(tensors) - set(names))
     problems = []
     if missing:
-        problems.append(f"missing keys {_limited(missing)}")
+        problems.append(f"missing keys {limited_list(missing, most=_MAX_LISTED)}")
     if unexpected:
-        problems.append(f"unexpected keys {_limited(unexpected)}")
+        problems.append(f"unexpected keys {limited_list(unexpected, most=_MAX_LISTED)}")
     restored = []
     for name, leaf in zip(names, template_leaves):
         if name not in tensors:

@@ -32,6 +32,7 @@ __all__ = [
     "check_choice",
     "check_leaf",
     "check_int_leaf",
+    "limited_list",
 ]
 
 
@@ -198,3 +199,11 @@ def _is_checkable(value) -> bool:
     if isinstance(value, (numbers.Number, np.generic, np.ndarray)):
         return True
     return isinstance(value, jax.Array) and not _is_tracer(value)
+
+
+def limited_list(items, show=repr, most: int = 12) -> str:
+    """``[a, b, …]`` for an error message: the first ``most`` items (each through ``show``) and
+    how many more there are."""
+    items = list(items)
+    shown = ", ".join(show(item) for item in items[:most])
+    return f"[{shown}{f', … ({len(items) - most} more)' if len(items) > most else ''}]"

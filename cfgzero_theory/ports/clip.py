@@ -249,9 +249,10 @@ CLIP_WEIGHT_MAP: tuple[tuple[str, str, str], ...] = (
 ``1``/``2``; transforms ``identity`` and ``linear`` (transpose).  transformers 5 saves a
 ``CLIPTextModel`` without the ``text_model.`` prefix, so each such key is also accepted bare."""
 
+_BARE_ROWS = tuple((key.removeprefix("text_model."), ours, transform)
+                   for key, ours, transform in CLIP_WEIGHT_MAP if key.startswith("text_model."))
 _CLIP_WEIGHT_MAP = WeightMap(
-    CLIP_WEIGHT_MAP + tuple((key.removeprefix("text_model."), ours, transform)
-                            for key, ours, transform in CLIP_WEIGHT_MAP if key.startswith("text_model.")), {"i": r"\d+", "x": "q|k|v|out", "n": "[12]"}, {"identity": IDENTITY, "linear": LINEAR},
+    CLIP_WEIGHT_MAP + _BARE_ROWS, {"i": r"\d+", "x": "q|k|v|out", "n": "[12]"}, {"identity": IDENTITY, "linear": LINEAR},
 )
 
 

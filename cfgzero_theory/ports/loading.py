@@ -83,7 +83,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 
 from cfgzero_theory.ports.sharding import ParamSharding
-from cfgzero_theory.validation import check_float_dtype
+from cfgzero_theory.validation import check_float_dtype, limited_list
 
 __all__ = [
     "CONV", "DIFFUSERS", "FLOAT_DTYPES", "IDENTITY", "LINEAR", "TRANSFORMERS", "TRANSFORMERS_METADATA_KEYS", "FolderKind",
@@ -94,7 +94,6 @@ __all__ = [
 WEIGHTS_NAME = "diffusion_pytorch_model"
 TRANSFORMERS_METADATA_KEYS = frozenset({"architectures", "model_type", "transformers_version", "dtype", "torch_dtype"})
 """Keys every transformers ``config.json`` may carry that say nothing about the numerics."""
-_MAX_LISTED = 12
 
 FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 """The safetensors dtypes a parameter may be stored in (header name -> NumPy name)."""
@@ -205,12 +204,6 @@ class WeightMap:
         return f"<no diffusers key maps to {path}>"  # pragma: no cover - the tables cover the models
 
 
-def _limited(items, show: Callable[[Any], str] = repr) -> str:
-    items = list(items)
-    shown = ", ".join(show(item) for item in items[:_MAX_LISTED])
-    return f"[{shown}{f', … ({len(items) - _MAX_LISTED} more)' if len(items) > _MAX_LISTED else ''}]"
-
-
 # ----------------------------------------------------------------------------- folder
 
 
@@ -297,10 +290,10 @@ def weight_files(folder: str, variant: str | None, weights_name: str = WEIGHTS_N
             shards.setdefault(os.path.join(folder, shard), set()).add(key)
         absent = sorted(os.path.basename(path) for path in shards if not os.path.isfile(path))
         if absent:
-            raise ValueError(f"{index} lists shard(s) missing from {folder}: {_limited(absent)}")
+            raise ValueError(f"{index} lists shard(s) missing from {folder}: {limited_list(absent)}")
         return shards
     pickled = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
-    hint = f" (found {_limited(pickled)}: pickled weights are never loaded)" if pickled else ""
+    hint = f" (found {limited_list(pickled)}: pickled weights are never loaded)" if pickled else ""
     raise ValueError(f"{folder} has neither {name} nor {name}.index.json{hint}")
 
 
@@ -458,18 +451,18 @@ def load_module(
     headers, missing_from_shard, duplicated = _read_headers(files)
     problems = []
     if missing_from_shard:
-        problems.append(f"keys listed in the index but absent from their shard {_limited(missing_from_shard)}")
+        problems.append(f"keys listed in the index but absent from their shard {limited_list(missing_from_shard)}")
     if duplicated:
-        problems.append(f"keys stored in more than one shard {_limited(duplicated)}")
+        problems.append(f"keys stored in more than one shard {limited_list(duplicated)}")
     not_float = [f"key {key!r} is stored as {h.dtype}" for key, h in sorted(headers.items()) if h.dtype not in FLOAT_DTYPES]
     if not_float:
         problems.append("parameters must be stored as float16, bfloat16, float32 or float64: "
-                        + _limited(not_float, str)[1:-1])
+                        + limited_list(not_float, str)[1:-1])
     repeat_problems, beyond = _repeat_problems(headers, weight_map, config, repeats or {})
     problems += repeat_problems
     if problems:
         unexpected = sorted({key for key in headers if weight_map.to_ours(key) is None} | set(beyond))
-        fail(problems + ([f"unexpected keys {_limited(unexpected)}"] if unexpected else []))
+        fail(problems + ([f"unexpected keys {limited_list(unexpected)}"] if unexpected else []))
 
     # round 2: the model's structure — match every key, check every shape
     graphdef, abstract = nnx.split(abstract_module(module_class, config))
@@ -492,9 +485,9 @@ def load_module(
     missing = sorted(weight_map.to_diffusers(t) for t in targets if t not in filled and t not in optional)
     problems = []
     if missing:
-        problems.append(f"missing keys {_limited(missing)}")
+        problems.append(f"missing keys {limited_list(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys {_limited(sorted(unexpected))}")
+        problems.append(f"unexpected keys {limited_list(sorted(unexpected))}")
     problems += shape_errors
     if problems:
         fail(problems)

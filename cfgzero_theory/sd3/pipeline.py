@@ -39,7 +39,7 @@ Per-encoder prompts (``prompts_2`` → CLIP-bigG, ``prompts_3`` → T5) and ``cl
 diffusers' ``prompt_2`` / ``prompt_3`` / ``clip_skip``; skip-layer guidance (SD3.5-medium)
 is a :class:`~cfgzero_theory.sampling.PerturbedGuidance` term on top of any rule.
 
-Not supported: LoRA, IP-adapters, dynamic shifting, and schedulers other than
+LoRA files merge into the transformer with :meth:`SD3Pipeline.load_lora`.  Not supported: IP-adapters, dynamic shifting, and schedulers other than
 ``FlowMatchEulerDiscreteScheduler``.
 """
 
@@ -59,13 +59,14 @@ from cfgzero_theory.sampling import FlowSampleResult, PerturbedGuidance, sample_
 from cfgzero_theory.schedules import flow_match_euler_schedule
 from cfgzero_theory.ports.autoencoder import load_vae
 from cfgzero_theory.ports.clip import load_clip_text_encoder
+from cfgzero_theory.ports.lora import merge_lora
 from cfgzero_theory.ports.moved import moved_attributes
 from cfgzero_theory.ports.pipeline_parts import (
     as_prompt_list, encode_tokens, initial_noise, load_tokenizer, pipeline_components, read_json, token_ids,
 )
 from cfgzero_theory.ports.sharding import ParamSharding
 from cfgzero_theory.ports.t5 import load_t5_encoder
-from cfgzero_theory.sd3.weights import load_sd3_transformer, sd3_model_fn
+from cfgzero_theory.sd3.weights import weight_map, load_sd3_transformer, sd3_model_fn
 from cfgzero_theory.validation import check_int
 
 __all__ = ["GUIDANCE_KINDS", "SD3Pipeline", "encode_prompt"]
@@ -224,6 +225,24 @@ class SD3Pipeline:
             tokenizer_3=None if tok3_folder is None else load_tokenizer(tok3_folder),
             scheduler_config=scheduler,
         )
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> int:
+        """Merge a LoRA safetensors file into the transformer, in place: ``W ← W + scale · (α/r) · B A``.
+
+        :func:`cfgzero_theory.ports.lora.merge_lora` with SD3's weight map: diffusers / PEFT
+        keys (with or without ``transformer.``) and kohya ``lora_unet_*`` keys of diffusers
+        module names; the formula, the formats and the checks are documented there.  The
+        transformer only: a file with text-encoder keys is refused.  Each call merges one file
+        (several LoRAs: one call each, with its own ``scale``); the weights keep their dtype,
+        rounded once per call.  The next sampling call uses the merged weights without
+        recompiling (the loop takes them as inputs).  A merge is not undone: reload the
+        pipeline to drop it.
+
+        Returns the number of linear layers changed.  Raises ``ValueError`` when ``scale`` is
+        not a finite real number or the file does not fit the transformer (then no weight has
+        changed); ``FileNotFoundError`` for a missing file.
+        """
+        return merge_lora(self.transformer, weight_map, [(path, scale)], what="SD3 transformer")
 
     def schedule(self, num_steps: int):
         """The σ schedule of ``scheduler_config.json`` for ``num_steps`` steps."""

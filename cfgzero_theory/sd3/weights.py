@@ -64,7 +64,7 @@ from cfgzero_theory.ports.loading import IDENTITY, LINEAR, Transform, WeightMap,
 from cfgzero_theory.ports.sharding import ParamSharding
 from cfgzero_theory.sd3.transformer import DIFFUSERS_CLASS_NAME, SD3Config, SD3Transformer, sincos_pos_embed
 
-__all__ = ["OPTIONAL_TARGETS", "TRANSFORMS", "WEIGHT_MAP", "load_sd3_transformer", "sd3_model_fn"]
+__all__ = ["OPTIONAL_TARGETS", "TRANSFORMS", "WEIGHT_MAP", "load_sd3_transformer", "sd3_model_fn", "weight_map"]
 
 
 TRANSFORMS: dict[str, Transform] = {
@@ -109,7 +109,7 @@ WEIGHT_MAP: tuple[tuple[str, str, str], ...] = (
 OPTIONAL_TARGETS = frozenset({"pos_embed"})
 """Our paths a checkpoint may omit (recomputed): the fixed positional table."""
 
-_WEIGHT_MAP = WeightMap(WEIGHT_MAP, {"i": r"\d+", "x": "[qkv]", "n": "[12]"}, TRANSFORMS)
+weight_map = WeightMap(WEIGHT_MAP, {"i": r"\d+", "x": "[qkv]", "n": "[12]"}, TRANSFORMS)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -134,7 +134,7 @@ def load_sd3_transformer(
     is :func:`cfgzero_theory.ports.loading.load_module`.
     """
     return load_module(
-        folder, SD3Transformer, SD3Config, _WEIGHT_MAP,
+        folder, SD3Transformer, SD3Config, weight_map,
         class_name=DIFFUSERS_CLASS_NAME, what="SD3 transformer/", dtype=dtype, variant=variant,
         optional={target: sincos_pos_embed for target in OPTIONAL_TARGETS}, sharding=sharding,
         repeats={"i": ("num_layers", lambda config: config.num_layers)},
