@@ -145,6 +145,9 @@ def build_parser(defaults: dict, flux: dict) -> argparse.ArgumentParser:
                    help="T5 prompt tokens (default: " + ", ".join(f"{m} {n}" for m, n in SEQUENCE_LENGTHS.items())
                    + ")")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast every weight (default: the stored dtypes)")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="merge a LoRA safetensors file into the transformer with this strength (diffusers/PEFT, "
+                   "kohya or BFL/ComfyUI keys); repeat for several (default: none; SCALE 1)")
     p.add_argument("--skip-guidance-layers", type=int, nargs="+", metavar="I",
                    help="SD3 skip-layer guidance on these transformer blocks, e.g. 7 8 9 for SD3.5-medium "
                    "(default: none)")
@@ -246,6 +249,31 @@ def check_guidance(parser, args) -> None:
         usage_error(parser, f"--guidance {args.guidance}: {err}")
 
 
+def parse_lora(value: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` → ``(path, scale)``: a trailing ``:number`` is the scale (default 1.0)."""
+    path, sep, tail = value.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return value, 1.0
+
+
+def check_loras(parser, args) -> None:
+    """Every ``--lora`` names an existing file and a finite scale; ``args.lora`` becomes ``[(path, scale)]``."""
+    loras = []
+    for value in args.lora or ():
+        path, scale = parse_lora(value)
+        path = os.path.expanduser(path)
+        if not os.path.isfile(path):
+            usage_error(parser, f"--lora {value!r}: {path!r} is not a file")
+        if not math.isfinite(scale):
+            usage_error(parser, f"--lora {value!r}: the scale must be a finite number, got {scale}")
+        loras.append((path, scale))
+    args.lora = loras
+
+
 def check_skip_layers(parser, args, defaults: dict) -> None:
     """Block indices ``≥ 0``; the skip-layer numbers finite, given only with
     ``--skip-guidance-layers``, and ``0 ≤ start ≤ stop ≤ 1`` (``defaults`` for those not given)."""
@@ -273,6 +301,7 @@ def parse_args(argv=None):
     check_sizes(parser, args)
     check_guidance(parser, args)
     check_skip_layers(parser, args, defaults)
+    check_loras(parser, args)
     args.out = prepare_output_dir(parser, args.out)
     return args
 
@@ -343,6 +372,8 @@ def settings_caption(args, defaults: dict) -> str:
                 f"CFG-Zero* zero-init steps {value['zero_init_steps']}")
     if args.skip_guidance_layers is not None:
         text += f", skip-layer guidance on blocks {' '.join(map(str, args.skip_guidance_layers))}"
+    for path, scale in args.lora:
+        text += f", LoRA {os.path.basename(path)} x{scale:g}"
     return text + (", random weights (noise by design)" if args.tiny_random else "")
 
 
@@ -379,6 +410,9 @@ def run(args) -> list[str]:
     if args.tiny_random:
         announce(TINY_NOTE.format(model={"sd3": "SD3", "flux": "Flux"}[args.model]))
     pipe = load_pipeline(args)
+    for path, scale in args.lora:
+        changed = pipe.load_lora(path, scale)
+        announce(f"merged {path} (scale {scale:g}) into {changed} layers")
     embeddings = pipe.encode_prompt(args.prompt, args.negative_prompt, args.max_sequence_length)
     common = dict(embeddings=embeddings, height=args.height, width=args.width, seed=args.seed,
                   **sampler_options(args, LOOP_OPTIONS))

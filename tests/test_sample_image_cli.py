@@ -86,7 +86,7 @@ def test_help_names_the_command_and_every_default(capsys, monkeypatch):
     assert entries["--distilled-guidance"].endswith("(default: 3.5)")
     assert entries["--max-sequence-length"].endswith("(default: sd3 256, flux 512)")
     assert entries["--out"].endswith("(default: runs/sample_image, under the current folder)")
-    assert len(entries) == 23, sorted(entries)
+    assert len(entries) == 24, sorted(entries)
     for name, entry in entries.items():
         assert len(entry.split()) > 2, f"{name} has no help text"
         if name not in ("-h", "--tiny-random", "--compare", "--checkpoint"):  # flags, and the no-default choice
@@ -118,6 +118,8 @@ BAD = [
     (["--tiny-random", "--distilled-guidance", "3"], "--distilled-guidance is FLUX.1-dev's"),
     (["--tiny-random", "--model", "flux", "--distilled-guidance", "inf"], "--distilled-guidance must be a finite"),
     (["--tiny-random", "--model", "sdxl"], "argument --model: invalid choice"),
+    (["--tiny-random", "--lora", "{tmp}/missing.safetensors:0.5"], "missing.safetensors' is not a file"),
+    (["--tiny-random", "--lora", "{tmp}/a_file:nan"], "the scale must be a finite number, got nan"),
     (["--tiny-random", "--steps", "0"], "--steps must be a positive integer, got 0"),
     (["--tiny-random", "--height", "40"], "--height must be a positive multiple of 16"),
     (["--tiny-random", "--width", "-16"], "--width must be a positive multiple of 16"),
@@ -176,6 +178,10 @@ class RecordingPipeline:
 
     def encode_prompt(self, prompt, negative_prompt, max_sequence_length):
         return ("embeddings", prompt, negative_prompt, max_sequence_length)
+
+    def load_lora(self, path, scale):
+        self.calls.append({"lora": (path, scale)})
+        return 3
 
     def __call__(self, **options):
         self.calls.append(options)
@@ -297,3 +303,14 @@ def test_tiny_random_flux_one_branch_compares_zero_init(torch, diffusers, tmp_pa
     from PIL import Image
 
     assert np.asarray(Image.open(out / "conditional.png")).shape == (32, 48, 3)
+
+
+def test_loras_are_merged_in_order_with_their_scales(recording, checkpoint, tmp_path, capsys):
+    first, second = tmp_path / "style.safetensors", tmp_path / "detail:v2.safetensors"
+    first.write_bytes(b"")
+    second.write_bytes(b"")
+    lines = run_main(["--lora", f"{first}:0.75", "--lora", str(second)], checkpoint, tmp_path / "out", capsys)
+    assert recording.calls[:2] == [{"lora": (str(first), 0.75)}, {"lora": (str(second), 1.0)}]
+    assert lines[0] == f"merged {first} (scale 0.75) into 3 layers"
+    assert sample_image.parse_lora("a.safetensors:-1.5") == ("a.safetensors", -1.5)
+    assert sample_image.parse_lora("C:/x.safetensors") == ("C:/x.safetensors", 1.0)

@@ -8,7 +8,8 @@ Public API
 * :class:`FluxPipeline` — ``FluxPipeline.from_pretrained(folder, dtype=None, sharding=None)``,
   ``pipeline(prompts or embeddings=..., ...) -> (latents, images)``, and its stages
   ``encode_prompt``, ``initial_latents``, ``sample`` (the loop alone, with
-  ``return_trajectory``), ``decode``, :func:`pack_latents` / :func:`unpack_latents`.
+  ``return_trajectory``), ``decode``, ``load_lora`` (LoRA files in the diffusers, BFL/ComfyUI
+  and kohya formats), :func:`pack_latents` / :func:`unpack_latents`.
 
 Prompt encoding (``diffusers.FluxPipeline.encode_prompt``)
 -----------------------------------------------------------
@@ -60,10 +61,11 @@ from flax import nnx
 
 from cfgzero_theory import presets
 from cfgzero_theory.compilation import enable_compilation_cache
-from cfgzero_theory.flux.weights import flux_model_fn, load_flux_transformer
+from cfgzero_theory.flux.weights import flux_model_fn, load_flux_transformer, original_layout, weight_map
 from cfgzero_theory.guidance import KINDS as GUIDANCE_KINDS
 from cfgzero_theory.ports.autoencoder import load_vae
 from cfgzero_theory.ports.clip import load_clip_text_encoder
+from cfgzero_theory.ports.lora import merge_lora
 from cfgzero_theory.ports.pipeline_parts import (
     as_prompt_list, encode_tokens, initial_noise, load_tokenizer, pipeline_components, read_json, token_ids,
 )
@@ -203,6 +205,23 @@ class FluxPipeline:
             tokenizer_2=load_tokenizer(present["tokenizer_2"]),
             scheduler_config=read_json(root / "scheduler" / "scheduler_config.json", "the scheduler config"),
         )
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> int:
+        """Merge a LoRA safetensors file into the transformer, in place: ``W ← W + scale · (α/r) · B A``
+        computed in float32 and rounded once to the weights' dtype.
+
+        Keys may be diffusers / PEFT (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``),
+        Black Forest Labs / ComfyUI (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``
+        or ``lora_down``, with ``.alpha``) or kohya (``lora_unet_double_blocks_0_img_attn_qkv``):
+        :func:`cfgzero_theory.ports.lora.merge_lora` with Flux's
+        :func:`~cfgzero_theory.flux.weights.original_layout`.  Every key is checked before any
+        weight changes; an unknown or unmatched key is a ``ValueError`` naming it (no half
+        LoRA is ever applied).  One call per file, each with its ``scale``; the next sampling
+        call uses the merged weights without recompiling.  Returns the number of linear layers
+        changed.
+        """
+        return merge_lora(self.transformer, weight_map, [(path, scale)],
+                          original=original_layout(self.transformer.config), what="Flux transformer")
 
     def schedule(self, num_steps: int, image_seq_len: int):
         """The σ schedule ``FluxPipeline`` builds for ``num_steps`` steps and ``image_seq_len`` packed tokens."""

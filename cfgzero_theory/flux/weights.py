@@ -7,7 +7,10 @@
   shared loader (:func:`cfgzero_theory.ports.loading.load_module`: every header problem
   reported at once, tensors placed one at a time, optionally sharded);
 * :func:`flux_model_fn` ``(model, grid)``: a ``model_fn`` for
-  :func:`~cfgzero_theory.sampling.sample_flow`.
+  :func:`~cfgzero_theory.sampling.sample_flow`;
+* :func:`original_layout` ``(config)``: how a LoRA written for Black Forest Labs' original
+  checkpoint layout (``diffusion_model.double_blocks.0.img_attn.qkv``, ComfyUI's and kohya's
+  Flux LoRAs) maps onto diffusers' modules, for :func:`cfgzero_theory.ports.lora.merge_lora`.
 """
 
 from __future__ import annotations
@@ -16,15 +19,17 @@ import os
 from collections.abc import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from cfgzero_theory.flux.transformer import DIFFUSERS_CLASS_NAME, FluxConfig, FluxTransformer
+from cfgzero_theory.flux.transformer import DIFFUSERS_CLASS_NAME, MLP_RATIO, FluxConfig, FluxTransformer
 from cfgzero_theory.ports.layers import round_to
 from cfgzero_theory.ports.loading import IDENTITY, LINEAR, WeightMap, linear_rows, load_module, norm_rows
+from cfgzero_theory.ports.lora import LoraLayer, OriginalLayout
 from cfgzero_theory.ports.sharding import ParamSharding
 from cfgzero_theory.validation import check_int
 
-__all__ = ["WEIGHT_MAP", "flux_model_fn", "load_flux_transformer", "weight_map"]
+__all__ = ["WEIGHT_MAP", "flux_model_fn", "load_flux_transformer", "original_layout", "weight_map"]
 
 _D = "transformer_blocks.{i}"
 _S = "single_transformer_blocks.{j}"
@@ -109,3 +114,67 @@ def flux_model_fn(model, grid: Sequence[int]):
         return transformer(x, prompt_embeds, pooled, t, guidance[0] if guidance else None, grid=grid)
 
     return model_fn
+
+
+def _original_modules(config: FluxConfig) -> dict[str, list[tuple[str, np.ndarray | None]]]:
+    """``{original module: [(diffusers module, output rows or None for all), ...]}``.
+
+    The original layout fuses q, k and v into one ``qkv`` projection per stream, and a single
+    block's q, k, v and MLP input into one ``linear1`` (rows ``D, D, D, 4D``); its final
+    modulation is ordered ``(shift, scale)`` where diffusers' ``norm_out`` is ``(scale, shift)``.
+    """
+    dim = config.inner_dim
+    rows = lambda start, stop: np.arange(start * dim, stop * dim)  # noqa: E731
+    qkv = lambda prefix, names: [(f"{prefix}.{name}", rows(k, k + 1)) for k, name in enumerate(names)]  # noqa: E731
+    table = {
+        "img_in": [("x_embedder", None)], "txt_in": [("context_embedder", None)],
+        "time_in.in_layer": [("time_text_embed.timestep_embedder.linear_1", None)],
+        "time_in.out_layer": [("time_text_embed.timestep_embedder.linear_2", None)],
+        "vector_in.in_layer": [("time_text_embed.text_embedder.linear_1", None)],
+        "vector_in.out_layer": [("time_text_embed.text_embedder.linear_2", None)],
+        "final_layer.linear": [("proj_out", None)],
+        "final_layer.adaLN_modulation.1": [("norm_out.linear", np.concatenate([rows(1, 2), rows(0, 1)]))],
+    }
+    if config.guidance_embeds:
+        table["guidance_in.in_layer"] = [("time_text_embed.guidance_embedder.linear_1", None)]
+        table["guidance_in.out_layer"] = [("time_text_embed.guidance_embedder.linear_2", None)]
+    for i in range(config.num_layers):
+        ours, theirs = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        table |= {
+            f"{theirs}.img_attn.qkv": qkv(f"{ours}.attn", ("to_q", "to_k", "to_v")),
+            f"{theirs}.txt_attn.qkv": qkv(f"{ours}.attn", ("add_q_proj", "add_k_proj", "add_v_proj")),
+            f"{theirs}.img_attn.proj": [(f"{ours}.attn.to_out.0", None)],
+            f"{theirs}.txt_attn.proj": [(f"{ours}.attn.to_add_out", None)],
+            f"{theirs}.img_mlp.0": [(f"{ours}.ff.net.0.proj", None)],
+            f"{theirs}.img_mlp.2": [(f"{ours}.ff.net.2", None)],
+            f"{theirs}.txt_mlp.0": [(f"{ours}.ff_context.net.0.proj", None)],
+            f"{theirs}.txt_mlp.2": [(f"{ours}.ff_context.net.2", None)],
+            f"{theirs}.img_mod.lin": [(f"{ours}.norm1.linear", None)],
+            f"{theirs}.txt_mod.lin": [(f"{ours}.norm1_context.linear", None)],
+        }
+    for j in range(config.num_single_layers):
+        ours, theirs = f"single_transformer_blocks.{j}", f"single_blocks.{j}"
+        table |= {
+            f"{theirs}.linear1": [*qkv(f"{ours}.attn", ("to_q", "to_k", "to_v")),
+                                  (f"{ours}.proj_mlp", rows(3, 3 + MLP_RATIO))],
+            f"{theirs}.linear2": [(f"{ours}.proj_out", None)],
+            f"{theirs}.modulation.lin": [(f"{ours}.norm.linear", None)],
+        }
+    return table
+
+
+def original_layout(config: FluxConfig) -> OriginalLayout:
+    """The :class:`~cfgzero_theory.ports.lora.OriginalLayout` of Flux for ``config``: a LoRA pair of
+    an original module becomes one pair per diffusers module, sharing ``A`` and taking that
+    module's rows of ``B`` (and of the up bias) — fused projections split, the final
+    modulation's halves swapped (:func:`_original_modules`)."""
+    table = _original_modules(config)
+
+    def to_diffusers(layer: LoraLayer) -> list[LoraLayer]:
+        pieces = []
+        for module, rows in table[layer.module]:
+            take = (lambda a: a) if rows is None else (lambda a: None if a is None else a[rows])
+            pieces.append(layer._replace(module=module, up=take(layer.up), up_bias=take(layer.up_bias)))
+        return pieces
+
+    return OriginalLayout(frozenset(table), to_diffusers)
