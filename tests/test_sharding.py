@@ -228,3 +228,41 @@ def test_loaders_shard_over_four_devices(torch, diffusers, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     words = done.stdout.split()
     assert words[0] == "ok" and int(words[1]) < int(words[2])  # one device's bytes < one copy of the weights
+
+
+FLUX_FOUR_DEVICES = textwrap.dedent(
+    """
+    import sys
+    import jax, numpy as np
+    from flax import nnx
+    from cfgzero_theory import pipelines
+    from cfgzero_theory.ports.sharding import describe_sharding, mesh_sharding
+
+    assert len(jax.devices()) == 4
+    folder = sys.argv[1]
+    split = pipelines.from_pretrained(folder, sharding=mesh_sharding(min_size=256), compilation_cache=False)
+    plain = pipelines.from_pretrained(folder, compilation_cache=False)
+    summary = describe_sharding(nnx.state(split.transformer))
+    assert summary["sharded"] > 0, summary
+    options = dict(num_steps=2, height=32, width=48, max_sequence_length=8)
+    (lat_split, img_split), (lat_plain, img_plain) = (p("a photo of a cat", **options) for p in (split, plain))
+    scale = max(1.0, float(np.abs(np.asarray(lat_plain)).max()))
+    assert float(np.abs(np.asarray(lat_split) - np.asarray(lat_plain)).max()) <= 1e-4 * scale
+    assert float(np.abs(np.asarray(img_split) - np.asarray(img_plain)).max()) <= 1e-4
+    print("ok", summary["max_device_bytes"], summary["total_bytes"])
+    """
+)
+
+
+def test_flux_pipeline_shards_over_four_devices(torch, diffusers, tmp_path):
+    """A tiny Flux pipeline loaded with its weights split over four CPU devices as they are read
+    samples what the unsharded one samples."""
+    from cfgzero_theory.flux.tiny import build_tiny_random_pipeline
+
+    build_tiny_random_pipeline(tmp_path / "flux")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", FLUX_FOUR_DEVICES, str(tmp_path / "flux")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    words = done.stdout.split()
+    assert words[0] == "ok" and int(words[1]) < int(words[2])
