@@ -294,3 +294,40 @@ def build_torch_model(net, params: dict | None = None):
                 layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(np.asarray(src["kernel"]).T)))
                 layer.bias.copy_(torch.from_numpy(np.array(src["bias"])))
     return model
+
+
+def time_summary(times) -> dict:
+    """Median, min, max and count of a list of seconds."""
+    a = np.asarray(times, np.float64)
+    return {"median_s": float(np.median(a)), "min_s": float(a.min()), "max_s": float(a.max()), "n": int(a.size)}
+
+
+def time_call(fn, repeats: int, sync=None, warmup: int = 1) -> dict:
+    """``fn()`` ``warmup`` times untimed, then ``repeats`` times timed (``sync()`` inside the span)."""
+    for _ in range(warmup):
+        fn()
+        if sync is not None:
+            sync()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        out.append(time.perf_counter() - start)
+    return time_summary(out)
+
+
+def ratio(peer: dict, ours: dict) -> float:
+    """The peer's median over ours (> 1: ours faster)."""
+    return peer["median_s"] / ours["median_s"]
+
+
+def relative_difference(ours, ref) -> dict:
+    """``max |ours − ref| / max(1, max |ref|)`` with its parts, and whether both are finite."""
+    ours = np.asarray(ours, np.float64)
+    ref = np.asarray(ref, np.float64)
+    scale = max(1.0, float(np.max(np.abs(ref))))
+    err = float(np.max(np.abs(ours - ref)))
+    return {"max_abs": err, "scale": scale, "relative": err / scale,
+            "finite": bool(np.all(np.isfinite(ours)) and np.all(np.isfinite(ref)))}

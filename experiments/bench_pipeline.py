@@ -1,6 +1,7 @@
-"""Our JAX SD3 pipeline against diffusers' PyTorch ``StableDiffusion3Pipeline``, same weights.
+"""Our JAX SD3 (or Flux) pipeline against diffusers' PyTorch pipeline, same weights.
 
     python -m experiments.bench_pipeline                         # tiny,mid on CPU; tiny,mid,medium on a GPU
+    python -m experiments.bench_pipeline --model flux --config mid   # FluxPipeline (experiments.bench_flux)
     python -m experiments.bench_pipeline --config mid --steps 4 --repeats 1
     python -m experiments.bench_pipeline --config medium --device gpu --dtype bfloat16
     python -m experiments.bench_pipeline --quick --out /tmp/bench.json   # tiny, 2 steps, 1 repeat (tests)
@@ -80,9 +81,16 @@ from cfgzero_theory.compilation import enable_compilation_cache  # noqa: E402
 from cfgzero_theory.sd3.flops import mmdit_step_flops  # noqa: E402
 from experiments._common import prepare_output_dir, run_or_exit, strict_json, write_json  # noqa: E402
 from experiments.bench_common import environment as machine_environment  # noqa: E402
-from experiments.bench_common import loadavg, print_report, xla_flops  # noqa: E402
+from experiments.bench_common import (  # noqa: E402
+    loadavg, print_report, ratio, relative_difference, time_call, xla_flops,
+)
+from experiments.bench_flux import DEFINITIONS as FLUX_DEFINITIONS  # noqa: E402
+from experiments.bench_flux import bench_flux_config  # noqa: E402
 
 CONFIGS = ("tiny", "mid", "medium")
+#: Flux sizes (:data:`cfgzero_theory.flux.tiny.PIPELINE_SIZES`); ``dev`` is FLUX.1-dev's transformer.
+FLUX_CONFIGS = ("tiny", "mid", "dev")
+LARGE = {"sd3": "medium", "flux": "dev"}
 PROMPT = "a photo of a cat"
 GUIDANCE_SCALE = 4.0
 ZERO_INIT_STEPS = 1
@@ -103,40 +111,6 @@ def guidance_options(guidance: str) -> dict:
 
 
 # --------------------------------------------------------------------------- timing
-def _summary(times) -> dict:
-    a = np.asarray(times, np.float64)
-    return {"median_s": float(np.median(a)), "min_s": float(a.min()), "max_s": float(a.max()), "n": int(a.size)}
-
-
-def _time(fn, repeats: int, sync=None, warmup: int = 1) -> dict:
-    """``fn()`` ``warmup`` times untimed, then ``repeats`` times timed (``sync()`` inside the span)."""
-    for _ in range(warmup):
-        fn()
-        if sync is not None:
-            sync()
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        out.append(time.perf_counter() - start)
-    return _summary(out)
-
-
-def _ratio(peer: dict, ours: dict) -> float:
-    return peer["median_s"] / ours["median_s"]
-
-
-def _rel_diff(ours, ref) -> dict:
-    ours = np.asarray(ours, np.float64)
-    ref = np.asarray(ref, np.float64)
-    scale = max(1.0, float(np.max(np.abs(ref))))
-    err = float(np.max(np.abs(ours - ref)))
-    return {"max_abs": err, "scale": scale, "relative": err / scale,
-            "finite": bool(np.all(np.isfinite(ours)) and np.all(np.isfinite(ref)))}
-
-
 def _count(tree) -> int:
     return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
 
@@ -285,17 +259,17 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
         peer_first = time.perf_counter() - start
         peer_latents = peer_e2e("latent").float().cpu().numpy()
         result["agreement"] = {
-            "final_latents": _rel_diff(ours_latents, peer_latents),
-            "images": _rel_diff(ours_images, peer_images),
+            "final_latents": relative_difference(ours_latents, peer_latents),
+            "images": relative_difference(ours_images, peer_images),
             "ours_cfg_zero_star_latents_finite": bool(np.all(np.isfinite(zero_latents))),
             "note": "max |ours - diffusers| / max(1, max |diffusers|); a sanity number, not a test",
         }
 
         # ---- encode
         cond, pooled, uncond, uncond_pooled = ours.encode_prompt(prompts, None, seq)
-        ours_sec["encode"] = _time(lambda: jax.block_until_ready(ours.encode_prompt(prompts, None, seq)),
+        ours_sec["encode"] = time_call(lambda: jax.block_until_ready(ours.encode_prompt(prompts, None, seq)),
                                    args.repeats)
-        peer_sec["encode"] = _time(lambda: peer.encode_prompt(prompts, None, None, device=torch_device,
+        peer_sec["encode"] = time_call(lambda: peer.encode_prompt(prompts, None, None, device=torch_device,
                                                               max_sequence_length=seq), args.repeats, sync)
         pe, npe, pp, npp = peer.encode_prompt(prompts, None, None, device=torch_device, max_sequence_length=seq)
         pe2, pp2 = torch.cat([npe, pe]), torch.cat([npp, pp])
@@ -313,7 +287,7 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
             flops = None
         out = step_fn(*step_args)
         result["ours_step_output_dtype"] = str(out.dtype)
-        ours_sec["step"] = _time(lambda: step_fn(*step_args).block_until_ready(), args.step_repeats)
+        ours_sec["step"] = time_call(lambda: step_fn(*step_args).block_until_ready(), args.step_repeats)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(peer.scheduler.config)
         scheduler.set_timesteps(steps, device=torch_device)
         t0 = scheduler.timesteps[0]
@@ -323,7 +297,7 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
             return peer.transformer(hidden_states=x2_t, timestep=t0.expand(x2_t.shape[0]), encoder_hidden_states=pe2,
                                     pooled_projections=pp2, return_dict=False)[0]
 
-        peer_sec["step"] = _time(peer_step, args.step_repeats, sync)
+        peer_sec["step"] = time_call(peer_step, args.step_repeats, sync)
         result["transformer_step_flops_xla"] = flops
         p = ours.transformer.config.patch_size
         result["transformer_step_flops"] = mmdit_step_flops(
@@ -335,8 +309,8 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
             return ours.sample((cond, pooled, uncond, uncond_pooled), init_j, **guidance_options(guidance),
                                num_steps=steps).samples.block_until_ready()
 
-        ours_sec["denoise"] = _time(lambda: ours_denoise("cfg"), args.repeats)
-        ours_sec["denoise_cfg_zero_star"] = _time(lambda: ours_denoise("cfg-zero-star"), args.repeats)
+        ours_sec["denoise"] = time_call(lambda: ours_denoise("cfg"), args.repeats)
+        ours_sec["denoise_cfg_zero_star"] = time_call(lambda: ours_denoise("cfg-zero-star"), args.repeats)
 
         def peer_denoise():  # StableDiffusion3Pipeline.__call__'s loop, step for step
             scheduler.set_timesteps(steps, device=torch_device)
@@ -349,11 +323,11 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
                 x = scheduler.step(v_u + GUIDANCE_SCALE * (v_c - v_u), t, x, return_dict=False)[0]
             return x
 
-        peer_sec["denoise"] = _time(peer_denoise, args.repeats, sync)
+        peer_sec["denoise"] = time_call(peer_denoise, args.repeats, sync)
         final_ours = ours_denoise("cfg")
 
         # ---- decode
-        ours_sec["decode"] = _time(lambda: np.asarray(ours.decode(final_ours)), args.repeats)
+        ours_sec["decode"] = time_call(lambda: np.asarray(ours.decode(final_ours)), args.repeats)
         final_peer = peer_denoise()
         vae_cfg = peer.vae.config
 
@@ -362,12 +336,12 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
             image = peer.vae.decode(z, return_dict=False)[0]
             return peer.image_processor.postprocess(image, output_type="np")
 
-        peer_sec["decode"] = _time(peer_decode, args.repeats, sync)
+        peer_sec["decode"] = time_call(peer_decode, args.repeats, sync)
 
         # ---- end to end, compiled / warmed
-        ours_sec["end_to_end"] = _time(lambda: ours_e2e("cfg"), args.repeats, warmup=0)
-        ours_sec["end_to_end_cfg_zero_star"] = _time(lambda: ours_e2e("cfg-zero-star"), args.repeats, warmup=0)
-        peer_sec["end_to_end"] = _time(peer_e2e, args.repeats, warmup=0)  # first call above was the warm-up
+        ours_sec["end_to_end"] = time_call(lambda: ours_e2e("cfg"), args.repeats, warmup=0)
+        ours_sec["end_to_end_cfg_zero_star"] = time_call(lambda: ours_e2e("cfg-zero-star"), args.repeats, warmup=0)
+        peer_sec["end_to_end"] = time_call(peer_e2e, args.repeats, warmup=0)  # first call above was the warm-up
 
     def per_step(summary: dict) -> dict:
         return {k: (v if k == "n" else v / steps) for k, v in summary.items()}
@@ -379,10 +353,10 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
     peer_sec["first_call_s"] = peer_first
     result["ours"], result["diffusers"] = ours_sec, peer_sec
     result["ratios_diffusers_over_ours"] = {
-        key: _ratio(peer_sec[key], ours_sec[key])
+        key: ratio(peer_sec[key], ours_sec[key])
         for key in ("step", "loop_per_step", "denoise", "encode", "decode", "end_to_end")
     }
-    result["ratios_diffusers_over_ours"]["end_to_end_vs_ours_cfg_zero_star"] = _ratio(
+    result["ratios_diffusers_over_ours"]["end_to_end_vs_ours_cfg_zero_star"] = ratio(
         peer_sec["end_to_end"], ours_sec["end_to_end_cfg_zero_star"])
     result["achieved_tflops"] = {
         "ours": result["transformer_step_flops"] / ours_sec["step"]["median_s"] / 1e12,
@@ -392,11 +366,13 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
     return result
 
 
-def bench_config(name: str, args, torch, device: str, torch_device: str, jax_device) -> dict:
-    """:func:`_bench_config`, then free both pipelines and the compiled programs (all locals of
-    the measurement are gone once it returns) before the next configuration."""
+def bench_config(name: str, args, torch, device: str, torch_device: str, jax_device, model: str = "sd3") -> dict:
+    """:func:`_bench_config` (Flux: :func:`experiments.bench_flux.bench_flux_config`), then free
+    both pipelines and the compiled programs (all locals of the measurement are gone once it
+    returns) before the next configuration."""
+    measure = bench_flux_config if model == "flux" else _bench_config
     try:
-        return _bench_config(name, args, torch, device, torch_device, jax_device)
+        return measure(name, args, torch, device, torch_device, jax_device)
     finally:
         gc.collect()
         if device == "gpu":
@@ -418,8 +394,9 @@ def table(results: list[dict]) -> str:
         for key in ("step", "loop_per_step", "encode", "denoise", "decode", "end_to_end"):
             o, p = r["ours"][key]["median_s"], r["diffusers"][key]["median_s"]
             rows.append(f"{r['config']:8s} {key:22s} {_fmt_s(o):>10s} {_fmt_s(p):>10s} {p / o:8.2f}x")
-        rows.append(f"{r['config']:8s} {'end_to_end cfg-zero*':22s} "
-                    f"{_fmt_s(r['ours']['end_to_end_cfg_zero_star']['median_s']):>10s} {'':>10s}")
+        for key in (k for k in r["ours"] if k.startswith("end_to_end_")):
+            rows.append(f"{r['config']:8s} {key.replace('end_to_end_', 'end_to_end '):22s} "
+                        f"{_fmt_s(r['ours'][key]['median_s']):>10s} {'':>10s}")
         rows.append(f"{r['config']:8s} {'first call':22s} {_fmt_s(r['ours']['compile_s']):>10s} "
                     f"{_fmt_s(r['diffusers']['first_call_s']):>10s}")
         agree = r["agreement"]["final_latents"]
@@ -431,9 +408,12 @@ def table(results: list[dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.bench_pipeline",
                                 description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("sd3", "flux"), default="sd3",
+                   help="the pipeline: sd3 (CFG on the doubled batch) or flux (FLUX.1-dev's distilled guidance, "
+                   "one branch; experiments.bench_flux) (default: sd3)")
     p.add_argument("--config", action="append", default=None,
-                   help=f"pipeline size(s) from {CONFIGS}; repeat or comma-separate "
-                   "(default tiny,mid on a CPU, tiny,mid,medium on a GPU)")
+                   help=f"pipeline size(s): sd3 {CONFIGS}, flux {FLUX_CONFIGS}; repeat or comma-separate "
+                   "(default tiny,mid on a CPU, and the large one on a GPU)")
     p.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
     p.add_argument("--batch", type=int, default=1, help="prompts per call, B (the transformer sees 2B)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of whole-pipeline sections (default 3)")
@@ -444,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32 matmul precision on both sides (GPU only matters; default highest)")
     p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256, as SD3)")
     p.add_argument("--seed", type=int, default=0, help="weights and initial latents seed")
-    p.add_argument("--allow-cpu-medium", action="store_true", help="allow --config medium on a CPU (~20 GB)")
+    p.add_argument("--allow-cpu-medium", action="store_true",
+                   help="allow the large config (sd3 medium, flux dev) on a CPU (~20 GB / ~50 GB)")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="also write the JSON report to this file (default: stdout only, its last line)")
     p.add_argument("--no-compilation-cache", action="store_true",
@@ -454,13 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_configs(values, device: str) -> list[str]:
+def parse_configs(values, device: str, model: str = "sd3") -> list[str]:
     if not values:
-        return ["tiny", "mid"] + (["medium"] if device == "gpu" else [])
+        return ["tiny", "mid"] + ([LARGE[model]] if device == "gpu" else [])
+    known = CONFIGS if model == "sd3" else FLUX_CONFIGS
     names = [n.strip() for v in values for n in v.split(",") if n.strip()]
-    bad = [n for n in names if n not in CONFIGS]
+    bad = [n for n in names if n not in known]
     if bad or not names:
-        raise ValueError(f"--config must name some of {CONFIGS}, got {values!r}")
+        raise ValueError(f"--config must name some of {known} for --model {model}, got {values!r}")
     return list(dict.fromkeys(names))
 
 
@@ -477,9 +459,10 @@ def run(args) -> dict:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
     device, torch_device, jax_device = resolve_device(args.device, torch)
-    configs = parse_configs(args.config, device)
-    if "medium" in configs and device == "cpu" and not args.allow_cpu_medium:
-        raise ValueError("--config medium needs ~20 GB and hours on a CPU; use a GPU or pass --allow-cpu-medium")
+    configs = parse_configs(args.config, device, args.model)
+    large = LARGE[args.model]
+    if large in configs and device == "cpu" and not args.allow_cpu_medium:
+        raise ValueError(f"--config {large} needs tens of GB and hours on a CPU; use a GPU or pass --allow-cpu-medium")
     set_fp32_matmul(args.fp32_matmul, torch, args.dtype)
     env = environment(torch, diffusers, device, jax_device)
     print(f"jax {env['jax_version']} on {env['jax_device_kind']} ({env['jax_backend']}); torch {env['torch_version']} "
@@ -489,7 +472,7 @@ def run(args) -> dict:
     results = []
     for name in configs:
         start = time.perf_counter()
-        result = bench_config(name, args, torch, device, torch_device, jax_device)
+        result = bench_config(name, args, torch, device, torch_device, jax_device, args.model)
         result["runtime_s"] = time.perf_counter() - start
         results.append(result)
         r = result["ratios_diffusers_over_ours"]
@@ -503,7 +486,7 @@ def run(args) -> dict:
         "torch_device": torch_device,
         "dtype": args.dtype,
         "settings": {
-            "configs": configs, "steps": args.steps, "batch": args.batch, "repeats": args.repeats,
+            "model": args.model, "configs": configs, "steps": args.steps, "batch": args.batch, "repeats": args.repeats,
             "step_repeats": args.step_repeats, "max_sequence_length": args.max_sequence_length, "seed": args.seed,
             "guidance_scale": GUIDANCE_SCALE, "zero_init_steps": ZERO_INIT_STEPS, "fp32_matmul": args.fp32_matmul,
             "quick": bool(args.quick),
@@ -530,6 +513,8 @@ def run(args) -> dict:
         "loadavg_at_end": loadavg(),
         "runtime_s": time.perf_counter() - started,
     }
+    if args.model == "flux":
+        report["definitions"].update(FLUX_DEFINITIONS)
     print(table(results), flush=True)
     if args.out is not None:
         write_json(args.out, report)

@@ -101,3 +101,27 @@ def test_bench_pipeline_turns_the_compilation_cache_on_unless_asked(flag, enable
     monkeypatch.setattr(bench_pipeline, "run", lambda args: calls.append("run"))
     bench_pipeline.main(["--quick", *flag])
     assert calls == (["cache", "run"] if enabled else ["run"])
+
+
+def test_bench_pipeline_flux_quick_reports_and_agrees(torch, diffusers, tmp_path, capsys):
+    """``--model flux --quick``: the one-branch Flux path against diffusers' FluxPipeline."""
+    from experiments import bench_pipeline
+
+    returned = bench_pipeline.main(["--model", "flux", "--quick", "--device", "cpu", "--no-compilation-cache"])
+    report = last_line_report(capsys.readouterr().out, "bench_pipeline")
+    assert report == returned and report["settings"]["model"] == "flux"
+    assert "one branch" in report["definitions"]["step"]
+    [tiny] = report["configs"]
+    assert tiny["model"] == "flux" and tiny["model_batch"] == tiny["batch"] == 1  # one branch: no doubled batch
+    assert tiny["image_tokens"] == 64 and tiny["image_size"] == [32, 32]
+    for section in SECTIONS:
+        for side in ("ours", "diffusers"):
+            assert positive(tiny[side][section]["median_s"]), (side, section)
+        assert math.isclose(tiny["ratios_diffusers_over_ours"][section],
+                            tiny["diffusers"][section]["median_s"] / tiny["ours"][section]["median_s"])
+    assert positive(tiny["ours"]["end_to_end_zero_init"]["median_s"])
+    assert tiny["agreement"]["final_latents"]["relative"] <= 1e-3, tiny["agreement"]
+    assert tiny["agreement"]["images"]["relative"] <= 1e-3, tiny["agreement"]
+    with pytest.raises(ValueError, match="for --model flux"):
+        bench_pipeline.parse_configs(["medium"], "cpu", "flux")
+    assert bench_pipeline.parse_configs(None, "gpu", "flux") == ["tiny", "mid", "dev"]

@@ -6,7 +6,12 @@ hand-written tokenizers, nothing downloaded) and saves it to ``folder``:
 
 * ``"tiny"`` — FLUX.1-dev's shape in miniature: guidance embedding, dynamic shift;
 * ``"tiny-schnell"`` — FLUX.1-schnell's: no guidance embedding, static shift 1;
-* ``"mid"`` — a dev-like model big enough to time (4 double and 8 single blocks, 8 heads of 64).
+* ``"mid"`` — a dev-like model big enough to time (4 double and 8 single blocks, 8 heads of 64,
+  512² images: 1024 image tokens);
+* ``"dev"`` — FLUX.1-dev's transformer (19 double and 38 single blocks, 3072 wide) and VAE at
+  1024², with text encoders of the real widths but one layer each (for GPU benchmarks).
+
+``image_size`` is the side each size's benchmark samples.
 
 Every size has a ``CLIPTextModel`` (Flux's CLIP-L, pooled output only), a gated-gelu T5 whose
 width is the transformer's ``joint_attention_dim``, and a 16-channel ``AutoencoderKL`` with
@@ -35,9 +40,9 @@ _DYNAMIC_SHIFT = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
 #: Sizes of :func:`build_random_pipeline`; ``perturb`` moves every weight by ``perturb·N(0, 1)``.
 PIPELINE_SIZES = {
     "tiny": dict(**_TINY_TEXT, transformer=dict(**_TINY_TRANSFORMER, guidance_embeds=True), vae=_TINY_VAE,
-                 scheduler=_DYNAMIC_SHIFT, perturb=0.1),
+                 scheduler=_DYNAMIC_SHIFT, perturb=0.1, image_size=32),
     "tiny-schnell": dict(**_TINY_TEXT, transformer=dict(**_TINY_TRANSFORMER, guidance_embeds=False), vae=_TINY_VAE,
-                         scheduler=dict(use_dynamic_shifting=False, shift=1.0), perturb=0.1),
+                         scheduler=dict(use_dynamic_shifting=False, shift=1.0), perturb=0.1, image_size=32),
     "mid": dict(
         clip=dict(hidden_size=64, intermediate_size=256, projection_dim=64, num_hidden_layers=2,
                   num_attention_heads=2),
@@ -47,7 +52,18 @@ PIPELINE_SIZES = {
                          joint_attention_dim=256, pooled_projection_dim=64, axes_dims_rope=(8, 28, 28),
                          guidance_embeds=True),
         vae=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=32, sample_size=512),
-        scheduler=_DYNAMIC_SHIFT, perturb=None,
+        scheduler=_DYNAMIC_SHIFT, perturb=None, image_size=512,
+    ),
+    "dev": dict(
+        clip=dict(hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=1,
+                  num_attention_heads=12),
+        t5=dict(d_model=4096, d_kv=64, d_ff=1024, num_layers=1, num_heads=4, relative_attention_num_buckets=32,
+                relative_attention_max_distance=128),
+        transformer=dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                         joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56),
+                         guidance_embeds=True),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024),
+        scheduler=_DYNAMIC_SHIFT, perturb=None, image_size=1024,
     ),
 }
 
