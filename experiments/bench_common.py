@@ -331,3 +331,34 @@ def relative_difference(ours, ref) -> dict:
     err = float(np.max(np.abs(ours - ref)))
     return {"max_abs": err, "scale": scale, "relative": err / scale,
             "finite": bool(np.all(np.isfinite(ours)) and np.all(np.isfinite(ref)))}
+
+
+def weights_note(perturb) -> str:
+    """How a random benchmark pipeline's weights were drawn (its size's ``perturb``)."""
+    if perturb is not None:
+        return f"default initialisation + {perturb:g}·N(0,1) on every parameter"
+    return "default initialisation of the diffusers/transformers classes (not perturbed)"
+
+
+def build_pipeline_pair(build, load, name: str, seed: int, torch_dtype, jax_dtype, jax_device, torch_device):
+    """``(peer, ours, {"build_s", "load_ours_s"})``: the diffusers pipeline ``build(folder, name,
+    seed=, torch_dtype=)`` saved to a temporary folder, and ``load(folder, dtype=)`` of it on
+    ``jax_device`` (weights on the device before the clock stops); the peer moved to ``torch_device``."""
+    import tempfile
+
+    import jax
+    from flax import nnx
+
+    seconds = {}
+    with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as folder:
+        start = time.perf_counter()
+        peer = build(folder, name, seed=seed, torch_dtype=torch_dtype)
+        seconds["build_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        with jax.default_device(jax_device):
+            ours = load(folder, dtype=jax_dtype)
+            jax.block_until_ready(nnx.state(ours.transformer))
+        seconds["load_ours_s"] = time.perf_counter() - start
+    peer.set_progress_bar_config(disable=True)
+    peer.to(torch_device)  # already in torch_dtype (cast before saving)
+    return peer, ours, seconds

@@ -14,7 +14,6 @@ and ``end_to_end`` (prompt to NumPy images).
 
 from __future__ import annotations
 
-import tempfile
 import time
 
 import jax
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.bench_common import ratio, relative_difference, time_call
+from experiments.bench_common import build_pipeline_pair, ratio, relative_difference, time_call, weights_note
 
 DISTILLED_GUIDANCE = 3.5
 PROMPT = "a photo of a cat"
@@ -59,20 +58,11 @@ def bench_flux_config(name: str, args, torch, device: str, torch_device: str, ja
     result = {"model": "flux", "config": name, "steps": steps, "batch": batch, "model_batch": batch,
               "dtype": args.dtype, "max_sequence_length": seq, "distilled_guidance": DISTILLED_GUIDANCE,
               "prompt": PROMPT, "sizes": {k: (dict(v) if isinstance(v, dict) else v) for k, v in size.items()},
-              "weights": ("default initialisation + 0.1·N(0,1) on every parameter" if size["perturb"] is not None
-                          else "default initialisation of the diffusers/transformers classes (not perturbed)")}
+              "weights": weights_note(size["perturb"])}
     print(f"[flux {name}] building the random pipeline ...", flush=True)
-    with tempfile.TemporaryDirectory(prefix=f"bench_flux_{name}_") as folder:
-        start = time.perf_counter()
-        peer = build_random_pipeline(folder, name, seed=args.seed, torch_dtype=torch_dtype)
-        result["build_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        with jax.default_device(jax_device):
-            ours = FluxPipeline.from_pretrained(folder, dtype=jax_dtype)
-            jax.block_until_ready(nnx.state(ours.transformer))
-        result["load_ours_s"] = time.perf_counter() - start
-    peer.set_progress_bar_config(disable=True)
-    peer.to(torch_device)
+    peer, ours, seconds = build_pipeline_pair(build_random_pipeline, FluxPipeline.from_pretrained, name, args.seed,
+                                              torch_dtype, jax_dtype, jax_device, torch_device)
+    result.update(seconds)
     height = width = size["image_size"]
     h, w = ours.latent_size(height, width)
     tokens = (h // 2) * (w // 2)

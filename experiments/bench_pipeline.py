@@ -64,7 +64,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -82,7 +81,7 @@ from cfgzero_theory.sd3.flops import mmdit_step_flops  # noqa: E402
 from experiments._common import prepare_output_dir, run_or_exit, strict_json, write_json  # noqa: E402
 from experiments.bench_common import environment as machine_environment  # noqa: E402
 from experiments.bench_common import (  # noqa: E402
-    loadavg, print_report, ratio, relative_difference, time_call, xla_flops,
+    build_pipeline_pair, loadavg, print_report, ratio, relative_difference, time_call, weights_note, xla_flops,
 )
 from experiments.bench_flux import DEFINITIONS as FLUX_DEFINITIONS  # noqa: E402
 from experiments.bench_flux import bench_flux_config  # noqa: E402
@@ -192,20 +191,11 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
               "max_sequence_length": seq, "guidance_scale": GUIDANCE_SCALE, "prompt": PROMPT,
               "sizes": {k: (dict(v) if isinstance(v, dict) else v) for k, v in size.items()},
               "text_encoders": TEXT_ENCODERS_NOTE[name],
-              "weights": ("default initialisation + 0.1·N(0,1) on every parameter" if size["perturb"] is not None
-                          else "default initialisation of the diffusers/transformers classes (not perturbed)")}
+              "weights": weights_note(size["perturb"])}
     print(f"[{name}] building the random pipeline ...", flush=True)
-    with tempfile.TemporaryDirectory(prefix=f"bench_pipeline_{name}_") as folder:
-        start = time.perf_counter()
-        peer = build_random_pipeline(folder, name, seed=args.seed, torch_dtype=torch_dtype)
-        result["build_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        with jax.default_device(jax_device):
-            ours = SD3Pipeline.from_pretrained(folder, dtype=jax_dtype)
-            jax.block_until_ready(nnx.state(ours.transformer))
-        result["load_ours_s"] = time.perf_counter() - start
-    peer.set_progress_bar_config(disable=True)
-    peer.to(torch_device)  # already in torch_dtype (cast before saving)
+    peer, ours, seconds = build_pipeline_pair(build_random_pipeline, SD3Pipeline.from_pretrained, name, args.seed,
+                                              torch_dtype, jax_dtype, jax_device, torch_device)
+    result.update(seconds)
     tcfg = ours.transformer.config
     factor = ours.vae_scale_factor
     latent_hw = tcfg.sample_size
