@@ -57,7 +57,7 @@ SEQUENCE_LENGTHS = {"sd3": 256, "flux": 512}
 COMPARED = {"cfg": ("CFG", ("scale",)), "cfg-zero-star": ("CFG-Zero*", ("scale", "zero_init_steps"))}
 COMPARISON_FILE = "cfg_vs_cfg-zero-star.png"
 #: Flux's one-branch comparison: the conditional branch without, then with zero-init.
-ONE_BRANCH_COMPARED = ("distilled guidance", "zero-init")
+ONE_BRANCH_COMPARED = ("distilled guidance only", "+ zero-init")
 ONE_BRANCH_COMPARISON_FILE = "guidance_vs_zero-init.png"
 #: Sampler options handed to the pipeline only when given (``None``: the pipeline's default),
 #: besides ``scale`` and ``zero_init_steps``, which depend on the rule.
