@@ -26,12 +26,12 @@ CLIP_MAX_LENGTH = 77
 def require_torch():
     """``torch``, or an ``ImportError`` saying how to install what the random checkpoints need."""
     try:
-        for name in ("diffusers", "transformers", "torch"):
-            module = importlib.import_module(name)
+        importlib.import_module("diffusers")
+        importlib.import_module("transformers")
+        return importlib.import_module("torch")
     except ImportError as err:
         raise ImportError('random checkpoints are built with torch, diffusers and transformers: '
                           'pip install -e ".[test]"') from err
-    return module
 
 
 def _clip_vocab():
