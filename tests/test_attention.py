@@ -106,3 +106,16 @@ def test_bad_shapes_and_implementations_are_named():
         attention(q[:, :, :3], k, v)
     with pytest.raises(ValueError, match="implementation must be one of"):
         attention(q, k, v, implementation="flash")
+
+
+def test_forced_implementation_applies_inside_the_block_only():
+    from cfgzero_theory.ports.attention import forced_implementation
+
+    q = jnp.zeros((1, 2, 1, 8))
+    default = attention_implementation(q)
+    with forced_implementation("xla"):
+        assert attention_implementation(q) == "xla"
+    assert attention_implementation(q) == default
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        with forced_implementation("flash"):
+            pass

@@ -33,24 +33,46 @@ so it is the CPU default with no size threshold.  One SD3 "mid" transformer step
 (``python -m experiments.bench_pipeline --config mid``, 8 such calls) went from 0.41–0.42× to
 0.99–1.00× diffusers' speed with it (runs back to back on the same machine).
 
-``implementation=`` forces one of them (for tests and benchmarks).
+``implementation=`` forces one of them for one call, and :func:`forced_implementation` for
+every call traced inside a ``with`` block (tests and benchmarks: e.g. XLA's cost analysis
+counts the ``"blocked"`` loop's body once, the ``"head_major"`` program whole).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 
-__all__ = ["IMPLEMENTATIONS", "attention", "attention_implementation"]
+__all__ = ["IMPLEMENTATIONS", "attention", "attention_implementation", "forced_implementation"]
 
 Array = jax.Array
 
 IMPLEMENTATIONS = ("cudnn", "head_major", "blocked", "xla")
 BLOCK = 512  # keys per block of the "blocked" program (256 to 1024 time alike on the CPU)
+_FORCED = contextvars.ContextVar("forced_attention_implementation", default=None)
+
+
+@contextlib.contextmanager
+def forced_implementation(implementation: str):
+    """Within the block, :func:`attention_implementation` returns ``implementation`` (read when
+    a program is traced, so it applies to what is compiled inside the block)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    token = _FORCED.set(implementation)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
 
 
 def attention_implementation(q: Array) -> str:
-    """Which program :func:`attention` builds for queries ``q`` on this backend (module docstring)."""
+    """Which program :func:`attention` builds for queries ``q`` on this backend (module docstring),
+    unless :func:`forced_implementation` says otherwise."""
+    if _FORCED.get() is not None:
+        return _FORCED.get()
     backend = jax.default_backend()
     if (backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128):
