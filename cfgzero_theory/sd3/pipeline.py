@@ -96,8 +96,7 @@ def _encode(components, prompts: tuple[list[str], list[str], list[str]], max_seq
     for texts, tokenizer, encoder in ((prompts[0], components.tokenizer, components.text_encoder),
                                       (prompts[1], components.tokenizer_2, components.text_encoder_2)):
         ids = token_ids(tokenizer, texts, tokenizer.model_max_length)
-        hidden, text_embeds = (encode_tokens(encoder, ids) if clip_skip is None
-                               else encode_tokens(encoder, ids, clip_skip=clip_skip))
+        hidden, text_embeds = encode_tokens(encoder, ids, clip_skip=clip_skip)
         clip_states.append(hidden)
         pooled.append(text_embeds)
     clip = jnp.concatenate(clip_states, axis=-1)
