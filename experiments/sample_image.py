@@ -17,7 +17,10 @@ Flux samples one branch unless ``--negative-prompt`` is given: the guidance-dist
 embeds ``--distilled-guidance`` and the rule is ``conditional`` with zero-init of the first
 ``--zero-init-steps`` (the paper's Flux setting); its comparison is then
 ``guidance_vs_zero-init.png`` (no zero-init on the left, zero-init on the right).  With a
-negative prompt Flux runs true CFG with any rule, as SD3 does.  Every argument is checked before the pipeline is built or
+negative prompt Flux runs true CFG with any rule, as SD3 does.  ``--lora PATH[:SCALE]``
+(repeatable) merges LoRA files into the transformer first.
+
+Every argument is checked before the pipeline is built or
 loaded; a bad one ends the program with one line ``PROG: error: ...`` and exit status 2.  (What
 needs the weights stays the pipeline's to check: skip-layer block indices against the
 transformer's depth, image sizes against its positional table.)
