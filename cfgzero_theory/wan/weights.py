@@ -1,0 +1,101 @@
+"""Loading a diffusers ``WanTransformer3DModel`` folder, and the transformer as a sampler model.
+
+* :data:`WEIGHT_MAP` — rows ``(diffusers key, our state path, transform)``: ``{i}`` numbers a
+  block, ``{x}`` is ``q``/``k``/``v``, ``{n}`` ``1``/``2``;
+* :func:`load_wan_transformer` ``(folder, *, dtype=None, variant=None, sharding=None)`` through
+  the shared loader (:func:`cfgzero_theory.ports.loading.load_module`);
+* :func:`wan_model_fn` ``(model)``: a ``model_fn`` for :func:`~cfgzero_theory.sampling.sample_flow`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+from flax import nnx
+
+from cfgzero_theory.ports.loading import IDENTITY, LINEAR, Transform, WeightMap, linear_rows, load_module, norm_rows
+from cfgzero_theory.ports.sharding import ParamSharding
+from cfgzero_theory.wan.transformer import DIFFUSERS_CLASS_NAME, WanConfig, WanTransformer
+
+__all__ = ["WEIGHT_MAP", "load_wan_transformer", "wan_model_fn", "weight_map"]
+
+TRANSFORMS = {
+    "identity": IDENTITY,
+    "linear": LINEAR,
+    # Conv3d (out, in, kt, kh, kw) -> a linear kernel over patches flattened in (c, t, h, w) order
+    "conv_patch": Transform(lambda a: a.reshape(a.shape[0], -1).T,
+                            lambda shape, cfg: (shape[1], cfg.in_channels, *cfg.patch_size)),
+}
+
+_B = "blocks.{i}"
+WEIGHT_MAP: tuple[tuple[str, str, str], ...] = (
+    ("patch_embedding.weight", "patch_proj.kernel", "conv_patch"),
+    ("patch_embedding.bias", "patch_proj.bias", "identity"),
+    *linear_rows("condition_embedder.time_embedder.linear_{n}", "time_mlp.fc{n}"),
+    *linear_rows("condition_embedder.time_proj", "time_proj"),
+    *linear_rows("condition_embedder.text_embedder.linear_{n}", "text_mlp.fc{n}"),
+    *norm_rows("condition_embedder.image_embedder.norm1", "image_embedder.norm1"),
+    *linear_rows("condition_embedder.image_embedder.ff.net.0.proj", "image_embedder.mlp.fc1"),
+    *linear_rows("condition_embedder.image_embedder.ff.net.2", "image_embedder.mlp.fc2"),
+    *norm_rows("condition_embedder.image_embedder.norm2", "image_embedder.norm2"),
+    *linear_rows(f"{_B}.attn1.to_{{x}}", "blocks.{i}.self_attn.{x}"),
+    *linear_rows(f"{_B}.attn1.to_out.0", "blocks.{i}.self_attn.out"),
+    *norm_rows(f"{_B}.attn1.norm_{{x}}", "blocks.{i}.self_attn.{x}_norm"),
+    *linear_rows(f"{_B}.attn2.to_{{x}}", "blocks.{i}.cross_attn.{x}"),
+    *linear_rows(f"{_B}.attn2.to_out.0", "blocks.{i}.cross_attn.out"),
+    *norm_rows(f"{_B}.attn2.norm_{{x}}", "blocks.{i}.cross_attn.{x}_norm"),
+    *linear_rows(f"{_B}.attn2.add_{{x}}_proj", "blocks.{i}.cross_attn.add_{x}"),
+    *norm_rows(f"{_B}.attn2.norm_added_k", "blocks.{i}.cross_attn.add_k_norm"),
+    *norm_rows(f"{_B}.norm2", "blocks.{i}.cross_norm"),
+    *linear_rows(f"{_B}.ffn.net.0.proj", "blocks.{i}.ffn.fc1"),
+    *linear_rows(f"{_B}.ffn.net.2", "blocks.{i}.ffn.fc2"),
+    (f"{_B}.scale_shift_table", "blocks.{i}.table", "identity"),
+    ("scale_shift_table", "out_table", "identity"),
+    *linear_rows("proj_out", "out_proj"),
+)
+"""The Wan transformer's weight mapping (module docstring)."""
+
+weight_map = WeightMap(WEIGHT_MAP, {"i": r"\d+", "x": "q|k|v", "n": "[12]"}, TRANSFORMS)
+""":data:`WEIGHT_MAP` compiled (``to_ours`` / ``to_diffusers``)."""
+
+
+def load_wan_transformer(
+    folder: str | os.PathLike, *, dtype=None, variant: str | None = None, sharding: ParamSharding | None = None,
+) -> WanTransformer:
+    """Load a diffusers ``WanTransformer3DModel`` folder (``.../transformer``) into an NNX module.
+
+    ``dtype`` casts every floating tensor (``None`` keeps the stored dtypes); ``variant`` reads
+    ``diffusion_pytorch_model.<variant>.safetensors``; ``sharding`` splits the weights over a
+    device mesh as they are read.  Raises ``ValueError`` naming every missing, unexpected or
+    wrongly shaped key, and a config whose block count differs from the file's.
+    """
+    return load_module(
+        folder, WanTransformer, WanConfig, weight_map,
+        class_name=DIFFUSERS_CLASS_NAME, what="Wan transformer/", dtype=dtype, variant=variant, sharding=sharding,
+        repeats={"i": ("num_layers", lambda config: config.num_layers)},
+    )
+
+
+def wan_model_fn(model):
+    """A ``model_fn(params, x, sigma, timestep, context)`` for :func:`~cfgzero_theory.sampling.sample_flow`.
+
+    ``model`` is a :class:`WanTransformer` (or its ``nnx.GraphDef``); ``context`` is ``(text,)``
+    for T2V or ``(text, image)`` for I2V; ``x`` the transformer's input (for I2V the pipeline
+    supplies the mask and conditioning channels).  The timestep is handed over as the scheduler
+    gives it (Wan's UniPC: integer-valued ``σ·1000``), broadcast to the batch.
+    """
+    if isinstance(model, WanTransformer):
+        graphdef = nnx.graphdef(model)
+    elif isinstance(model, nnx.GraphDef):
+        graphdef = model
+    else:
+        raise ValueError(f"model must be a WanTransformer or its nnx.GraphDef, got {type(model).__name__}")
+
+    def model_fn(params, x, sigma, timestep, context):
+        del sigma  # Wan is conditioned on the timestep only
+        transformer = nnx.merge(graphdef, params)
+        timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (x.shape[0],))
+        return transformer(x, timestep, *context)
+
+    return model_fn
