@@ -24,7 +24,9 @@ from flax import nnx
 
 from cfgzero_theory.flux.transformer import DIFFUSERS_CLASS_NAME, MLP_RATIO, FluxConfig, FluxTransformer
 from cfgzero_theory.ports.layers import round_to
-from cfgzero_theory.ports.loading import IDENTITY, LINEAR, WeightMap, linear_rows, load_module, norm_rows
+from cfgzero_theory.ports.loading import (
+    IDENTITY, LINEAR, WeightMap, linear_rows, load_module, module_graphdef, norm_rows,
+)
 from cfgzero_theory.ports.lora import LoraLayer, OriginalLayout
 from cfgzero_theory.ports.sharding import ParamSharding
 from cfgzero_theory.validation import check_int
@@ -96,12 +98,7 @@ def flux_model_fn(model, grid: Sequence[int]):
     latents' dtype and divided by 1000 in it, and the transformer's prediction is the flow
     velocity the scheduler steps with.
     """
-    if isinstance(model, FluxTransformer):
-        graphdef = nnx.graphdef(model)
-    elif isinstance(model, nnx.GraphDef):
-        graphdef = model
-    else:
-        raise ValueError(f"model must be a FluxTransformer or its nnx.GraphDef, got {type(model).__name__}")
+    graphdef = module_graphdef(model, FluxTransformer)
     grid = tuple(check_int("grid entry", g, minimum=1) for g in grid)
     if len(grid) != 2:
         raise ValueError(f"grid must be (h, w), got {grid}")

@@ -19,6 +19,7 @@ Public API
 * :func:`load_module` ``(folder, module_class, config_class, weight_map, *, ..., folder_kind=DIFFUSERS,
   sharding=None, repeats=None)``; :func:`abstract_module` ``(module_class, config)``: a module's
   structure and shapes without initialising (or tracing the initialisation of) any parameter;
+  :func:`module_graphdef` ``(model, module_class)``;
 * :data:`FLOAT_DTYPES`: the stored dtypes a parameter may have.
 
 Templates
@@ -326,6 +327,16 @@ class _AbstractRngs:
 
     def __call__(self) -> jax.Array:
         return jax.random.key(0)
+
+
+def module_graphdef(model, module_class) -> nnx.GraphDef:
+    """The ``nnx.GraphDef`` of ``model``, a ``module_class`` instance or already its graph
+    definition (what the sampler adapters close over); ``ValueError`` naming the class otherwise."""
+    if isinstance(model, nnx.GraphDef):
+        return model
+    if isinstance(model, module_class):
+        return nnx.graphdef(model)
+    raise ValueError(f"model must be a {module_class.__name__} or its nnx.GraphDef, got {type(model).__name__}")
 
 
 def abstract_module(module_class: Callable[..., nnx.Module], config, **kwargs) -> nnx.Module:

@@ -60,7 +60,9 @@ import os
 import jax.numpy as jnp
 from flax import nnx
 
-from cfgzero_theory.ports.loading import IDENTITY, LINEAR, Transform, WeightMap, linear_rows, load_module, norm_rows
+from cfgzero_theory.ports.loading import (
+    IDENTITY, LINEAR, Transform, WeightMap, linear_rows, load_module, module_graphdef, norm_rows,
+)
 from cfgzero_theory.ports.sharding import ParamSharding
 from cfgzero_theory.sd3.transformer import DIFFUSERS_CLASS_NAME, SD3Config, SD3Transformer, sincos_pos_embed
 
@@ -154,12 +156,7 @@ def sd3_model_fn(model, *, skip_layers: tuple[int, ...] = ()):
     ``v = ε − x_data``, which SD3's pipelines hand to the scheduler unchanged.  Reuse the
     returned function: ``sample_flow`` compiles once per function object.
     """
-    if isinstance(model, nnx.GraphDef):
-        graphdef = model
-    elif isinstance(model, SD3Transformer):
-        graphdef = nnx.graphdef(model)
-    else:
-        raise ValueError(f"model must be an SD3Transformer or its nnx.GraphDef, got {type(model).__name__}")
+    graphdef = module_graphdef(model, SD3Transformer)
     skip_layers = tuple(skip_layers)
 
     def model_fn(params, x, sigma, timestep, context):

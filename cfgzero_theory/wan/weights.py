@@ -14,7 +14,9 @@ import os
 import jax.numpy as jnp
 from flax import nnx
 
-from cfgzero_theory.ports.loading import IDENTITY, LINEAR, Transform, WeightMap, linear_rows, load_module, norm_rows
+from cfgzero_theory.ports.loading import (
+    IDENTITY, LINEAR, Transform, WeightMap, linear_rows, load_module, module_graphdef, norm_rows,
+)
 from cfgzero_theory.ports.sharding import ParamSharding
 from cfgzero_theory.wan.transformer import DIFFUSERS_CLASS_NAME, WanConfig, WanTransformer
 
@@ -85,12 +87,7 @@ def wan_model_fn(model):
     supplies the mask and conditioning channels).  The timestep is handed over as the scheduler
     gives it (Wan's UniPC: integer-valued ``σ·1000``), broadcast to the batch.
     """
-    if isinstance(model, WanTransformer):
-        graphdef = nnx.graphdef(model)
-    elif isinstance(model, nnx.GraphDef):
-        graphdef = model
-    else:
-        raise ValueError(f"model must be a WanTransformer or its nnx.GraphDef, got {type(model).__name__}")
+    graphdef = module_graphdef(model, WanTransformer)
 
     def model_fn(params, x, sigma, timestep, context):
         del sigma  # Wan is conditioned on the timestep only
