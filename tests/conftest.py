@@ -2,7 +2,7 @@
 
 * ``x64``: run a test with ``jax_enable_x64`` on (build mixtures inside the test).
 * the persistent compilation cache is off (``CFGZERO_COMPILATION_CACHE=off``).
-* ``torch`` / ``diffusers``: the parity references.  Outside CI they skip when missing; in CI
+* ``torch`` / ``diffusers`` / ``peft``: the parity references.  Outside CI they skip when missing; in CI
   (``CI`` set) a missing reference is a failure, and a run in which a ``parity`` test was
   skipped fails the session, so parity can never pass by being skipped.
 """
@@ -47,6 +47,12 @@ def torch():
 @pytest.fixture(scope="session")
 def diffusers():
     return _reference("diffusers")
+
+
+@pytest.fixture(scope="session")
+def peft():
+    """diffusers loads LoRA files through peft."""
+    return _reference("peft")
 
 
 _skipped_parity = []

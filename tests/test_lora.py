@@ -43,20 +43,7 @@ RANKS = {
     "transformer_blocks.0.ff_context.net.2": 4,
     "context_embedder": 4,
 }
-IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="session")
-def peft():
-    """diffusers loads LoRA files through peft: skipped without it outside CI, a failure in CI."""
-    try:
-        import peft
-    except ImportError as err:
-        if IN_CI:
-            pytest.fail(f"parity reference 'peft' is not installed in CI: {err}")
-        pytest.skip("peft not installed (diffusers' LoRA loading needs it)")
-    return peft
 
 
 @pytest.fixture(scope="module")

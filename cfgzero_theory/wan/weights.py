@@ -4,7 +4,10 @@
   block, ``{x}`` is ``q``/``k``/``v``, ``{n}`` ``1``/``2``;
 * :func:`load_wan_transformer` ``(folder, *, dtype=None, variant=None, sharding=None)`` through
   the shared loader (:func:`cfgzero_theory.ports.loading.load_module`);
-* :func:`wan_model_fn` ``(model)``: a ``model_fn`` for :func:`~cfgzero_theory.sampling.sample_flow`.
+* :func:`wan_model_fn` ``(model)``: a ``model_fn`` for :func:`~cfgzero_theory.sampling.sample_flow`;
+* :func:`original_layout` ``(config)``: Wan's original module names (ComfyUI's
+  ``diffusion_model.blocks.0.self_attn.q``, musubi/kohya's ``lora_unet_blocks_0_self_attn_q``) as
+  diffusers modules, for :func:`cfgzero_theory.ports.lora.merge_lora`.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from flax import nnx
 from cfgzero_theory.ports.loading import (
     IDENTITY, LINEAR, Transform, WeightMap, linear_rows, load_module, module_graphdef, norm_rows,
 )
+from cfgzero_theory.ports.lora import LoraLayer, OriginalLayout
 from cfgzero_theory.ports.sharding import ParamSharding
 from cfgzero_theory.wan.transformer import DIFFUSERS_CLASS_NAME, WanConfig, WanTransformer
 
-__all__ = ["WEIGHT_MAP", "load_wan_transformer", "wan_model_fn", "weight_map"]
+__all__ = ["WEIGHT_MAP", "load_wan_transformer", "original_layout", "wan_model_fn", "weight_map"]
 
 TRANSFORMS = {
     "identity": IDENTITY,
@@ -96,3 +100,32 @@ def wan_model_fn(model):
         return transformer(x, timestep, *context)
 
     return model_fn
+
+
+def original_layout(config: WanConfig) -> OriginalLayout:
+    """The :class:`~cfgzero_theory.ports.lora.OriginalLayout` of Wan for ``config``: every original
+    linear module is one diffusers module (``self_attn`` → ``attn1``, ``cross_attn`` → ``attn2``,
+    ``o`` → ``to_out.0``, ``k_img``/``v_img`` → ``add_k_proj``/``add_v_proj``, ``ffn.0``/``ffn.2`` →
+    ``ffn.net.0.proj``/``ffn.net.2``, and the embedders and head by name).  Image modules exist
+    only for I2V models, so a T2V LoRA on an I2V model leaves the image branch untouched and an
+    I2V LoRA on a T2V model is refused by name."""
+    table = {"text_embedding.0": "condition_embedder.text_embedder.linear_1",
+             "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+             "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+             "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+             "time_projection.1": "condition_embedder.time_proj",
+             "head.head": "proj_out"}
+    if config.image_to_video:
+        table |= {"img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+                  "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2"}
+    attention = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0"}
+    image = {"k_img": "add_k_proj", "v_img": "add_v_proj"} if config.image_to_video else {}
+    for i in range(config.num_layers):
+        table |= {f"blocks.{i}.self_attn.{o}": f"blocks.{i}.attn1.{d}" for o, d in attention.items()}
+        table |= {f"blocks.{i}.cross_attn.{o}": f"blocks.{i}.attn2.{d}" for o, d in {**attention, **image}.items()}
+        table |= {f"blocks.{i}.ffn.0": f"blocks.{i}.ffn.net.0.proj", f"blocks.{i}.ffn.2": f"blocks.{i}.ffn.net.2"}
+
+    def to_diffusers(layer: LoraLayer) -> list[LoraLayer]:
+        return [layer._replace(module=table[layer.module])]
+
+    return OriginalLayout(frozenset(table), to_diffusers)
