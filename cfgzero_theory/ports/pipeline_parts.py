@@ -8,7 +8,9 @@
 * :func:`encode_tokens` ``(encoder, token_ids, **static)`` — an encoder call as one compiled
   program (one compile per encoder structure, token shape and static options);
 * :func:`initial_noise` ``(seed, shape, dtype)`` — the pipelines' ``N(0, I)`` draw;
-* :func:`to_uint8` ``(images)`` and :func:`save_png` ``(images, path)``.
+* :func:`to_uint8` ``(images)`` and :func:`save_png` ``(images, path)``;
+* :func:`save_video` ``(videos, path, fps=16)`` — MP4 (H.264 through imageio's own ffmpeg
+  binary, no system ffmpeg needed) or GIF, chosen by the suffix, written atomically.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import functools
 import io
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,10 +29,12 @@ import numpy as np
 from flax import nnx
 
 from cfgzero_theory.files import atomic_write_bytes
-from cfgzero_theory.validation import check_int
+from cfgzero_theory.validation import check_int, check_real
 
-__all__ = ["as_prompt_list", "encode_tokens", "initial_noise", "load_tokenizer", "pipeline_components", "read_json",
-           "save_png", "to_uint8", "token_ids"]
+__all__ = ["VIDEO_SUFFIXES", "as_prompt_list", "encode_tokens", "initial_noise", "load_tokenizer",
+           "pipeline_components", "read_json", "save_png", "save_video", "to_uint8", "token_ids"]
+
+VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -126,3 +131,43 @@ def save_png(images, path: str | os.PathLike) -> str:
     buffer = io.BytesIO()
     Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _video_frames(videos) -> np.ndarray:
+    """``(F, H, W, 3)`` or ``(B, F, H, W, 3)`` (tiled left to right) in ``[0, 1]`` → uint8 ``(F, H, W, 3)``."""
+    array = np.asarray(videos)
+    if array.ndim == 5:
+        array = np.concatenate(list(array), axis=2)
+    if array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] < 1:
+        raise ValueError(f"videos must have shape (F, H, W, 3) or (B, F, H, W, 3); got {np.shape(videos)}")
+    return to_uint8(array)
+
+
+def save_video(videos, path: str | os.PathLike, fps: float = 16) -> str:
+    """Write ``videos`` (frames in ``[0, 1]``, ``(F, H, W, 3)`` or ``(B, F, H, W, 3)`` tiled left to
+    right) to ``path`` as MP4 (H.264, yuv420p, quality 8 of imageio's 0–10; height and width must
+    be even) or GIF (looping), by its suffix; atomically, through a temporary file.  Needs
+    ``imageio`` and ``imageio-ffmpeg`` (``pip install -e ".[video]"``)."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"path must end in one of {VIDEO_SUFFIXES}, got {os.fspath(path)!r}")
+    fps = check_real("fps", fps, positive=True)
+    frames = _video_frames(videos)
+    try:
+        import imageio.v2 as imageio
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError('writing videos needs imageio and imageio-ffmpeg: pip install -e ".[video]"') from err
+    if suffix == ".gif":
+        buffer = io.BytesIO()
+        imageio.mimwrite(buffer, list(frames), format="GIF", duration=1000 / fps, loop=0)
+        return atomic_write_bytes(path, buffer.getvalue())
+    if frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise ValueError(f"an MP4 (yuv420p) needs an even height and width, got {frames.shape[1]}×{frames.shape[2]}")
+    with tempfile.TemporaryDirectory() as folder:
+        scratch = os.path.join(folder, "video.mp4")
+        with imageio.get_writer(scratch, format="FFMPEG", fps=fps, codec="libx264", quality=8,
+                                pixelformat="yuv420p", macro_block_size=1) as writer:
+            for frame in frames:
+                writer.append_data(frame)
+        with open(scratch, "rb") as file:
+            return atomic_write_bytes(path, file.read())
