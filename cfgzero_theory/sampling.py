@@ -332,13 +332,14 @@ def _sample_flow_jit(model_fn, params, latents, schedule, context, uncond_contex
                      return_trajectory):
     batch = latents.shape[0]
     num_steps = schedule.timesteps.shape[0]
+    both = (None if uncond_context is None  # the doubled batch's context, built once outside the loop
+            else jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), context, uncond_context))
 
     def branches(x, sigma, timestep):
         """``(v_c, v_u)``: one call on the doubled batch, or on the conditional batch alone."""
-        if uncond_context is None:
+        if both is None:
             v_c = model_fn(params, x, sigma, timestep, context)
             return v_c, v_c
-        both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), context, uncond_context)
         v = model_fn(params, jnp.concatenate([x, x]), sigma, timestep, both)
         return v[:batch], v[batch:]
 
