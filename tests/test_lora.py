@@ -10,7 +10,9 @@ every transformer weight within ``1e-6 · max(1, max |W|)`` of diffusers' (obser
 for bit for one LoRA); the transformer output after :meth:`SD3Pipeline.load_lora` within
 ``1e-4 · max |output|`` (the transformer parity tests' bound).  Formats diffusers does not load
 for SD3 (kohya ``lora_unet_*`` / ``lora_transformer_*``, and original-layout keys through a
-test hook) must give exactly the weights of the same LoRA written as PEFT.
+test hook) must give exactly the weights of the same LoRA written as PEFT.  Full deltas
+(ComfyUI's ``.diff`` / ``.diff_b``, which diffusers does not read for SD3) must give exactly
+``P + s · Δ`` computed here in NumPy, rounded once with the pairs of the same parameter.
 """
 
 import json
@@ -27,7 +29,9 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from cfgzero_theory.ports.lora import OriginalLayout, linear_targets, lora_layers, merge_lora
+from cfgzero_theory.ports.lora import (
+    OriginalLayout, linear_targets, lora_contents, lora_layers, merge_lora, param_targets,
+)
 from cfgzero_theory.sd3.pipeline import SD3Pipeline
 from cfgzero_theory.sd3.weights import weight_map, load_sd3_transformer
 
@@ -247,13 +251,15 @@ def test_kohya_file_equals_peft_file(tiny, tmp_path, prefix):
 
 def _sai_qkv_layout(num_layers):
     """A test hook: SD3's original (SAI) fused ``joint_blocks.{i}.x_block.attn.qkv`` split into
-    diffusers' ``to_q`` / ``to_k`` / ``to_v`` (``B`` in three row blocks, ``A`` shared)."""
+    diffusers' ``to_q`` / ``to_k`` / ``to_v`` (``B`` and ``β`` in three row blocks, ``A`` shared)."""
     modules = frozenset(f"joint_blocks.{i}.x_block.attn.qkv" for i in range(num_layers))
 
     def to_diffusers(layer):
         block = layer.module.split(".")[1]
         width = layer.up.shape[0] // 3
-        return [layer._replace(module=f"transformer_blocks.{block}.attn.to_{x}", up=layer.up[k * width:(k + 1) * width])
+        rows = [slice(k * width, (k + 1) * width) for k in range(3)]
+        return [layer._replace(module=f"transformer_blocks.{block}.attn.to_{x}", up=layer.up[rows[k]],
+                               up_bias=None if layer.up_bias is None else layer.up_bias[rows[k]])
                 for k, x in enumerate("qkv")]
 
     return OriginalLayout(modules, to_diffusers)
@@ -276,6 +282,116 @@ def test_original_layout_hook_splits_a_fused_projection(tiny, tmp_path, form):
                     _merged(folder, fused, 1.1, original=layout)) == set()
     assert [layer.module for layer in lora_layers(fused, linear_targets(_transformer(folder), weight_map),
                                                   original=layout)] == list(split)
+
+
+#: Full deltas of the test files: diffusers key -> the suffix-less name it is written with.
+DELTAS = {
+    "transformer_blocks.0.attn.to_q.weight": "transformer_blocks.0.attn.to_q",  # a linear weight
+    "transformer_blocks.0.attn.to_q.bias": "transformer_blocks.0.attn.to_q",
+    "norm_out.linear.bias": "norm_out.linear",
+    "pos_embed.proj.weight": "pos_embed.proj",  # a patch convolution (another transform)
+    "pos_embed.proj.bias": "pos_embed.proj",
+    "pos_embed.pos_embed": "pos_embed.pos_embed",  # a bare parameter
+}
+
+
+def _deltas(shapes, seed, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return {key: (0.3 * rng.standard_normal(shapes[key])).astype(dtype) for key in DELTAS}
+
+
+def _delta_file(folder, name, deltas, form, extra=None):
+    """``deltas`` as ``.diff`` / ``.diff_b`` keys: ``peft`` (``transformer.<name>``) or ``kohya``
+    (``lora_unet_<name with underscores>``)."""
+    tensors = dict(extra or {})
+    for key, delta in deltas.items():
+        stem = f"transformer.{DELTAS[key]}" if form == "peft" else "lora_unet_" + DELTAS[key].replace(".", "_")
+        tensors[f"{stem}.diff_b" if key.endswith(".bias") else f"{stem}.diff"] = delta
+    return _save(folder, name, tensors)
+
+
+def _stored(folder) -> dict[str, np.ndarray]:
+    """The transformer's weights as stored (diffusers keys and layout)."""
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("form", ["peft", "kohya"])
+def test_full_deltas_add_s_delta_to_any_parameter(tiny, tmp_path, form):
+    """``P' = P + s·Δ`` for linear weights and biases, a convolution and a bare parameter, next
+    to a pair in the same file (Δ scaled by neither the file's α nor a rank)."""
+    folder, shapes = tiny
+    stored = _stored(folder)
+    deltas = _deltas({key: stored[key].shape for key in DELTAS}, seed=13)
+    a, b = _pairs(shapes, seed=14)["transformer_blocks.1.ff.net.0.proj"]
+    stem = "transformer.transformer_blocks.1.ff.net.0.proj"
+    pair = {f"{stem}.lora_A.weight": a, f"{stem}.lora_B.weight": b, f"{stem}.alpha": np.asarray(1.0, np.float32)}
+    path = _delta_file(tmp_path, form, deltas, form, extra=pair)
+    model = _transformer(folder)
+    before = _params(model)
+    assert merge_lora(model, weight_map, [(path, 0.6)], what=WHAT) == 5  # to_q, norm_out, pos_embed(.proj), ff
+    after = _params(model)
+    assert _changed(before, after) == {weight_map.to_ours(key)[0] for key in DELTAS} | \
+        _kernel_paths(["transformer_blocks.1.ff.net.0.proj"])
+    for key, delta in deltas.items():
+        ours, transform = weight_map.to_ours(key)
+        np.testing.assert_array_equal(after[ours], transform.apply(stored[key] + np.float32(0.6) * delta), err_msg=key)
+    layers, found = lora_contents(path, linear_targets(model, weight_map), param_targets(model, weight_map), what=WHAT)
+    assert [layer.module for layer in layers] == ["transformer_blocks.1.ff.net.0.proj"]
+    assert {delta.key for delta in found} == set(DELTAS)
+
+
+def test_full_deltas_of_an_original_module_go_through_the_hook(tiny, tmp_path):
+    """A fused original projection's ``.diff`` / ``.diff_b`` are cut like its pair's ``B`` / ``β``
+    (``B = Δ``, ``A = I``): the same weights as the three diffusers modules' deltas."""
+    folder, _ = tiny
+    rng = np.random.default_rng(15)
+    diff, diff_b = (0.3 * rng.standard_normal((48, 16))).astype(np.float32), rng.standard_normal(48).astype(np.float32)
+    fused = {"diffusion_model.joint_blocks.1.x_block.attn.qkv.diff": diff,
+             "lora_unet_joint_blocks_1_x_block_attn_qkv.diff_b": diff_b}  # ComfyUI and kohya names alike
+    split = {}
+    for k, x in enumerate("qkv"):
+        split[f"transformer_blocks.1.attn.to_{x}.diff"] = diff[16 * k:16 * (k + 1)]
+        split[f"transformer_blocks.1.attn.to_{x}.diff_b"] = diff_b[16 * k:16 * (k + 1)]
+    layout = _sai_qkv_layout(2)
+    ours = _merged(folder, _save(tmp_path, "fused", fused), -0.4, original=layout)
+    assert _changed(_merged(folder, _save(tmp_path, "split", split), -0.4), ours) == set()
+    assert len(_changed(_params(_transformer(folder)), ours)) == 6
+
+    changes_a = OriginalLayout(layout.modules, lambda layer: [piece._replace(down=piece.down[:, :8])
+                                                               for piece in layout.to_diffusers(layer)])
+    with pytest.raises(ValueError, match=r"full deltas that the SD3 transformer's original-layout conversion cannot "
+                                         r"carry \(it changes A or drops the bias\) "
+                                         r"\['diffusion_model.joint_blocks.1.x_block.attn.qkv'"):
+        _merged(folder, _save(tmp_path, "fused", fused), 1.0, original=changes_a)
+
+
+def test_bf16_pairs_and_full_deltas_of_one_parameter_round_once(tiny, tmp_path):
+    """Two files in one call — a pair and a ``.diff`` for ``to_q``, an up bias and a ``.diff_b``
+    for its bias — give ``bf16(f32(P) + f32(s₁·f·B A) + f32(s₂·Δ))``."""
+    folder, shapes = tiny
+    module = "transformer_blocks.0.attn.to_q"
+    down, up = _pairs(shapes, seed=16, ranks={module: 4}, dtype=ml_dtypes.bfloat16)[module]
+    rng = np.random.default_rng(17)
+    beta, diff, diff_b = (rng.standard_normal(shape).astype(ml_dtypes.bfloat16) for shape in ((16,), (16, 16), (16,)))
+    first = _save(tmp_path, "pair", {f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up,
+                                     f"{module}.lora_B.bias": beta, f"{module}.alpha": np.asarray(2.0, np.float32)})
+    second = _save(tmp_path, "deltas", {f"transformer.{module}.diff": diff, f"{module}.diff_b": diff_b})
+    model = _transformer(folder, dtype=jnp.bfloat16)
+    before = _params(model)
+    assert merge_lora(model, weight_map, [(first, 0.3), (second, -0.7)], what=WHAT) == 1
+    after = _params(model)
+    f32 = np.float32
+    for key, terms in ((f"{module}.weight", [f32(0.3 * 2 / 4) * (up.astype(f32) @ down.astype(f32)),
+                                             f32(-0.7) * diff.astype(f32)]),
+                       (f"{module}.bias", [f32(0.3 * 2 / 4) * beta.astype(f32), f32(-0.7) * diff_b.astype(f32)])):
+        ours, transform = weight_map.to_ours(key)
+        expected = (before[ours].astype(f32) + transform.apply(terms[0] + terms[1])).astype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(after[ours], expected, err_msg=key)
+        twice = (before[ours].astype(f32) + transform.apply(terms[0]).astype(ml_dtypes.bfloat16).astype(f32))
+        twice = (twice.astype(ml_dtypes.bfloat16).astype(f32) + transform.apply(terms[1])).astype(ml_dtypes.bfloat16)
+        assert np.any(twice != expected)  # the test tells one rounding from one per file
 
 
 #: Run with four fake CPU devices: merge into a transformer split over them and into an unsplit one.
@@ -337,6 +453,12 @@ def _bad_tensors(case, shapes):
         "kohya name of a norm": ({"lora_unet_transformer_blocks_0_attn_norm_q.lora_down.weight": a[:, :8],
                                   "lora_unet_transformer_blocks_0_attn_norm_q.lora_up.weight": b[:8]}, None),
         "original layout": ({f"{sai}.lora_A.weight": a, f"{sai}.lora_B.weight": np.tile(b, (3, 1))}, None),
+        "delta naming no parameter": ({"transformer.transformer_blocks.0.attn.norm_q.diff": a[0]}, None),
+        "delta of a wrong shape": ({"transformer.pos_embed.proj.diff": np.zeros((16, 16, 3, 3), np.float32)}, None),
+        "delta without a hook": ({f"{sai}.diff_b": np.zeros(48, np.float32)}, None),
+        "pair and bias delta": ({f"{q}.lora_A.weight": a, f"{q}.lora_B.weight": b, f"{q}.lora_B.bias": b[:, 0],
+                                 f"{q}.diff_b": b[:, 0]}, None),
+        "delta not floating": ({"transformer.pos_embed.pos_embed.diff": np.zeros((1, 256, 16), np.int64)}, None),
         "metadata rank": ({}, {"lora_adapter_metadata": json.dumps({"transformer.r": 8, "transformer.lora_alpha": 8})}),
         "DoRA": ({}, {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.use_dora": True})}),
     }[case]
@@ -354,6 +476,16 @@ MESSAGES = {
     "two pairs for a layer": "layers with more than one pair in the file ['transformer_blocks.1.attn.to_q']",
     "kohya name of a norm": "no linear layer of the SD3 transformer ['lora_unet_transformer_blocks_0_attn_norm_q']",
     "original layout": "original-layout pairs (diffusion_model.*), which the SD3 transformer has no conversion for",
+    "delta naming no parameter": "full deltas naming no parameter of the SD3 transformer "
+                                 "['transformer.transformer_blocks.0.attn.norm_q.diff']",
+    "delta of a wrong shape": "'transformer.pos_embed.proj.diff': the delta has shape (16, 16, 3, 3), but "
+                              "pos_embed.proj.weight is (16, 16, 2, 2)",
+    "delta without a hook": "original-layout full deltas (diffusion_model.*), which the SD3 transformer has no "
+                            "conversion for ['diffusion_model.joint_blocks.0.x_block.attn.qkv.diff_b']",
+    "pair and bias delta": "['transformer_blocks.1.attn.to_q.bias' "
+                           "('transformer.transformer_blocks.1.attn.to_q.diff_b' and the pair "
+                           "'transformer.transformer_blocks.1.attn.to_q')]",
+    "delta not floating": "(an alpha may be an integer) ['transformer.pos_embed.pos_embed.diff' (int64)]",
     "metadata rank": "the metadata gives rank 8, A has 4 rows",
     "DoRA": "use_dora (DoRA is not supported)",
 }

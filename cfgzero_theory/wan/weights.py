@@ -87,17 +87,24 @@ def wan_model_fn(model):
     """A ``model_fn(params, x, sigma, timestep, context)`` for :func:`~cfgzero_theory.sampling.sample_flow`.
 
     ``model`` is a :class:`WanTransformer` (or its ``nnx.GraphDef``); ``context`` is ``(text,)``
-    for T2V or ``(text, image)`` for I2V; ``x`` the transformer's input (for I2V the pipeline
-    supplies the mask and conditioning channels).  The timestep is handed over as the scheduler
-    gives it (Wan's UniPC: integer-valued ``σ·1000``), broadcast to the batch.
+    for T2V or ``(text, image, condition)`` for I2V, where ``condition`` ``(B, C_cond, F, H, W)``
+    (the mask and conditioning-latent channels) is concatenated after ``x`` along the channels.
+    The transformer's input is cast to the text embeddings' dtype (the pipelines hand them over
+    in the weights' dtype, so latents stay float32 outside the network, as diffusers keeps
+    them).  The timestep is handed over as the scheduler gives it (Wan's UniPC: integer-valued
+    ``σ·1000``), broadcast to the batch.
     """
     graphdef = module_graphdef(model, WanTransformer)
 
     def model_fn(params, x, sigma, timestep, context):
         del sigma  # Wan is conditioned on the timestep only
+        text, *image_and_condition = context
+        image, condition = image_and_condition if image_and_condition else (None, None)
+        if condition is not None:
+            x = jnp.concatenate([x, condition.astype(x.dtype)], axis=1)
         transformer = nnx.merge(graphdef, params)
         timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (x.shape[0],))
-        return transformer(x, timestep, *context)
+        return transformer(x.astype(text.dtype), timestep, text, image)
 
     return model_fn
 
@@ -106,26 +113,44 @@ def original_layout(config: WanConfig) -> OriginalLayout:
     """The :class:`~cfgzero_theory.ports.lora.OriginalLayout` of Wan for ``config``: every original
     linear module is one diffusers module (``self_attn`` → ``attn1``, ``cross_attn`` → ``attn2``,
     ``o`` → ``to_out.0``, ``k_img``/``v_img`` → ``add_k_proj``/``add_v_proj``, ``ffn.0``/``ffn.2`` →
-    ``ffn.net.0.proj``/``ffn.net.2``, and the embedders and head by name).  Image modules exist
-    only for I2V models, so a T2V LoRA on an I2V model leaves the image branch untouched and an
-    I2V LoRA on a T2V model is refused by name."""
+    ``ffn.net.0.proj``/``ffn.net.2``, and the embedders and head by name).  Its other parameters
+    (``params``, for full deltas: ComfyUI's ``.diff`` / ``.diff_b``) are one diffusers parameter
+    each, in the same layout, as diffusers' conversion renames them: the attention norms
+    ``norm_q``/``norm_k`` (``norm_k_img`` → ``attn2.norm_added_k``), the affine cross-attention
+    norm ``norm3`` → ``norm2`` (the original's ``norm1``/``norm2`` have no parameters),
+    ``modulation`` → ``scale_shift_table`` (a block's; ``head.modulation`` the output's),
+    ``patch_embedding`` and the image embedder's norms ``img_emb.proj.0``/``.4`` →
+    ``norm1``/``norm2``.  Image modules exist only for I2V models, so a T2V LoRA on an I2V model
+    leaves the image branch untouched and an I2V LoRA on a T2V model is refused by name."""
     table = {"text_embedding.0": "condition_embedder.text_embedder.linear_1",
              "text_embedding.2": "condition_embedder.text_embedder.linear_2",
              "time_embedding.0": "condition_embedder.time_embedder.linear_1",
              "time_embedding.2": "condition_embedder.time_embedder.linear_2",
              "time_projection.1": "condition_embedder.time_proj",
              "head.head": "proj_out"}
+    params = {"patch_embedding.weight": "patch_embedding.weight", "patch_embedding.bias": "patch_embedding.bias",
+              "head.modulation": "scale_shift_table"}
     if config.image_to_video:
         table |= {"img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
                   "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2"}
+        params |= {f"img_emb.proj.{o}.{p}": f"condition_embedder.image_embedder.{d}.{p}"
+                   for o, d in (("0", "norm1"), ("4", "norm2")) for p in ("weight", "bias")}
     attention = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0"}
     image = {"k_img": "add_k_proj", "v_img": "add_v_proj"} if config.image_to_video else {}
+    norms = {"norm_q": "norm_q", "norm_k": "norm_k"} if config.qk_norm else {}
+    image_norm = {"norm_k_img": "norm_added_k"} if config.qk_norm and config.image_to_video else {}
     for i in range(config.num_layers):
         table |= {f"blocks.{i}.self_attn.{o}": f"blocks.{i}.attn1.{d}" for o, d in attention.items()}
         table |= {f"blocks.{i}.cross_attn.{o}": f"blocks.{i}.attn2.{d}" for o, d in {**attention, **image}.items()}
         table |= {f"blocks.{i}.ffn.0": f"blocks.{i}.ffn.net.0.proj", f"blocks.{i}.ffn.2": f"blocks.{i}.ffn.net.2"}
+        params[f"blocks.{i}.modulation"] = f"blocks.{i}.scale_shift_table"
+        params |= {f"blocks.{i}.self_attn.{o}.weight": f"blocks.{i}.attn1.{d}.weight" for o, d in norms.items()}
+        params |= {f"blocks.{i}.cross_attn.{o}.weight": f"blocks.{i}.attn2.{d}.weight"
+                   for o, d in {**norms, **image_norm}.items()}
+        if config.cross_attn_norm:
+            params |= {f"blocks.{i}.norm3.{p}": f"blocks.{i}.norm2.{p}" for p in ("weight", "bias")}
 
     def to_diffusers(layer: LoraLayer) -> list[LoraLayer]:
         return [layer._replace(module=table[layer.module])]
 
-    return OriginalLayout(frozenset(table), to_diffusers)
+    return OriginalLayout(frozenset(table), to_diffusers, params)
