@@ -6,10 +6,11 @@ has the same call, ``pipe(prompts, negative_prompts=None, guidance=KIND, scale=,
 zero_init_steps=, num_steps=, height=, width=, seed=, latents=) -> (latents, images)``, with
 the guidance kinds of :func:`cfgzero_theory.guidance.make_rule`.
 
-Ported today (:data:`PIPELINES`): ``StableDiffusion3Pipeline`` (SD3 and SD3.5) and
-``FluxPipeline`` (FLUX.1 dev and schnell).  Wan2.1 and Lumina-Next are planned; their folders,
-like any other class, are refused with a ``ValueError`` naming the class and listing what is
-supported.
+Ported today (:data:`PIPELINES`): ``StableDiffusion3Pipeline`` (SD3 and SD3.5),
+``FluxPipeline`` (FLUX.1 dev and schnell), ``WanPipeline`` and ``WanImageToVideoPipeline``
+(Wan2.1; both are :class:`cfgzero_theory.wan.pipeline.WanPipeline`, which also takes ``image=``
+and ``num_frames=`` and returns videos).  Lumina-Next is planned; its folders, like any other
+class, are refused with a ``ValueError`` naming the class and listing what is supported.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ __all__ = ["PIPELINES", "RANDOM_BUILDERS", "build_random", "from_pretrained", "p
 PIPELINES = {
     "StableDiffusion3Pipeline": "cfgzero_theory.sd3.pipeline:SD3Pipeline",
     "FluxPipeline": "cfgzero_theory.flux.pipeline:FluxPipeline",
+    "WanPipeline": "cfgzero_theory.wan.pipeline:WanPipeline",
+    "WanImageToVideoPipeline": "cfgzero_theory.wan.pipeline:WanPipeline",
 }
 
 #: model name → ``"module:function"`` building a random diffusers checkpoint of that model.
 RANDOM_BUILDERS = {
     "sd3": "cfgzero_theory.sd3.tiny:build_random_pipeline",
     "flux": "cfgzero_theory.flux.tiny:build_random_pipeline",
+    "wan": "cfgzero_theory.wan.tiny:build_random_pipeline",
 }
 
 

@@ -186,9 +186,12 @@ def check_source(parser, args) -> None:
         name = pipeline_class_name(args.checkpoint)
     except ValueError as err:
         usage_error(parser, f"--checkpoint: {err}")
+    if name in PIPELINES and name not in MODELS:
+        usage_error(parser, f"--checkpoint {args.checkpoint!r} is a {name} folder, a video model: sample it with "
+                    "python -m experiments.sample_video")
     if name not in PIPELINES:
         usage_error(parser, f"--checkpoint {args.checkpoint!r} is a {name} folder, which is not ported; supported: "
-                    f"{sorted(PIPELINES)}")
+                    f"{sorted(MODELS)}")
     if args.model is not None and args.model != MODELS[name]:
         usage_error(parser, f"--model {args.model}: --checkpoint {args.checkpoint!r} is a {name} folder "
                     f"({MODELS[name]}); leave --model out")

@@ -107,7 +107,10 @@ BAD = [
     (["--tiny-random", "--checkpoint", "{checkpoint}"], "give exactly one of --checkpoint DIR and --tiny-random"),
     (["--checkpoint", "{tmp}/missing"], "is not a folder"),
     (["--checkpoint", "{tmp}"], "has no model_index.json"),
-    (["--checkpoint", "{wan}"], "is a WanPipeline folder, which is not ported"),
+    (["--checkpoint", "{wan}"], "is a WanPipeline folder, a video model: sample it with python -m "
+                                 "experiments.sample_video"),
+    (["--checkpoint", "{lumina}"], "is a LuminaPipeline folder, which is not ported; supported: ['FluxPipeline', "
+                                    "'StableDiffusion3Pipeline']"),
     (["--checkpoint", "{checkpoint}", "--model", "flux"], "is a StableDiffusion3Pipeline folder (sd3); leave --model"),
     (["--tiny-random", "--model", "flux", "--guidance", "cfg"], "--guidance cfg is true CFG: give Flux a --negative"),
     (["--tiny-random", "--model", "flux", "--scale", "3"], "--scale is Flux's true-CFG scale"),
@@ -147,7 +150,10 @@ def test_bad_arguments_exit_2_with_one_line_before_any_build(argv, message, no_b
     wan = tmp_path / "wan"
     wan.mkdir()
     (wan / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
-    fill = {"tmp": tmp_path, "checkpoint": checkpoint, "wan": wan}
+    lumina = tmp_path / "lumina"
+    lumina.mkdir()
+    (lumina / "model_index.json").write_text(json.dumps({"_class_name": "LuminaPipeline"}))
+    fill = {"tmp": tmp_path, "checkpoint": checkpoint, "wan": wan, "lumina": lumina}
     argv = [arg.format(**fill) for arg in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]

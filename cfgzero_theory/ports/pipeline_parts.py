@@ -3,10 +3,12 @@
 * :func:`read_json` ``(path, what)`` — a JSON file, or a ``ValueError`` naming ``what``;
 * :func:`pipeline_components` ``(folder, what, classes, required, optional)`` — the component
   subfolders a ``model_index.json`` lists, checked;
-* :func:`load_tokenizer` ``(folder)`` and :func:`token_ids` ``(tokenizer, prompts, length)``;
+* :func:`load_tokenizer` ``(folder)``, :func:`token_ids` ``(tokenizer, prompts, length)`` and
+  :func:`tokens_and_mask` (the same with the attention mask);
 * :func:`as_prompt_list` ``(prompts, what)``;
-* :func:`encode_tokens` ``(encoder, token_ids, **static)`` — an encoder call as one compiled
-  program (one compile per encoder structure, token shape and static options);
+* :func:`encode_tokens` ``(encoder, *arrays, **static)`` — an encoder call (token ids, and e.g.
+  an attention mask) as one compiled program (one compile per encoder structure, array shapes
+  and static options);
 * :func:`initial_noise` ``(seed, shape, dtype)`` — the pipelines' ``N(0, I)`` draw;
 * :func:`to_uint8` ``(images)`` and :func:`save_png` ``(images, path)``;
 * :func:`save_video` ``(videos, path, fps=16)`` — MP4 (H.264 through imageio's own ffmpeg
@@ -20,6 +22,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from cfgzero_theory.files import atomic_write_bytes
 from cfgzero_theory.validation import check_int, check_real
 
 __all__ = ["VIDEO_SUFFIXES", "as_prompt_list", "encode_tokens", "initial_noise", "load_tokenizer",
-           "pipeline_components", "read_json", "save_png", "save_video", "to_uint8", "token_ids"]
+           "pipeline_components", "read_json", "save_png", "save_video", "to_uint8", "token_ids", "tokens_and_mask"]
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
@@ -82,10 +85,18 @@ def load_tokenizer(folder: str | os.PathLike):
     return AutoTokenizer.from_pretrained(os.fspath(folder))
 
 
+def tokens_and_mask(tokenizer, prompts: list[str], length: int) -> tuple[jax.Array, jax.Array]:
+    """``prompts`` tokenised, padded to and truncated at ``length``: ids and attention mask (1 at
+    real tokens, 0 at padding), both ``(B, length)`` int32."""
+    tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_attention_mask=True,
+                       return_tensors="np")
+    return (jnp.asarray(np.asarray(tokens["input_ids"]), jnp.int32),
+            jnp.asarray(np.asarray(tokens["attention_mask"]), jnp.int32))
+
+
 def token_ids(tokenizer, prompts: list[str], length: int) -> jax.Array:
     """``prompts`` tokenised, padded to and truncated at ``length``: ``(B, length)`` int32."""
-    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np")
-    return jnp.asarray(np.asarray(ids["input_ids"]), jnp.int32)
+    return tokens_and_mask(tokenizer, prompts, length)[0]
 
 
 def as_prompt_list(prompts, what: str) -> list[str]:
@@ -97,14 +108,15 @@ def as_prompt_list(prompts, what: str) -> list[str]:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _encode_jit(graphdef, state, ids, static):
-    return nnx.merge(graphdef, state)(ids, **dict(static))
+def _encode_jit(graphdef, state, arrays, static):
+    return nnx.merge(graphdef, state)(*arrays, **dict(static))
 
 
-def encode_tokens(encoder: nnx.Module, ids, **static):
-    """``encoder(ids, **static)`` as a compiled program (``static``: hashable keyword options)."""
+def encode_tokens(encoder: nnx.Module, *arrays, **static):
+    """``encoder(*arrays, **static)`` as a compiled program: ``arrays`` are traced (token ids, an
+    attention mask, pixels), ``static`` are hashable keyword options."""
     graphdef, state = nnx.split(encoder)
-    return _encode_jit(graphdef, state, ids, tuple(sorted(static.items())))
+    return _encode_jit(graphdef, state, arrays, tuple(sorted(static.items())))
 
 
 def initial_noise(seed: int, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
@@ -163,7 +175,10 @@ def save_video(videos, path: str | os.PathLike, fps: float = 16) -> str:
         return atomic_write_bytes(path, buffer.getvalue())
     if frames.shape[1] % 2 or frames.shape[2] % 2:
         raise ValueError(f"an MP4 (yuv420p) needs an even height and width, got {frames.shape[1]}×{frames.shape[2]}")
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        # imageio-ffmpeg starts ffmpeg with subprocess, whose fork is followed at once by exec in C:
+        # no Python (and no JAX) runs in the child, so JAX's warning about forking does not apply.
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
         scratch = os.path.join(folder, "video.mp4")
         with imageio.get_writer(scratch, format="FFMPEG", fps=fps, codec="libx264", quality=8,
                                 pixelformat="yuv420p", macro_block_size=1) as writer:
