@@ -1,7 +1,9 @@
-"""Our JAX SD3 (or Flux) pipeline against diffusers' PyTorch pipeline, same weights.
+"""Our JAX SD3 (or Flux, or Wan2.1) pipeline against diffusers' PyTorch pipeline, same weights.
 
     python -m experiments.bench_pipeline                         # tiny,mid on CPU; tiny,mid,medium on a GPU
     python -m experiments.bench_pipeline --model flux --config mid   # FluxPipeline (experiments.bench_flux)
+    python -m experiments.bench_pipeline --model wan --config mid    # Wan2.1 T2V (experiments.bench_wan)
+    python -m experiments.bench_pipeline --model wan --config 1.3b --device gpu --dtype bfloat16 --steps 50
     python -m experiments.bench_pipeline --config mid --steps 4 --repeats 1
     python -m experiments.bench_pipeline --config medium --device gpu --dtype bfloat16
     python -m experiments.bench_pipeline --quick --out /tmp/bench.json   # tiny, 2 steps, 1 repeat (tests)
@@ -47,6 +49,16 @@ precision on both sides (``jax_default_matmul_precision="highest"``, torch TF32 
 ``tf32`` allows TF32 on both.  ``medium`` needs ~20 GB and is refused on a CPU unless
 ``--allow-cpu-medium``.
 
+Wan2.1 (``--model wan``, :mod:`experiments.bench_wan`; sizes ``tiny``, ``mid`` and ``1.3b`` of
+:data:`cfgzero_theory.wan.tiny.PIPELINE_SIZES`, text-to-video, each at its ``video_size``):
+the same sections on videos, plain CFG at scale 5 (CFG-Zero* with ``K = 2`` timed apart), UMT5
+prompts of 512 tokens (``--max-sequence-length`` must be 512 or left out for Wan: other values
+are refused), float32 latents whatever ``--dtype``, diffusers' loop making two transformer
+calls of ``B`` per step where ours makes one of ``2B``, and ``decode_memory`` on a GPU.  The paper
+samples Wan with 50 steps: pass ``--steps 50`` (the default stays 28).  ``1.3b`` (Wan2.1 T2V
+1.3B's transformer and VAE at 81 frames of 480×832) is refused on a CPU unless
+``--allow-cpu-medium``.
+
 FLOPs of one step: ``transformer_step_flops`` counted from the architecture
 (:func:`cfgzero_theory.sd3.flops.mmdit_step_flops`; ``achieved_tflops`` divides it by the
 step medians) and ``transformer_step_flops_xla``, XLA's cost analysis of our step compiled with
@@ -87,11 +99,17 @@ from experiments.bench_common import (  # noqa: E402
 )
 from experiments.bench_flux import DEFINITIONS as FLUX_DEFINITIONS  # noqa: E402
 from experiments.bench_flux import bench_flux_config  # noqa: E402
+from experiments.bench_wan import DEFINITIONS as WAN_DEFINITIONS  # noqa: E402
+from experiments.bench_wan import MAX_SEQUENCE_LENGTH as WAN_MAX_SEQUENCE_LENGTH  # noqa: E402
+from experiments.bench_wan import SETTINGS as WAN_SETTINGS  # noqa: E402
+from experiments.bench_wan import bench_wan_config  # noqa: E402
 
 CONFIGS = ("tiny", "mid", "medium")
 #: Flux sizes (:data:`cfgzero_theory.flux.tiny.PIPELINE_SIZES`); ``dev`` is FLUX.1-dev's transformer.
 FLUX_CONFIGS = ("tiny", "mid", "dev")
-LARGE = {"sd3": "medium", "flux": "dev"}
+#: Wan2.1 T2V sizes (:data:`cfgzero_theory.wan.tiny.PIPELINE_SIZES`); ``1.3b`` is Wan2.1 T2V 1.3B at 480p.
+WAN_CONFIGS = ("tiny", "mid", "1.3b")
+LARGE = {"sd3": "medium", "flux": "dev", "wan": "1.3b"}
 PROMPT = "a photo of a cat"
 GUIDANCE_SCALE = 4.0
 ZERO_INIT_STEPS = 1
@@ -360,10 +378,10 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
 
 
 def bench_config(name: str, args, torch, device: str, torch_device: str, jax_device, model: str = "sd3") -> dict:
-    """:func:`_bench_config` (Flux: :func:`experiments.bench_flux.bench_flux_config`), then free
-    both pipelines and the compiled programs (all locals of the measurement are gone once it
-    returns) before the next configuration."""
-    measure = bench_flux_config if model == "flux" else _bench_config
+    """:func:`_bench_config` (Flux: :func:`experiments.bench_flux.bench_flux_config`, Wan:
+    :func:`experiments.bench_wan.bench_wan_config`), then free both pipelines and the compiled
+    programs (all locals of the measurement are gone once it returns) before the next configuration."""
+    measure = {"sd3": _bench_config, "flux": bench_flux_config, "wan": bench_wan_config}[model]
     try:
         return measure(name, args, torch, device, torch_device, jax_device)
     finally:
@@ -401,13 +419,15 @@ def table(results: list[dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.bench_pipeline",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("sd3", "flux"), default="sd3",
-                   help="the pipeline: sd3 (CFG on the doubled batch) or flux (FLUX.1-dev's distilled guidance, "
-                   "one branch; experiments.bench_flux) (default: sd3)")
+    p.add_argument("--model", choices=("sd3", "flux", "wan"), default="sd3",
+                   help="the pipeline: sd3 (CFG on the doubled batch), flux (FLUX.1-dev's distilled guidance, "
+                   "one branch; experiments.bench_flux) or wan (Wan2.1 text-to-video, CFG scale 5; "
+                   "experiments.bench_wan) (default: sd3)")
     p.add_argument("--config", action="append", default=None,
-                   help=f"pipeline size(s): sd3 {CONFIGS}, flux {FLUX_CONFIGS}; repeat or comma-separate "
-                   "(default tiny,mid on a CPU, and the large one on a GPU)")
-    p.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
+                   help=f"pipeline size(s): sd3 {CONFIGS}, flux {FLUX_CONFIGS}, wan {WAN_CONFIGS}; repeat or "
+                   "comma-separate (default tiny,mid on a CPU, and the large one on a GPU)")
+    p.add_argument("--steps", type=int, default=28,
+                   help="denoising steps (default 28; the paper samples Wan with 50)")
     p.add_argument("--batch", type=int, default=1, help="prompts per call, B (the transformer sees 2B)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of whole-pipeline sections (default 3)")
     p.add_argument("--step-repeats", type=int, default=10, help="timed single transformer calls (default 10)")
@@ -415,10 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--fp32-matmul", choices=("highest", "tf32"), default="highest",
                    help="float32 matmul precision on both sides (GPU only matters; default highest)")
-    p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256, as SD3)")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="T5 tokens (default 256, as SD3, for sd3 and flux; wan: UMT5's 512, the only value "
+                   "accepted)")
     p.add_argument("--seed", type=int, default=0, help="weights and initial latents seed")
     p.add_argument("--allow-cpu-medium", action="store_true",
-                   help="allow the large config (sd3 medium, flux dev) on a CPU (~20 GB / ~50 GB)")
+                   help="allow the large config (sd3 medium, flux dev, wan 1.3b) on a CPU (~20 GB / ~50 GB / "
+                   "hours)")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="also write the JSON report to this file (default: stdout only, its last line)")
     p.add_argument("--no-compilation-cache", action="store_true",
@@ -431,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_configs(values, device: str, model: str = "sd3") -> list[str]:
     if not values:
         return ["tiny", "mid"] + ([LARGE[model]] if device == "gpu" else [])
-    known = CONFIGS if model == "sd3" else FLUX_CONFIGS
+    known = {"sd3": CONFIGS, "flux": FLUX_CONFIGS, "wan": WAN_CONFIGS}[model]
     names = [n.strip() for v in values for n in v.split(",") if n.strip()]
     bad = [n for n in names if n not in known]
     if bad or not names:
@@ -448,6 +471,12 @@ def run(args) -> dict:
         raise ValueError(f"bench_pipeline needs torch and diffusers: {err}") from None
     if args.quick:
         args.config, args.steps, args.repeats, args.step_repeats = ["tiny"], 2, 1, 2
+    if args.max_sequence_length is None:
+        args.max_sequence_length = WAN_MAX_SEQUENCE_LENGTH if args.model == "wan" else 256
+    if args.model == "wan" and args.max_sequence_length != WAN_MAX_SEQUENCE_LENGTH:
+        raise ValueError(f"--model wan encodes prompts to {WAN_MAX_SEQUENCE_LENGTH} UMT5 tokens (Wan2.1's text "
+                         f"length); leave --max-sequence-length out or pass {WAN_MAX_SEQUENCE_LENGTH}, "
+                         f"got {args.max_sequence_length}")
     for name in ("steps", "batch", "repeats", "step_repeats", "max_sequence_length"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
@@ -508,6 +537,9 @@ def run(args) -> dict:
     }
     if args.model == "flux":
         report["definitions"].update(FLUX_DEFINITIONS)
+    if args.model == "wan":
+        report["definitions"].update(WAN_DEFINITIONS)
+        report["settings"].update(WAN_SETTINGS)
     print(table(results), flush=True)
     if args.out is not None:
         write_json(args.out, report)

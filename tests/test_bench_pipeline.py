@@ -125,3 +125,60 @@ def test_bench_pipeline_flux_quick_reports_and_agrees(torch, diffusers, tmp_path
     with pytest.raises(ValueError, match="for --model flux"):
         bench_pipeline.parse_configs(["medium"], "cpu", "flux")
     assert bench_pipeline.parse_configs(None, "gpu", "flux") == ["tiny", "mid", "dev"]
+
+
+def test_bench_pipeline_wan_quick_reports_and_agrees(torch, diffusers, tmp_path, capsys):
+    """``--model wan --quick``: Wan2.1 text-to-video against diffusers' WanPipeline (tiny, 2 steps)."""
+    from experiments import bench_pipeline
+
+    out = tmp_path / "wan.json"
+    returned = bench_pipeline.main(["--model", "wan", "--quick", "--device", "cpu", "--no-compilation-cache",
+                                    "--out", str(out)])
+    report = last_line_report(capsys.readouterr().out, "bench_pipeline")
+    assert report == returned == strict_loads(out.read_text())
+    settings = report["settings"]
+    assert settings["model"] == "wan" and settings["configs"] == ["tiny"] and settings["steps"] == 2
+    assert settings["max_sequence_length"] == 512 and settings["guidance_scale"] == 5.0
+    assert settings["zero_init_steps"] == 2 and settings["paper_steps"] == 50
+    assert "UMT5" in report["definitions"]["encode"] and "2B" in report["definitions"]["step"]
+    [tiny] = report["configs"]
+    assert tiny["model"] == "wan" and tiny["batch"] == 1 and tiny["model_batch"] == 2
+    assert tiny["video_size"] == [9, 32, 48] and tiny["latent_shape"] == [1, 16, 3, 4, 6]
+    assert tiny["video_tokens"] == 3 * 2 * 3 and tiny["text_tokens"] == 512 and tiny["flow_shift"] == 3.0
+    assert tiny["transformer_params"] > 0
+    for section in SECTIONS:
+        for side in ("ours", "diffusers"):
+            timing = tiny[side][section]
+            assert positive(timing["median_s"]) and timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+        assert math.isclose(tiny["ratios_diffusers_over_ours"][section],
+                            tiny["diffusers"][section]["median_s"] / tiny["ours"][section]["median_s"])
+        assert math.isclose(tiny["ours"]["loop_per_step"]["median_s"], tiny["ours"]["denoise"]["median_s"] / 2)
+    for key in ("compile_s", "compile_cfg_zero_star_s"):
+        assert positive(tiny["ours"][key])
+    for key in ("end_to_end_cfg_zero_star", "denoise_cfg_zero_star", "loop_per_step_cfg_zero_star"):
+        assert positive(tiny["ours"][key]["median_s"])
+    assert positive(tiny["diffusers"]["first_call_s"])
+    e2e_zero = tiny["ours"]["end_to_end_cfg_zero_star"]["median_s"]
+    assert math.isclose(tiny["ratios_diffusers_over_ours"]["end_to_end_vs_ours_cfg_zero_star"],
+                        tiny["diffusers"]["end_to_end"]["median_s"] / e2e_zero)
+    memory = tiny["decode_memory"]  # not measurable on a CPU
+    assert memory["ours_peak_bytes"] is None and memory["diffusers_peak_bytes"] is None and "CPU" in memory["note"]
+    agree = tiny["agreement"]
+    assert agree["final_latents"]["finite"] and agree["videos"]["finite"]
+    assert agree["ours_cfg_zero_star_latents_finite"] is True
+    assert agree["final_latents"]["relative"] <= 1e-3, agree  # float32 on a CPU, like for like
+    assert agree["videos"]["relative"] <= 1e-3, agree
+    with pytest.raises(ValueError, match="for --model wan"):
+        bench_pipeline.parse_configs(["medium"], "cpu", "wan")
+    assert bench_pipeline.parse_configs(None, "gpu", "wan") == ["tiny", "mid", "1.3b"]
+
+
+def test_bench_pipeline_wan_refuses_other_sequence_lengths_and_1_3b_on_cpu(torch, diffusers, capsys):
+    from experiments import bench_pipeline
+
+    for argv, message in ((["--max-sequence-length", "256"], "512 UMT5 tokens"),
+                          (["--config", "1.3b", "--device", "cpu"], "--config 1.3b needs")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_pipeline.main(["--model", "wan", "--no-compilation-cache", *argv])
+        assert exit_info.value.code == 2, argv
+        assert message in capsys.readouterr().err, argv
