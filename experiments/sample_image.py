@@ -349,8 +349,10 @@ def silence_library_logging(stack: contextlib.ExitStack, logging_module) -> None
     logging_module.disable_progress_bar()
 
 
-def load_pipeline(args):
-    """``--checkpoint`` loaded, or the tiny random pipeline built (quietly) into a temporary folder and loaded."""
+def load_pipeline(args, model: str, size: str = "tiny"):
+    """``--checkpoint`` loaded with ``--dtype``, or (``--tiny-random``) the random pipeline of
+    ``model`` and ``size`` (:func:`cfgzero_theory.pipelines.build_random`) built quietly into a
+    temporary folder and loaded."""
     import jax.numpy as jnp
 
     from cfgzero_theory import pipelines
@@ -360,7 +362,7 @@ def load_pipeline(args):
         return pipelines.from_pretrained(args.checkpoint, dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
         with quiet_hugging_face():
-            pipelines.build_random(args.model, tmp, seed=args.seed)
+            pipelines.build_random(model, tmp, size, seed=args.seed)
             return pipelines.from_pretrained(tmp, dtype=dtype)
 
 
@@ -415,7 +417,7 @@ def run(args) -> list[str]:
 
     if args.tiny_random:
         announce(TINY_NOTE.format(model={"sd3": "SD3", "flux": "Flux"}[args.model]))
-    pipe = load_pipeline(args)
+    pipe = load_pipeline(args, args.model)
     for path, scale in args.lora:
         changed = pipe.load_lora(path, scale)
         announce(f"merged {path} (scale {scale:g}) into {changed} layers")

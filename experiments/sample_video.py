@@ -33,7 +33,7 @@ import numpy as np
 
 from experiments._common import (OneLineErrorParser, announce, default_out, outputs_line, prepare_output_dir,
                                  run_or_exit, usage_error)
-from experiments.sample_image import check_loras, quiet_hugging_face
+from experiments.sample_image import check_loras, load_pipeline
 
 PROG = "python -m experiments.sample_video"
 DEFAULT_OUT = default_out("sample_video")
@@ -197,23 +197,6 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- running
 
 
-def load_pipeline(args):
-    """``--checkpoint`` loaded, or the tiny random pipeline built (quietly) into a temporary folder and loaded."""
-    import tempfile
-
-    import jax.numpy as jnp
-
-    from cfgzero_theory import pipelines
-
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
-    if not args.tiny_random:
-        return pipelines.from_pretrained(args.checkpoint, dtype=dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        with quiet_hugging_face():
-            pipelines.build_random("wan", tmp, TINY_SIZES[args.model], seed=args.seed)
-            return pipelines.from_pretrained(tmp, dtype=dtype)
-
-
 def generated_first_frame(height: int, width: int) -> np.ndarray:
     """A smooth colour ramp ``(H, W, 3)`` in ``[0, 1]``: the tiny I2V run's first frame."""
     y, x = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
@@ -278,7 +261,7 @@ def run(args) -> list[str]:
     """Load or build the pipeline, sample ``--guidance`` (and the comparison), write the videos."""
     if args.tiny_random:
         announce(TINY_NOTE.format(model={"wan-t2v": "Wan T2V", "wan-i2v": "Wan I2V"}[args.model]))
-    pipe = load_pipeline(args)
+    pipe = load_pipeline(args, "wan", TINY_SIZES[args.model])
     for path, scale in args.lora:
         changed = pipe.load_lora(path, scale)
         announce(f"merged {path} (scale {scale:g}) into {changed} layers")

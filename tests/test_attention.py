@@ -98,6 +98,22 @@ def test_default_implementation_on_this_backend():
                                            attention_implementation(q))
 
 
+def test_a_gpu_never_builds_a_score_matrix_over_the_limit(monkeypatch):
+    """The choice on a GPU (the backend name patched: the rule is a function of shapes and dtypes):
+    cuDNN for half precision; float32 takes XLA's program up to XLA_SCORE_BYTES of float32 scores
+    and the blocked one beyond, e.g. a 480p 81-frame Wan video's 32,760 tokens."""
+    from cfgzero_theory.ports.attention import XLA_SCORE_BYTES
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    video = jax.ShapeDtypeStruct((1, 32760, 12, 128), jnp.float32)
+    assert attention_implementation(jax.ShapeDtypeStruct(video.shape, jnp.bfloat16)) == "cudnn"
+    assert attention_implementation(video) == "blocked"
+    assert attention_implementation(video, key_length=512) == "xla"  # cross-attention to 512 text tokens
+    side = int((XLA_SCORE_BYTES // 4) ** 0.5)
+    assert attention_implementation(jax.ShapeDtypeStruct((1, side, 1, 64), jnp.float32)) == "xla"
+    assert attention_implementation(jax.ShapeDtypeStruct((1, side + 1, 1, 64), jnp.float32)) == "blocked"
+
+
 def test_bad_shapes_and_implementations_are_named():
     q, k, v, _ = _inputs()
     with pytest.raises(ValueError, match=r"\(B, T, H, D\)"):

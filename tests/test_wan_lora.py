@@ -3,7 +3,8 @@
 Tiny random T2V and I2V transformers are saved once per module.  Reference: diffusers'
 ``WanPipeline.lora_state_dict`` (its converters for the original / ComfyUI layout
 ``diffusion_model.blocks.N.self_attn.q.lora_A.weight`` with ``.alpha``, ``.diff`` and
-``.diff_b``, and musubi / kohya ``lora_unet_blocks_N_self_attn_q.lora_down.weight``), loaded into
+``.diff_b``, musubi / kohya ``lora_unet_blocks_N_self_attn_q.lora_down.weight``, and diffusers /
+PEFT ``transformer.blocks.N.attn1.to_q.lora_A.weight`` with ``lora_B.bias``), loaded into
 diffusers' transformer with ``load_lora_adapter`` and merged with ``fuse_lora``.  Every weight
 within ``1e-6 · max(1, max |W|)``.
 
@@ -62,15 +63,36 @@ def _modules(image: bool) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+#: Wan's original module names → diffusers', written out by hand for the diffusers / PEFT files.
+_DIFFUSERS_NAMES = {"self_attn": "attn1", "cross_attn": "attn2", "q": "to_q", "k": "to_k", "v": "to_v",
+                    "o": "to_out.0", "k_img": "add_k_proj", "v_img": "add_v_proj", "ffn.0": "ffn.net.0.proj",
+                    "ffn.2": "ffn.net.2"}
+
+
+def _diffusers_module(module: str) -> str:
+    """``blocks.0.self_attn.q`` → ``blocks.0.attn1.to_q``, ``blocks.0.ffn.0`` → ``blocks.0.ffn.net.0.proj``."""
+    block, rest = module.split(".", 2)[1], module.split(".", 2)[2]
+    if rest in _DIFFUSERS_NAMES:
+        return f"blocks.{block}.{_DIFFUSERS_NAMES[rest]}"
+    kind, name = rest.split(".")
+    return f"blocks.{block}.{_DIFFUSERS_NAMES[kind]}.{_DIFFUSERS_NAMES[name]}"
+
+
 def _file(tmp_path, form, image, seed=0):
+    """A LoRA of rank 4 on every block module: ComfyUI / musubi keys with ``.alpha``, or diffusers /
+    PEFT keys (``transformer.blocks.0.attn1.to_q.lora_A.weight``) with an up bias and no alpha."""
     rng = np.random.default_rng(seed)
     tensors = {}
     for module, (out, inp) in _modules(image).items():
-        stem = f"lora_unet_{module.replace('.', '_')}" if form == "musubi" else f"diffusion_model.{module}"
+        stem = {"musubi": f"lora_unet_{module.replace('.', '_')}", "comfyui": f"diffusion_model.{module}",
+                "diffusers": f"transformer.{_diffusers_module(module)}"}[form]
         down_up = ("lora_down", "lora_up") if form == "musubi" else ("lora_A", "lora_B")
         tensors[f"{stem}.{down_up[0]}.weight"] = (0.3 * rng.standard_normal((4, inp))).astype(np.float32)
         tensors[f"{stem}.{down_up[1]}.weight"] = (0.3 * rng.standard_normal((out, 4))).astype(np.float32)
-        tensors[f"{stem}.alpha"] = np.array(rng.choice([2.0, 4.0, 8.0]), np.float32)
+        if form == "diffusers":
+            tensors[f"{stem}.lora_B.bias"] = (0.3 * rng.standard_normal(out)).astype(np.float32)
+        else:
+            tensors[f"{stem}.alpha"] = np.array(rng.choice([2.0, 4.0, 8.0]), np.float32)
     return _save(tmp_path, form, tensors)
 
 
@@ -104,9 +126,9 @@ def _theirs(diffusers, folder, path, scale):
     return out
 
 
-@pytest.mark.parametrize("form", ["comfyui", "musubi"])
+@pytest.mark.parametrize("form", ["comfyui", "musubi", "diffusers"])
 @pytest.mark.parametrize("name", ["t2v", "i2v"])
-def test_original_and_musubi_keys_match_diffusers(peft, diffusers, folders, tmp_path, form, name):
+def test_every_key_format_matches_diffusers(peft, diffusers, folders, tmp_path, form, name):
     path = _file(tmp_path, form, image=name == "i2v")
     ours, theirs = _ours(folders[name], path, 0.8), _theirs(diffusers, folders[name], path, 0.8)
     changed = 0
@@ -115,7 +137,8 @@ def test_original_and_musubi_keys_match_diffusers(peft, diffusers, folders, tmp_
         err = float(np.max(np.abs(ours[key] - value)))
         assert err <= RTOL * max(1.0, float(np.max(np.abs(value)))), (key, err)
         changed += not np.array_equal(ours[key], base[key])
-    assert changed == len(_modules(name == "i2v"))
+    per_module = 2 if form == "diffusers" else 1  # the diffusers file has up biases too
+    assert changed == per_module * len(_modules(name == "i2v"))
 
 
 def test_t2v_lora_on_i2v_leaves_the_image_branch_and_i2v_lora_on_t2v_is_refused(folders, tmp_path):

@@ -76,3 +76,35 @@ def test_rope_split_and_input_errors(torch, diffusers, tmp_path):
         ours(x, jnp.asarray([10]), jnp.zeros((1, 512, 16)))
     with pytest.raises(ValueError, match="multiples of patch_size"):
         ours(jnp.zeros((1, 9, 1, 3, 4)), jnp.asarray([10]), jnp.zeros((1, 512, 16)), jnp.zeros((1, 5, 20)))
+
+
+def test_bfloat16_keeps_diffusers_float32_modules(torch, diffusers, tmp_path):
+    """``dtype=bfloat16`` leaves the time embedder, the scale-shift tables and the affine norms in
+    float32 — diffusers' ``_keep_in_fp32_modules`` — and the I2V forward then agrees with diffusers'
+    own bf16 model (``from_pretrained(torch_dtype=torch.bfloat16)``) to bf16 rounding."""
+    from flax import nnx
+
+    reference = _model(torch, diffusers, I2V)
+    reference.save_pretrained(tmp_path / "i2v")
+    half = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / "i2v", torch_dtype=torch.bfloat16).eval()
+    ours = load_wan_transformer(tmp_path / "i2v", dtype=jnp.bfloat16)
+    ours_dtypes = {".".join(map(str, path)): v[...].dtype for path, v in nnx.to_flat_state(nnx.state(ours))}
+    kept = {name for name, dtype in ours_dtypes.items() if dtype == jnp.float32}
+    assert kept == {name for name in ours_dtypes if name.startswith(("time_mlp.", "image_embedder.norm", "out_table"))
+                    or ".table" in name or ".cross_norm." in name}, sorted(kept)
+    theirs_kept = {name for name, p in half.named_parameters() if p.dtype == torch.float32}
+    assert len(kept) == len(theirs_kept)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 9, 2, 4, 6, generator=g)
+    text = torch.randn(1, 512, 16, generator=g)
+    image = torch.randn(1, 5, 20, generator=g)
+    t = torch.tensor([437])
+    with torch.no_grad():
+        theirs = half(hidden_states=x.bfloat16(), timestep=t, encoder_hidden_states=text.bfloat16(),
+                      encoder_hidden_states_image=image.bfloat16(), return_dict=False)[0]
+    as_jax = lambda a: jnp.asarray(a.numpy()).astype(jnp.bfloat16)  # noqa: E731
+    out = ours(as_jax(x), jnp.asarray(t.numpy()), as_jax(text), as_jax(image))
+    assert out.dtype == jnp.bfloat16
+    ref = theirs.float().numpy()
+    err = float(np.abs(np.asarray(out, np.float32) - ref).max())
+    assert err <= 2e-2 * np.abs(ref).max(), err

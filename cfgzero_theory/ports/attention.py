@@ -21,7 +21,11 @@ before the second product, as PyTorch's SDPA does.
   with an online float32 softmax, so only a ``(T, BLOCK)`` score block exists at a time;
 * ``"head_major"`` — the two products as einsums in ``(B, H, T, D)`` layout with a float32
   softmax between them, the whole ``(B, H, T, S)`` score matrix materialised;
-* ``"xla"`` — :func:`jax.nn.dot_product_attention`'s XLA program otherwise (float32 on a GPU).
+* ``"xla"`` — :func:`jax.nn.dot_product_attention`'s XLA program otherwise (float32 on a GPU),
+  except where its float32 score matrix ``B·H·T·S`` would exceed :data:`XLA_SCORE_BYTES`
+  (1 GiB): on a GPU without cuDNN's path (float32, head sizes cuDNN refuses) long sequences —
+  a Wan video's tens of thousands of tokens — take ``"blocked"``, so that no full score matrix
+  is ever built there either.
 
 On the 2-core CPU (jax 0.10.2, medians of interleaved runs) for ``q, k, v`` of shape
 ``(2, 1357, 8, 64)`` float32 (SD3 "mid": 1024 image + 333 text tokens, CFG batch 2)
@@ -46,12 +50,13 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
-__all__ = ["IMPLEMENTATIONS", "attention", "attention_implementation", "forced_implementation"]
+__all__ = ["IMPLEMENTATIONS", "XLA_SCORE_BYTES", "attention", "attention_implementation", "forced_implementation"]
 
 Array = jax.Array
 
 IMPLEMENTATIONS = ("cudnn", "head_major", "blocked", "xla")
 BLOCK = 512  # keys per block of the "blocked" program (256 to 1024 time alike on the CPU)
+XLA_SCORE_BYTES = 2**30  # the largest float32 score matrix the "xla" program may build on a GPU
 _FORCED = contextvars.ContextVar("forced_attention_implementation", default=None)
 
 
@@ -68,16 +73,21 @@ def forced_implementation(implementation: str):
         _FORCED.reset(token)
 
 
-def attention_implementation(q: Array) -> str:
-    """Which program :func:`attention` builds for queries ``q`` on this backend (module docstring),
-    unless :func:`forced_implementation` says otherwise."""
+def attention_implementation(q: Array, key_length: int | None = None) -> str:
+    """Which program :func:`attention` builds for queries ``q`` and ``key_length`` keys (default:
+    as many as queries) on this backend (module docstring), unless :func:`forced_implementation`
+    says otherwise."""
     if _FORCED.get() is not None:
         return _FORCED.get()
     backend = jax.default_backend()
     if (backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128):
         return "cudnn"
-    return "blocked" if backend == "cpu" else "xla"
+    if backend == "cpu":
+        return "blocked"
+    batch, t, heads, _ = q.shape
+    score_bytes = 4 * batch * heads * t * (t if key_length is None else key_length)
+    return "blocked" if score_bytes > XLA_SCORE_BYTES else "xla"
 
 
 def _check(q: Array, k: Array, v: Array) -> None:
@@ -176,10 +186,10 @@ def _blocked(q: Array, k: Array, v: Array, bias, causal: bool, scale: float) -> 
 def attention(q: Array, k: Array, v: Array, *, bias: Array | None = None, causal: bool = False,
               scale: float | None = None, implementation: str | None = None) -> Array:
     """Softmax attention ``(B, T, H, D) × (B, S, H_kv, D) × (B, S, H_kv, Dv) -> (B, T, H, Dv)``
-    (module docstring); ``implementation`` defaults to :func:`attention_implementation` ``(q)``."""
+    (module docstring); ``implementation`` defaults to :func:`attention_implementation` ``(q, S)``."""
     _check(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    implementation = attention_implementation(q) if implementation is None else implementation
+    implementation = attention_implementation(q, k.shape[1]) if implementation is None else implementation
     if implementation == "head_major":
         return _head_major(q, k, v, bias, causal, scale)
     if implementation == "blocked":

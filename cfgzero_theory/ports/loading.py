@@ -74,7 +74,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -412,6 +412,7 @@ def load_module(
     folder_kind: FolderKind = DIFFUSERS,
     sharding: ParamSharding | None = None,
     repeats: Mapping[str, tuple[str, Callable[[Any], int]]] | None = None,
+    keep_float32: Collection[str] = (),
 ) -> nnx.Module:
     """Load a diffusers (or transformers) model folder into ``module_class(config, rngs=...)``.
 
@@ -425,7 +426,8 @@ def load_module(
       class_name: the diffusers ``_class_name`` the config must carry (a transformers config:
         one of its ``architectures``); also used in messages.
       what: how the folder is named in messages (e.g. ``"vae/"``).
-      dtype: cast every tensor to this floating dtype; ``None`` keeps the stored dtypes.
+      dtype: cast every tensor to this floating dtype (except ``keep_float32``); ``None`` keeps the
+        stored dtypes.
       variant: the weight variant (``"fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``).
       optional: ``{our path: compute(config) -> array}`` for parameters a checkpoint may
         omit; when absent from the file they are computed (and cast).
@@ -437,6 +439,10 @@ def load_module(
         that number repeated blocks (e.g. ``{"i": ("num_layers", lambda c: c.num_layers)}``):
         the keys of the file must number exactly ``count(config)`` of them (indices ``0 …
         count − 1``), checked on the headers before the model's structure is built.
+      keep_float32: module names whose parameters a ``dtype`` cast leaves in float32 — the
+        library's ``_keep_in_fp32_modules``, with its rule: a stored key is kept when one of
+        these names is one of its dot-separated parts (``"norm2"`` keeps
+        ``blocks.0.norm2.weight``); such tensors are cast to float32 instead of ``dtype``.
 
     Returns the populated module.  Raises as the module docstring says.
     """
@@ -503,9 +509,14 @@ def load_module(
     if problems:
         fail(problems)
 
-    def place(target: str, array: np.ndarray) -> jax.Array:
-        if cast is not None and array.dtype != cast:
-            array = array.astype(cast)
+    keep_float32 = frozenset(keep_float32)
+
+    def place(target: str, array: np.ndarray, key: str | None = None) -> jax.Array:
+        wanted = cast
+        if cast is not None and key is not None and keep_float32.intersection(key.split(".")):
+            wanted = np.dtype(np.float32)
+        if wanted is not None and array.dtype != wanted:
+            array = array.astype(wanted)
         array = np.ascontiguousarray(array)
         return jax.device_put(array, None if sharding is None else sharding.sharding_for(target, array.shape))
 
@@ -521,7 +532,7 @@ def load_module(
                     array = f.get_tensor(key)
                 except (SafetensorError, ValueError, TypeError) as err:
                     raise ValueError(f"{path} is not a readable safetensors file (tensor {key!r}): {err}") from err
-                values[target] = place(target, transform.apply(array))
+                values[target] = place(target, transform.apply(array), key)
                 del array
     for target, compute in optional.items():
         if target in targets and target not in values:

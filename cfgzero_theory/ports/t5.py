@@ -61,6 +61,10 @@ SD3 / Flux use: ``encoder(input_ids)`` with no attention mask (padding tokens ar
 as in those pipelines).  Wan use: ``encoder(input_ids, attention_mask)`` at 512 tokens (the
 pipeline then trims each prompt to its real length and zero-pads back).
 
+Precision: a ``dtype`` cast applies to every weight.  transformers keeps ``wo`` in float32
+(``_keep_in_fp32_modules``) only for float16 weights; in bfloat16, the pipelines' dtype, it
+casts ``wo`` too, as here.
+
 Not supported: the decoder, ``T5ForConditionalGeneration`` / ``UMT5Model`` folders and the
 float16 overflow clamping transformers applies to float16 activations (run in bfloat16 or
 float32).  A checkpoint may store the embedding as ``shared.weight``,

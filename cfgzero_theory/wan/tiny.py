@@ -7,8 +7,8 @@ hand-written tokenizer, nothing downloaded) and saves it to ``folder``:
 * ``"tiny"`` — a ``WanPipeline`` (text-to-video) in miniature;
 * ``"tiny-i2v"`` — a ``WanImageToVideoPipeline``: 36 input channels, a CLIP vision tower and its
   image processor, the image key/value branch;
-* ``"mid"`` — a T2V model big enough to time (8 layers of 8 heads of 64, 33 frames at 256²:
-  2,304 video tokens) with a small VAE;
+* ``"mid"`` — a T2V model big enough to time (8 layers of 8 heads of 64, 17 frames at 256²:
+  1,280 video tokens) with a small VAE;
 * ``"1.3b"`` — Wan2.1 T2V 1.3B's transformer (30 layers, 1536 wide) and Wan2.1's VAE, with a
   one-layer UMT5 of the real width (for GPU benchmarks at 480p).
 
@@ -46,7 +46,7 @@ PIPELINE_SIZES = {
         umt5=dict(d_model=256, d_kv=64, d_ff=512, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
                   relative_attention_max_distance=128),
         vae=dict(base_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True]),
-        clip=None, perturb=None, video_size=(33, 256, 256),
+        clip=None, perturb=None, video_size=(17, 256, 256),
     ),
     "1.3b": dict(
         transformer=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,

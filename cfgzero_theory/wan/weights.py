@@ -62,6 +62,10 @@ WEIGHT_MAP: tuple[tuple[str, str, str], ...] = (
 )
 """The Wan transformer's weight mapping (module docstring)."""
 
+KEEP_FLOAT32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+"""diffusers' ``WanTransformer3DModel._keep_in_fp32_modules`` (less ``rope``, which has no weights):
+a ``dtype`` cast leaves these modules' weights in float32, as diffusers loads them."""
+
 weight_map = WeightMap(WEIGHT_MAP, {"i": r"\d+", "x": "q|k|v", "n": "[12]"}, TRANSFORMS)
 """:data:`WEIGHT_MAP` compiled (``to_ours`` / ``to_diffusers``)."""
 
@@ -71,7 +75,8 @@ def load_wan_transformer(
 ) -> WanTransformer:
     """Load a diffusers ``WanTransformer3DModel`` folder (``.../transformer``) into an NNX module.
 
-    ``dtype`` casts every floating tensor (``None`` keeps the stored dtypes); ``variant`` reads
+    ``dtype`` casts every floating tensor but those of :data:`KEEP_FLOAT32`, which become float32
+    (``None`` keeps the stored dtypes); ``variant`` reads
     ``diffusion_pytorch_model.<variant>.safetensors``; ``sharding`` splits the weights over a
     device mesh as they are read.  Raises ``ValueError`` naming every missing, unexpected or
     wrongly shaped key, and a config whose block count differs from the file's.
@@ -79,7 +84,7 @@ def load_wan_transformer(
     return load_module(
         folder, WanTransformer, WanConfig, weight_map,
         class_name=DIFFUSERS_CLASS_NAME, what="Wan transformer/", dtype=dtype, variant=variant, sharding=sharding,
-        repeats={"i": ("num_layers", lambda config: config.num_layers)},
+        repeats={"i": ("num_layers", lambda config: config.num_layers)}, keep_float32=KEEP_FLOAT32,
     )
 
 
