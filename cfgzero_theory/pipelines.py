@@ -9,8 +9,9 @@ the guidance kinds of :func:`cfgzero_theory.guidance.make_rule`.
 Ported today (:data:`PIPELINES`): ``StableDiffusion3Pipeline`` (SD3 and SD3.5),
 ``FluxPipeline`` (FLUX.1 dev and schnell), ``WanPipeline`` and ``WanImageToVideoPipeline``
 (Wan2.1; both are :class:`cfgzero_theory.wan.pipeline.WanPipeline`, which also takes ``image=``
-and ``num_frames=`` and returns videos).  Lumina-Next is planned; its folders, like any other
-class, are refused with a ``ValueError`` naming the class and listing what is supported.
+and ``num_frames=`` and returns videos), and ``LuminaPipeline`` (Lumina-Next; older diffusers
+wrote ``LuminaText2ImgPipeline``).  Any other class is refused with a ``ValueError`` naming the
+class and listing what is supported.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ PIPELINES = {
     "FluxPipeline": "cfgzero_theory.flux.pipeline:FluxPipeline",
     "WanPipeline": "cfgzero_theory.wan.pipeline:WanPipeline",
     "WanImageToVideoPipeline": "cfgzero_theory.wan.pipeline:WanPipeline",
+    "LuminaPipeline": "cfgzero_theory.lumina.pipeline:LuminaPipeline",
+    "LuminaText2ImgPipeline": "cfgzero_theory.lumina.pipeline:LuminaPipeline",
 }
 
 #: model name → ``"module:function"`` building a random diffusers checkpoint of that model.
@@ -35,6 +38,7 @@ RANDOM_BUILDERS = {
     "sd3": "cfgzero_theory.sd3.tiny:build_random_pipeline",
     "flux": "cfgzero_theory.flux.tiny:build_random_pipeline",
     "wan": "cfgzero_theory.wan.tiny:build_random_pipeline",
+    "lumina": "cfgzero_theory.lumina.tiny:build_random_pipeline",
 }
 
 

@@ -26,9 +26,9 @@ def test_the_class_named_in_model_index_picks_our_pipeline(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("index, message", [
-    ({"_class_name": "LuminaPipeline"}, "LuminaPipeline is not ported: .* supported pipeline classes: "
-                                        "\\[.FluxPipeline., .StableDiffusion3Pipeline., .WanImageToVideoPipeline., "
-                                        ".WanPipeline.\\]"),
+    ({"_class_name": "KandinskyPipeline"}, "KandinskyPipeline is not ported: .* supported pipeline classes: "
+                                           "\\[.FluxPipeline., .LuminaPipeline., .LuminaText2ImgPipeline., "
+                                           ".StableDiffusion3Pipeline., .WanImageToVideoPipeline., .WanPipeline.\\]"),
     ({"transformer": ["diffusers", "X"]}, "names no pipeline class"),
     ("{not json", "cannot read"),
     (None, "has no model_index.json"),

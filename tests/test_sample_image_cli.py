@@ -109,8 +109,7 @@ BAD = [
     (["--checkpoint", "{tmp}"], "has no model_index.json"),
     (["--checkpoint", "{wan}"], "is a WanPipeline folder, a video model: sample it with python -m "
                                  "experiments.sample_video"),
-    (["--checkpoint", "{lumina}"], "is a LuminaPipeline folder, which is not ported; supported: ['FluxPipeline', "
-                                    "'StableDiffusion3Pipeline']"),
+    (["--checkpoint", "{other}"], "is a KandinskyPipeline folder, which is not ported; supported: "),
     (["--checkpoint", "{checkpoint}", "--model", "flux"], "is a StableDiffusion3Pipeline folder (sd3); leave --model"),
     (["--tiny-random", "--model", "flux", "--guidance", "cfg"], "--guidance cfg is true CFG: give Flux a --negative"),
     (["--tiny-random", "--model", "flux", "--scale", "3"], "--scale is Flux's true-CFG scale"),
@@ -150,10 +149,10 @@ def test_bad_arguments_exit_2_with_one_line_before_any_build(argv, message, no_b
     wan = tmp_path / "wan"
     wan.mkdir()
     (wan / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
-    lumina = tmp_path / "lumina"
-    lumina.mkdir()
-    (lumina / "model_index.json").write_text(json.dumps({"_class_name": "LuminaPipeline"}))
-    fill = {"tmp": tmp_path, "checkpoint": checkpoint, "wan": wan, "lumina": lumina}
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    fill = {"tmp": tmp_path, "checkpoint": checkpoint, "wan": wan, "other": other}
     argv = [arg.format(**fill) for arg in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]

@@ -4,7 +4,8 @@ Layout
 ------
 * :mod:`~cfgzero_theory.ports.attention` — one softmax attention with its backends;
 * :mod:`~cfgzero_theory.ports.layers` — norms, MLPs, activations, timestep embeddings, RoPE;
-* :mod:`~cfgzero_theory.ports.clip`, :mod:`~cfgzero_theory.ports.t5` — the text encoders;
+* :mod:`~cfgzero_theory.ports.clip`, :mod:`~cfgzero_theory.ports.t5`, :mod:`~cfgzero_theory.ports.gemma` — the
+  text encoders;
 * :mod:`~cfgzero_theory.ports.autoencoder` — the KL image autoencoder (``AutoencoderKL``);
 * :mod:`~cfgzero_theory.ports.loading` — weight maps, safetensors folders, config checks;
 * :mod:`~cfgzero_theory.ports.lora` — LoRA files (diffusers/PEFT, kohya, original layouts) merged into weights;

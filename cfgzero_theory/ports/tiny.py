@@ -7,6 +7,7 @@ wrote.  This module gives them the hand-written tokenizers and the weight treatm
 
 * :func:`clip_tokenizer` ``(pad_token=None)`` — a CLIP BPE tokenizer over :data:`TINY_WORDS`;
 * :func:`t5_tokenizer` ``()`` — a T5 Unigram tokenizer over the same words;
+* :func:`gemma_tokenizer` ``()`` — a Gemma BPE tokenizer over the same words (``<bos>`` first, right padding);
 * :func:`finish_models` ``(models, perturb, torch_dtype)`` — eval mode, optional ``perturb·N(0, 1)``
   moves of every weight (so that LayerNorm-initialised scales and zero biases are not trivially
   1 and 0), optional cast.
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["CLIP_MAX_LENGTH", "TINY_WORDS", "clip_tokenizer", "finish_models", "require_torch", "t5_tokenizer"]
+__all__ = ["CLIP_MAX_LENGTH", "TINY_WORDS", "clip_tokenizer", "finish_models", "gemma_tokenizer", "require_torch",
+           "t5_tokenizer"]
 
 #: The words the tiny tokenizers know whole; other text falls back to letters.
 TINY_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "on", "the", "beach")
@@ -70,6 +72,29 @@ def t5_tokenizer():
     words += [("\u2581" + w, -3.0) for w in TINY_WORDS]
     words += [(chr(c), -6.0) for c in range(ord("a"), ord("z") + 1)]
     return transformers.T5Tokenizer(vocab=words, extra_ids=0)
+
+
+def gemma_tokenizer():
+    """A ``transformers.GemmaTokenizer`` (BPE, tokenizers-backed) over :data:`TINY_WORDS`: Gemma's
+    specials at Gemma's ids (``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, ``<mask>`` 4), ``▁``
+    and the letters, each word whole with and without its leading ``▁`` (``"a photo"`` →
+    ``<bos> a ▁photo``); ``<bos>`` is written first, padding goes right; other characters are
+    ``<unk>`` (no byte fallback tokens).  63 tokens."""
+    import transformers
+
+    vocab = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "\u2581", *(chr(c) for c in range(ord("a"), ord("z") + 1))]
+    merges = []
+    for word in TINY_WORDS:
+        pieces = list(word)
+        while len(pieces) > 1:  # merge left to right into the whole word, then "▁" + word
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.append(pieces[0])
+        merges.append(("\u2581", word))
+        vocab.append("\u2581" + word)
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
+    return transformers.GemmaTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), add_bos_token=True,
+                                       add_eos_token=False, padding_side="right")
 
 
 def finish_models(models, perturb: float | None, torch_dtype=None) -> None:
