@@ -1,8 +1,8 @@
-"""Sample an image with a diffusers SD3 / SD3.5 or FLUX.1 folder, the sampler in JAX.
+"""Sample an image with a diffusers SD3 / SD3.5, FLUX.1 or Lumina-Next folder, the sampler in JAX.
 
     python -m experiments.sample_image --checkpoint DIR --prompt "a photo of a cat" \\
         --guidance cfg-zero-star --scale 4 --zero-init-steps 1 --compare
-    python -m experiments.sample_image --tiny-random [--model flux]
+    python -m experiments.sample_image --tiny-random [--model flux|lumina]
 
 Writes ``OUT/<guidance>.png`` (``OUT`` is ``--out``, default ``runs/sample_image`` under the
 current folder) and, with ``--compare`` (always with ``--tiny-random``),
@@ -53,8 +53,12 @@ DEFAULT_OUT = default_out("sample_image")
 #: patch size, Flux's 2×2 packing): 8 × 2 for every SD3 / SD3.5 and FLUX.1 checkpoint.
 SIDE_MULTIPLE = 16
 #: The models (``--model``; a checkpoint's comes from its ``model_index.json``) and their T5 lengths.
-MODELS = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
-SEQUENCE_LENGTHS = {"sd3": 256, "flux": 512}
+MODELS = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "LuminaPipeline": "lumina",
+          "LuminaText2ImgPipeline": "lumina"}
+SEQUENCE_LENGTHS = {"sd3": 256, "flux": 512, "lumina": 256}
+#: The longest prompt each model's text encoder takes (SD3's T5 has no such limit in the pipeline).
+SEQUENCE_LIMITS = {"flux": 512, "lumina": 256}
+MODEL_NAMES = {"sd3": "SD3", "flux": "Flux", "lumina": "Lumina-Next"}
 #: The two rules of the side-by-side comparison: caption, and the options each takes (CFG has
 #: no zero-init steps).
 COMPARED = {"cfg": ("CFG", ("scale",)), "cfg-zero-star": ("CFG-Zero*", ("scale", "zero_init_steps"))}
@@ -80,7 +84,8 @@ def library_defaults(model: str = "sd3", two_branches: bool = True) -> dict:
     ``_stop`` from the field defaults of :class:`cfgzero_theory.sampling.PerturbedGuidance`.
     Flux (dev): steps and the one-branch ``K`` from ``"flux-dev"``; with ``two_branches`` (a
     negative prompt) the rule's kind, scale and ``K`` from ``"flux-dev-true-cfg"``; the
-    distilled guidance from :mod:`cfgzero_theory.flux.pipeline`.
+    distilled guidance from :mod:`cfgzero_theory.flux.pipeline`.  Lumina-Next: the
+    ``"lumina-next"`` preset's.
     """
     from cfgzero_theory import presets
     from cfgzero_theory.sampling import PerturbedGuidance
@@ -92,6 +97,10 @@ def library_defaults(model: str = "sd3", two_branches: bool = True) -> dict:
         rule = two if two_branches else one
         return {"guidance": rule.guidance, "scale": two.scale, "num_steps": one.num_steps,
                 "zero_init_steps": rule.zero_init_steps, "distilled_guidance": DISTILLED_GUIDANCE}
+    if model == "lumina":
+        preset = presets.get("lumina-next")
+        return {"guidance": preset.guidance, "scale": preset.scale, "num_steps": preset.num_steps,
+                "zero_init_steps": preset.zero_init_steps}
     preset = presets.get("sd3")
     perturbed = {field.name: field.default for field in dataclasses.fields(PerturbedGuidance)}
     return {"guidance": preset.guidance, "scale": preset.scale, "num_steps": preset.num_steps,
@@ -99,9 +108,9 @@ def library_defaults(model: str = "sd3", two_branches: bool = True) -> dict:
             **{f"skip_layer_guidance_{name}": perturbed[name] for name in ("scale", "start", "stop")}}
 
 
-def build_parser(defaults: dict, flux: dict) -> argparse.ArgumentParser:
-    """The command line; ``defaults`` and ``flux`` (:func:`library_defaults` of SD3 and of
-    Flux's two paths) fill the help texts, the guidance kinds are
+def build_parser(defaults: dict, flux: dict, lumina: dict) -> argparse.ArgumentParser:
+    """The command line; ``defaults``, ``flux`` and ``lumina`` (:func:`library_defaults` of SD3, of
+    Flux's two paths and of Lumina-Next) fill the help texts, the guidance kinds are
     :data:`cfgzero_theory.guidance.KINDS`, the compilation cache's folder that of
     :mod:`cfgzero_theory.compilation`."""
     from cfgzero_theory.compilation import ENV_VAR, default_cache_dir
@@ -109,12 +118,12 @@ def build_parser(defaults: dict, flux: dict) -> argparse.ArgumentParser:
 
     def pipeline_default(name, flux_text=None):
         flux_text = flux_text or f"flux {flux[name]}"
-        return f"default: the pipeline's, sd3 {defaults[name]}, {flux_text}"
+        return f"default: the pipeline's, sd3 {defaults[name]}, {flux_text}, lumina {lumina[name]}"
 
     p = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", metavar="DIR",
-                   help="a diffusers StableDiffusion3Pipeline or FluxPipeline folder (with model_index.json); "
-                   "exactly one of --checkpoint and --tiny-random")
+                   help="a diffusers StableDiffusion3Pipeline, FluxPipeline or LuminaPipeline folder (with "
+                   "model_index.json); exactly one of --checkpoint and --tiny-random")
     p.add_argument("--tiny-random", action="store_true",
                    help="build a tiny pipeline with random weights and run the whole path on it (nothing "
                    "downloaded; the images are noise by design)")
@@ -122,8 +131,8 @@ def build_parser(defaults: dict, flux: dict) -> argparse.ArgumentParser:
                    help="the model of --tiny-random (default: sd3; a --checkpoint's is read from its folder)")
     p.add_argument("--prompt", default="a photo of a cat", help="the prompt (default: %(default)r)")
     p.add_argument("--negative-prompt",
-                   help="the negative prompt (default: sd3 '', flux none: one branch; give one, even '', for "
-                   "Flux's true CFG)")
+                   help="the negative prompt (default: sd3 and lumina '', flux none: one branch; give one, even "
+                   "'', for Flux's true CFG)")
     p.add_argument("--guidance", choices=KINDS,
                    help="guidance rule (" + pipeline_default(
                        "guidance", f"flux {flux['one_branch_guidance']}, {flux['guidance']} with --negative-prompt")
@@ -145,12 +154,12 @@ def build_parser(defaults: dict, flux: dict) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of the tiny pipeline's "
                    "weights (default: %(default)s)")
     p.add_argument("--max-sequence-length", type=int, metavar="TOKENS",
-                   help="T5 prompt tokens (default: " + ", ".join(f"{m} {n}" for m, n in SEQUENCE_LENGTHS.items())
-                   + ")")
+                   help="T5 (Lumina: Gemma, at most) prompt tokens (default: "
+                   + ", ".join(f"{m} {n}" for m, n in SEQUENCE_LENGTHS.items()) + ")")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast every weight (default: the stored dtypes)")
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="merge a LoRA safetensors file into the transformer with this strength (diffusers/PEFT, "
-                   "kohya or BFL/ComfyUI keys); repeat for several (default: none; SCALE 1)")
+                   "kohya or BFL/ComfyUI keys; SD3 and Flux); repeat for several (default: none; SCALE 1)")
     p.add_argument("--skip-guidance-layers", type=int, nargs="+", metavar="I",
                    help="SD3 skip-layer guidance on these transformer blocks, e.g. 7 8 9 for SD3.5-medium "
                    "(default: none)")
@@ -205,7 +214,7 @@ def check_sizes(parser, args) -> None:
         usage_error(parser, f"--steps must be a positive integer, got {args.num_steps}")
     if args.max_sequence_length is None:
         args.max_sequence_length = SEQUENCE_LENGTHS[args.model]
-    limit = 512 if args.model == "flux" else None
+    limit = SEQUENCE_LIMITS.get(args.model)
     if args.max_sequence_length < 1 or (limit and args.max_sequence_length > limit):
         usage_error(parser, f"--max-sequence-length must be a positive integer{f' <= {limit}' if limit else ''}, "
                     f"got {args.max_sequence_length}")
@@ -222,8 +231,10 @@ def check_guidance(parser, args) -> None:
     """A finite ``--scale`` and ``--distilled-guidance``, and a rule the pipeline can build from
     ``--guidance``, ``--scale`` and ``--zero-init-steps`` (SD3 and Flux's true CFG build it with
     a preset's ``rule``, which refuses e.g. zero-init steps for ``cfg``; Flux without a negative
-    prompt takes ``conditional`` only, and no ``--scale``).  ``args.guidance`` becomes the kind
-    sampled; SD3's negative prompt defaults to ``''``."""
+    prompt takes ``conditional`` only, and no ``--scale``; Lumina-Next's preset applies the rule to
+    three channels).  ``args.guidance`` becomes the kind sampled; SD3's and Lumina's negative
+    prompt defaults to ``''``.  Options of another model (``--distilled-guidance``, skip-layer
+    guidance, ``--lora`` for Lumina) are refused by name."""
     from cfgzero_theory import presets
 
     for name in ("scale", "distilled_guidance"):
@@ -231,12 +242,14 @@ def check_guidance(parser, args) -> None:
         if value is not None and not math.isfinite(value):
             usage_error(parser, f"--{name.replace('_', '-')} must be a finite number, got {value}")
     one_branch = args.model == "flux" and args.negative_prompt is None
-    if args.model == "sd3":
+    if args.model != "flux":
         args.negative_prompt = args.negative_prompt or ""
         if args.distilled_guidance is not None:
             usage_error(parser, "--distilled-guidance is FLUX.1-dev's (--model flux)")
-    elif args.skip_guidance_layers is not None:
+    if args.model != "sd3" and args.skip_guidance_layers is not None:
         usage_error(parser, "skip-layer guidance (--skip-guidance-layers) is SD3's (--model sd3)")
+    if args.model == "lumina" and args.lora:
+        usage_error(parser, "--lora: LoRA merging is ported for SD3, Flux and Wan, not for Lumina-Next")
     if one_branch:
         if args.guidance not in (None, "conditional"):
             usage_error(parser, f"--guidance {args.guidance} is true CFG: give Flux a --negative-prompt (even '') "
@@ -248,7 +261,8 @@ def check_guidance(parser, args) -> None:
         usage_error(parser, "--guidance conditional samples one branch: leave --negative-prompt out")
     defaults = library_defaults(args.model, not one_branch)
     args.guidance = args.guidance or defaults["guidance"]
-    preset = presets.get("flux-dev" if one_branch else "flux-dev-true-cfg" if args.model == "flux" else "sd3")
+    preset = presets.get("flux-dev" if one_branch else {"flux": "flux-dev-true-cfg", "lumina": "lumina-next"}.get(
+        args.model, "sd3"))
     try:
         preset.rule(args.guidance, scale=args.scale, zero_init_steps=args.zero_init_steps)
     except ValueError as err:
@@ -301,7 +315,7 @@ def parse_args(argv=None):
     """Parse and check every argument, and create ``--out``, before anything is built or loaded."""
     defaults = library_defaults()
     flux = {**library_defaults("flux"), "one_branch_guidance": library_defaults("flux", False)["guidance"]}
-    parser = build_parser(defaults, flux)
+    parser = build_parser(defaults, flux, library_defaults("lumina"))
     args = parser.parse_args(argv)
     check_source(parser, args)
     check_sizes(parser, args)
@@ -416,7 +430,7 @@ def run(args) -> list[str]:
     from cfgzero_theory.ports.pipeline_parts import save_png
 
     if args.tiny_random:
-        announce(TINY_NOTE.format(model={"sd3": "SD3", "flux": "Flux"}[args.model]))
+        announce(TINY_NOTE.format(model=MODEL_NAMES[args.model]))
     pipe = load_pipeline(args, args.model)
     for path, scale in args.lora:
         changed = pipe.load_lora(path, scale)

@@ -73,18 +73,21 @@ def test_help_names_the_command_and_every_default(capsys, monkeypatch):
     assert text.startswith(f"usage: {PROG} ")
     entries = option_entries(text)
     preset, flux, true_cfg = presets.get("sd3"), presets.get("flux-dev"), presets.get("flux-dev-true-cfg")
+    lumina = presets.get("lumina-next")
     perturbed = {f.name: f.default for f in dataclasses.fields(PerturbedGuidance)}
-    for option, value, flux_value in (
-            ("--scale", preset.scale, f"{true_cfg.scale} with --negative-prompt"),
-            ("--steps", preset.num_steps, flux.num_steps),
-            ("--zero-init-steps", preset.zero_init_steps, flux.zero_init_steps),
-            ("--guidance", preset.guidance, f"{flux.guidance}, {true_cfg.guidance} with --negative-prompt")):
-        assert entries[option].endswith(f"(default: the pipeline's, sd3 {value}, flux {flux_value})"), entries[option]
+    for option, value, flux_value, lumina_value in (
+            ("--scale", preset.scale, f"{true_cfg.scale} with --negative-prompt", lumina.scale),
+            ("--steps", preset.num_steps, flux.num_steps, lumina.num_steps),
+            ("--zero-init-steps", preset.zero_init_steps, flux.zero_init_steps, lumina.zero_init_steps),
+            ("--guidance", preset.guidance, f"{flux.guidance}, {true_cfg.guidance} with --negative-prompt",
+             lumina.guidance)):
+        assert entries[option].endswith(
+            f"(default: the pipeline's, sd3 {value}, flux {flux_value}, lumina {lumina_value})"), entries[option]
     for name in ("scale", "start", "stop"):
         option = f"--skip-layer-guidance-{name}"
         assert entries[option].endswith(f"(default: the pipeline's, {perturbed[name]})"), entries[option]
     assert entries["--distilled-guidance"].endswith("(default: 3.5)")
-    assert entries["--max-sequence-length"].endswith("(default: sd3 256, flux 512)")
+    assert entries["--max-sequence-length"].endswith("(default: sd3 256, flux 512, lumina 256)")
     assert entries["--out"].endswith("(default: runs/sample_image, under the current folder)")
     assert len(entries) == 24, sorted(entries)
     for name, entry in entries.items():
@@ -116,6 +119,11 @@ BAD = [
     (["--tiny-random", "--model", "flux", "--negative-prompt", "", "--guidance", "conditional"],
      "--guidance conditional samples one branch"),
     (["--tiny-random", "--model", "flux", "--skip-guidance-layers", "1"], "skip-layer guidance"),
+    (["--tiny-random", "--model", "lumina", "--skip-guidance-layers", "1"], "skip-layer guidance"),
+    (["--tiny-random", "--model", "lumina", "--distilled-guidance", "3"], "--distilled-guidance is FLUX.1-dev's"),
+    (["--tiny-random", "--model", "lumina", "--lora", "{tmp}/a_file"], "not for Lumina-Next"),
+    (["--tiny-random", "--model", "lumina", "--max-sequence-length", "300"],
+     "--max-sequence-length must be a positive integer <= 256"),
     (["--tiny-random", "--model", "flux", "--max-sequence-length", "513"], "a positive integer <= 512, got 513"),
     (["--tiny-random", "--distilled-guidance", "3"], "--distilled-guidance is FLUX.1-dev's"),
     (["--tiny-random", "--model", "flux", "--distilled-guidance", "inf"], "--distilled-guidance must be a finite"),
@@ -319,3 +327,21 @@ def test_loras_are_merged_in_order_with_their_scales(recording, checkpoint, tmp_
     assert lines[0] == f"merged {first} (scale 0.75) into 3 layers"
     assert sample_image.parse_lora("a.safetensors:-1.5") == ("a.safetensors", -1.5)
     assert sample_image.parse_lora("C:/x.safetensors") == ("C:/x.safetensors", 1.0)
+
+
+def test_tiny_random_lumina_compares_cfg_and_cfg_zero_star(torch, diffusers, tmp_path):
+    """``--model lumina``: the default rule (CFG-Zero* on three channels) and the comparison."""
+    out = tmp_path / "lumina"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.sample_image", "--tiny-random", "--model", "lumina", "--steps", "2",
+         "--no-compilation-cache", "--out", str(out)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get(
+            "PYTHONPATH"))))}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    assert "tiny Lumina-Next pipeline" in lines[0]
+    assert lines[1].startswith(f"wrote {out}/: cfg-zero-star, cfg_vs_cfg-zero-star (2 files, ")
+    from PIL import Image
+
+    assert np.asarray(Image.open(out / "cfg-zero-star.png")).shape == (64, 64, 3)
