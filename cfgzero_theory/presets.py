@@ -131,7 +131,7 @@ PRESETS: dict[str, SamplerPreset] = {
         SamplerPreset("wan2.1-t2v-720p", 50, "unipc", 5.0, "cfg-zero-star", 5.0, 2),
         SamplerPreset("wan2.1-i2v", 40, "unipc", 5.0, "cfg-zero-star", 5.0, 2),
         SamplerPreset("lumina-next", 30, "flow_match_euler", 1.0, "cfg-zero-star", 4.0, 1, guidance_channels=3,
-                      notes="use lumina.lumina_next_model around the network; the shift comes from the checkpoint"),
+                      notes="lumina.pipeline wraps the network with lumina.convention; the shift comes from the checkpoint"),
     )
 }
 
