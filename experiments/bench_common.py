@@ -1,6 +1,8 @@
 """Plumbing shared by the benchmarks (``bench_exact``, ``bench_training``, ``bench_sampler``,
 ``bench_pipeline``): machine description, load measurement, interleaved timing, the JSON
-report line, and the PyTorch twin of ``VelocityMLP`` that two of them race against.
+report line, the PyTorch twin of ``VelocityMLP`` that two of them race against, and the pieces
+the per-model pipeline benchmarks share (``bench_flux``, ``bench_wan``, ``bench_lumina``: building
+the pipeline pair, per-step division, agreement, decode memory).
 
 Every benchmark prints its report as one strict JSON object on the last line of stdout
 (:func:`print_report`).
@@ -316,6 +318,44 @@ def time_call(fn, repeats: int, sync=None, warmup: int = 1) -> dict:
             sync()
         out.append(time.perf_counter() - start)
     return time_summary(out)
+
+
+def per_step(summary: dict, steps: int) -> dict:
+    """A :func:`time_summary` of a whole ``steps``-step loop as seconds per step (``n`` kept)."""
+    return {k: (v if k == "n" else v / steps) for k, v in summary.items()}
+
+
+def decode_memory(gpu: bool, torch, jax_device, ours_decode, peer_decode, sync) -> dict:
+    """Peak device memory of one decode on each side of a pipeline benchmark (``bench_wan``,
+    ``bench_lumina``); all ``None`` on a CPU, where neither torch nor JAX's CPU client reports an
+    allocator peak.
+
+    diffusers: ``torch.cuda.max_memory_allocated`` over ``peer_decode()`` after
+    ``reset_peak_memory_stats``; ours: the device's ``memory_stats()["peak_bytes_in_use"]`` after
+    ``ours_decode()``, which JAX cannot reset — exact when the decode raised it
+    (``ours_peak_set_by_decode``), otherwise an upper bound set earlier in the run.
+    """
+    if not gpu:
+        return {"diffusers_peak_bytes": None, "diffusers_resident_bytes": None, "ours_peak_bytes": None,
+                "ours_resident_bytes": None, "ours_peak_set_by_decode": None,
+                "note": "not measured on a CPU: neither torch nor JAX's CPU client reports an allocator peak"}
+    sync()
+    resident = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    peer_decode()
+    sync()
+    peer_peak = torch.cuda.max_memory_allocated()
+    before = jax_device.memory_stats() or {}
+    ours_decode()
+    after = jax_device.memory_stats() or {}
+    peak_before, peak = before.get("peak_bytes_in_use"), after.get("peak_bytes_in_use")
+    return {"diffusers_peak_bytes": int(peer_peak), "diffusers_resident_bytes": int(resident),
+            "ours_peak_bytes": peak, "ours_resident_bytes": before.get("bytes_in_use"),
+            "ours_peak_set_by_decode": None if peak is None or peak_before is None else bool(peak > peak_before),
+            "note": "bytes; resident = allocated before the decode (weights of all models and live arrays); "
+                    "diffusers: torch.cuda.max_memory_allocated after reset_peak_memory_stats; ours: JAX's "
+                    "memory_stats peak_bytes_in_use, a process-lifetime peak JAX cannot reset: the decode's own "
+                    "peak when ours_peak_set_by_decode, else an upper bound set earlier in the run"}
 
 
 def ratio(peer: dict, ours: dict) -> float:

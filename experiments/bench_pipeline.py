@@ -1,9 +1,11 @@
-"""Our JAX SD3 (or Flux, or Wan2.1) pipeline against diffusers' PyTorch pipeline, same weights.
+"""Our JAX SD3 (or Flux, Wan2.1, Lumina-Next) pipeline against diffusers' PyTorch pipeline, same weights.
 
     python -m experiments.bench_pipeline                         # tiny,mid on CPU; tiny,mid,medium on a GPU
     python -m experiments.bench_pipeline --model flux --config mid   # FluxPipeline (experiments.bench_flux)
     python -m experiments.bench_pipeline --model wan --config mid    # Wan2.1 T2V (experiments.bench_wan)
     python -m experiments.bench_pipeline --model wan --config 1.3b --device gpu --dtype bfloat16 --steps 50
+    python -m experiments.bench_pipeline --model lumina --config mid # Lumina-Next (experiments.bench_lumina)
+    python -m experiments.bench_pipeline --model lumina --config next --device gpu --dtype bfloat16 --steps 30
     python -m experiments.bench_pipeline --config mid --steps 4 --repeats 1
     python -m experiments.bench_pipeline --config medium --device gpu --dtype bfloat16
     python -m experiments.bench_pipeline --quick --out /tmp/bench.json   # tiny, 2 steps, 1 repeat (tests)
@@ -59,6 +61,18 @@ samples Wan with 50 steps: pass ``--steps 50`` (the default stays 28).  ``1.3b``
 1.3B's transformer and VAE at 81 frames of 480×832) is refused on a CPU unless
 ``--allow-cpu-medium``.
 
+Lumina-Next (``--model lumina``, :mod:`experiments.bench_lumina`; sizes ``tiny``, ``mid`` and
+``next`` of :data:`cfgzero_theory.lumina.tiny.PIPELINE_SIZES`, each at its square ``image_size``):
+the same sections, plain CFG at scale 4 on the first three latent channels with
+``scaling_watershed=1.0`` and ``proportional_attn=True`` (CFG-Zero* with ``K = 1`` timed apart),
+diffusers with ``clean_caption=False`` (both sides lower-case and strip the prompt), Gemma at the
+tokenizer's padding (a multiple of 8 of the prompt's own length) under diffusers' fixed cap of 256
+tokens (``--max-sequence-length`` must be 256 or left out for Lumina: diffusers' ``LuminaPipeline``
+ignores the argument, other values are refused), latents in ``--dtype`` (the prompt embeddings'
+dtype), the ``step`` timing diffusers' per-step RoPE table build, and ``decode_memory`` on a GPU.
+``next`` (Lumina-Next-SFT's 2B transformer and the SDXL-sized VAE at 1024², Gemma shrunk to two
+layers) is refused on a CPU unless ``--allow-cpu-medium``.
+
 FLOPs of one step: ``transformer_step_flops`` counted from the architecture
 (:func:`cfgzero_theory.sd3.flops.mmdit_step_flops`; ``achieved_tflops`` divides it by the
 step medians) and ``transformer_step_flops_xla``, XLA's cost analysis of our step compiled with
@@ -99,6 +113,10 @@ from experiments.bench_common import (  # noqa: E402
 )
 from experiments.bench_flux import DEFINITIONS as FLUX_DEFINITIONS  # noqa: E402
 from experiments.bench_flux import bench_flux_config  # noqa: E402
+from experiments.bench_lumina import DEFINITIONS as LUMINA_DEFINITIONS  # noqa: E402
+from experiments.bench_lumina import MAX_SEQUENCE_LENGTH as LUMINA_MAX_SEQUENCE_LENGTH  # noqa: E402
+from experiments.bench_lumina import SETTINGS as LUMINA_SETTINGS  # noqa: E402
+from experiments.bench_lumina import bench_lumina_config  # noqa: E402
 from experiments.bench_wan import DEFINITIONS as WAN_DEFINITIONS  # noqa: E402
 from experiments.bench_wan import MAX_SEQUENCE_LENGTH as WAN_MAX_SEQUENCE_LENGTH  # noqa: E402
 from experiments.bench_wan import SETTINGS as WAN_SETTINGS  # noqa: E402
@@ -109,7 +127,9 @@ CONFIGS = ("tiny", "mid", "medium")
 FLUX_CONFIGS = ("tiny", "mid", "dev")
 #: Wan2.1 T2V sizes (:data:`cfgzero_theory.wan.tiny.PIPELINE_SIZES`); ``1.3b`` is Wan2.1 T2V 1.3B at 480p.
 WAN_CONFIGS = ("tiny", "mid", "1.3b")
-LARGE = {"sd3": "medium", "flux": "dev", "wan": "1.3b"}
+#: Lumina-Next sizes (:data:`cfgzero_theory.lumina.tiny.PIPELINE_SIZES`); ``next`` is Lumina-Next-SFT's at 1024².
+LUMINA_CONFIGS = ("tiny", "mid", "next")
+LARGE = {"sd3": "medium", "flux": "dev", "wan": "1.3b", "lumina": "next"}
 PROMPT = "a photo of a cat"
 GUIDANCE_SCALE = 4.0
 ZERO_INIT_STEPS = 1
@@ -379,9 +399,11 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
 
 def bench_config(name: str, args, torch, device: str, torch_device: str, jax_device, model: str = "sd3") -> dict:
     """:func:`_bench_config` (Flux: :func:`experiments.bench_flux.bench_flux_config`, Wan:
-    :func:`experiments.bench_wan.bench_wan_config`), then free both pipelines and the compiled
-    programs (all locals of the measurement are gone once it returns) before the next configuration."""
-    measure = {"sd3": _bench_config, "flux": bench_flux_config, "wan": bench_wan_config}[model]
+    :func:`experiments.bench_wan.bench_wan_config`, Lumina: :func:`experiments.bench_lumina.bench_lumina_config`),
+    then free both pipelines and the compiled programs (all locals of the measurement are gone once
+    it returns) before the next configuration."""
+    measure = {"sd3": _bench_config, "flux": bench_flux_config, "wan": bench_wan_config,
+               "lumina": bench_lumina_config}[model]
     try:
         return measure(name, args, torch, device, torch_device, jax_device)
     finally:
@@ -419,13 +441,15 @@ def table(results: list[dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.bench_pipeline",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("sd3", "flux", "wan"), default="sd3",
+    p.add_argument("--model", choices=("sd3", "flux", "wan", "lumina"), default="sd3",
                    help="the pipeline: sd3 (CFG on the doubled batch), flux (FLUX.1-dev's distilled guidance, "
-                   "one branch; experiments.bench_flux) or wan (Wan2.1 text-to-video, CFG scale 5; "
-                   "experiments.bench_wan) (default: sd3)")
+                   "one branch; experiments.bench_flux), wan (Wan2.1 text-to-video, CFG scale 5; "
+                   "experiments.bench_wan) or lumina (Lumina-Next, CFG scale 4 on three channels; "
+                   "experiments.bench_lumina) (default: sd3)")
     p.add_argument("--config", action="append", default=None,
-                   help=f"pipeline size(s): sd3 {CONFIGS}, flux {FLUX_CONFIGS}, wan {WAN_CONFIGS}; repeat or "
-                   "comma-separate (default tiny,mid on a CPU, and the large one on a GPU)")
+                   help=f"pipeline size(s): sd3 {CONFIGS}, flux {FLUX_CONFIGS}, wan {WAN_CONFIGS}, lumina "
+                   f"{LUMINA_CONFIGS}; repeat or comma-separate (default tiny,mid on a CPU, and the large one on a "
+                   "GPU)")
     p.add_argument("--steps", type=int, default=28,
                    help="denoising steps (default 28; the paper samples Wan with 50)")
     p.add_argument("--batch", type=int, default=1, help="prompts per call, B (the transformer sees 2B)")
@@ -437,11 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32 matmul precision on both sides (GPU only matters; default highest)")
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="T5 tokens (default 256, as SD3, for sd3 and flux; wan: UMT5's 512, the only value "
-                   "accepted)")
+                   "accepted; lumina: Gemma's truncation cap, fixed at 256 by diffusers' LuminaPipeline, the only "
+                   "value accepted — prompts are padded to a multiple of 8 of their own length)")
     p.add_argument("--seed", type=int, default=0, help="weights and initial latents seed")
     p.add_argument("--allow-cpu-medium", action="store_true",
-                   help="allow the large config (sd3 medium, flux dev, wan 1.3b) on a CPU (~20 GB / ~50 GB / "
-                   "hours)")
+                   help="allow the large config (sd3 medium, flux dev, wan 1.3b, lumina next) on a CPU (~20 GB / "
+                   "~50 GB / hours / ~20 GB)")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="also write the JSON report to this file (default: stdout only, its last line)")
     p.add_argument("--no-compilation-cache", action="store_true",
@@ -454,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_configs(values, device: str, model: str = "sd3") -> list[str]:
     if not values:
         return ["tiny", "mid"] + ([LARGE[model]] if device == "gpu" else [])
-    known = {"sd3": CONFIGS, "flux": FLUX_CONFIGS, "wan": WAN_CONFIGS}[model]
+    known = {"sd3": CONFIGS, "flux": FLUX_CONFIGS, "wan": WAN_CONFIGS, "lumina": LUMINA_CONFIGS}[model]
     names = [n.strip() for v in values for n in v.split(",") if n.strip()]
     bad = [n for n in names if n not in known]
     if bad or not names:
@@ -472,11 +497,17 @@ def run(args) -> dict:
     if args.quick:
         args.config, args.steps, args.repeats, args.step_repeats = ["tiny"], 2, 1, 2
     if args.max_sequence_length is None:
-        args.max_sequence_length = WAN_MAX_SEQUENCE_LENGTH if args.model == "wan" else 256
+        args.max_sequence_length = {"wan": WAN_MAX_SEQUENCE_LENGTH, "lumina": LUMINA_MAX_SEQUENCE_LENGTH}.get(
+            args.model, 256)
     if args.model == "wan" and args.max_sequence_length != WAN_MAX_SEQUENCE_LENGTH:
         raise ValueError(f"--model wan encodes prompts to {WAN_MAX_SEQUENCE_LENGTH} UMT5 tokens (Wan2.1's text "
                          f"length); leave --max-sequence-length out or pass {WAN_MAX_SEQUENCE_LENGTH}, "
                          f"got {args.max_sequence_length}")
+    if args.model == "lumina" and args.max_sequence_length != LUMINA_MAX_SEQUENCE_LENGTH:
+        raise ValueError(f"--model lumina truncates prompts at {LUMINA_MAX_SEQUENCE_LENGTH} Gemma tokens, a cap "
+                         "diffusers' LuminaPipeline fixes (it ignores max_sequence_length; prompts are padded to a "
+                         f"multiple of 8 of their own length); leave --max-sequence-length out or pass "
+                         f"{LUMINA_MAX_SEQUENCE_LENGTH}, got {args.max_sequence_length}")
     for name in ("steps", "batch", "repeats", "step_repeats", "max_sequence_length"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
@@ -540,6 +571,9 @@ def run(args) -> dict:
     if args.model == "wan":
         report["definitions"].update(WAN_DEFINITIONS)
         report["settings"].update(WAN_SETTINGS)
+    if args.model == "lumina":
+        report["definitions"].update(LUMINA_DEFINITIONS)
+        report["settings"].update(LUMINA_SETTINGS)
     print(table(results), flush=True)
     if args.out is not None:
         write_json(args.out, report)

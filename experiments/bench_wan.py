@@ -46,7 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.bench_common import build_pipeline_pair, ratio, relative_difference, time_call, weights_note
+from experiments.bench_common import (
+    build_pipeline_pair, decode_memory, per_step, ratio, relative_difference, time_call, weights_note,
+)
 
 GUIDANCE_SCALE = 5.0
 ZERO_INIT_STEPS = 2
@@ -77,31 +79,6 @@ DEFINITIONS = {
     "end_to_end": "prompt -> NumPy videos, plain CFG scale 5 (ours after compilation); "
                   "end_to_end_cfg_zero_star: ours with CFG-Zero* (scale 5, K = 2 zeroed steps)",
 }
-
-
-def decode_memory(gpu: bool, torch, jax_device, ours_decode, peer_decode, sync) -> dict:
-    """Peak device memory of one decode on each side (module docstring); ``None`` on a CPU."""
-    if not gpu:
-        return {"diffusers_peak_bytes": None, "diffusers_resident_bytes": None, "ours_peak_bytes": None,
-                "ours_resident_bytes": None, "ours_peak_set_by_decode": None,
-                "note": "not measured on a CPU: neither torch nor JAX's CPU client reports an allocator peak"}
-    sync()
-    resident = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    peer_decode()
-    sync()
-    peer_peak = torch.cuda.max_memory_allocated()
-    before = jax_device.memory_stats() or {}
-    ours_decode()
-    after = jax_device.memory_stats() or {}
-    peak_before, peak = before.get("peak_bytes_in_use"), after.get("peak_bytes_in_use")
-    return {"diffusers_peak_bytes": int(peer_peak), "diffusers_resident_bytes": int(resident),
-            "ours_peak_bytes": peak, "ours_resident_bytes": before.get("bytes_in_use"),
-            "ours_peak_set_by_decode": None if peak is None or peak_before is None else bool(peak > peak_before),
-            "note": "bytes; resident = allocated before the decode (weights of all models and live arrays); "
-                    "diffusers: torch.cuda.max_memory_allocated after reset_peak_memory_stats; ours: JAX's "
-                    "memory_stats peak_bytes_in_use, a process-lifetime peak JAX cannot reset: the decode's own "
-                    "peak when ours_peak_set_by_decode, else an upper bound set earlier in the run"}
 
 
 def bench_wan_config(name: str, args, torch, device: str, torch_device: str, jax_device) -> dict:
@@ -273,9 +250,9 @@ def bench_wan_config(name: str, args, torch, device: str, torch_device: str, jax
         ours_sec["end_to_end_cfg_zero_star"] = time_call(lambda: ours_e2e(CFG_ZERO_STAR), args.repeats, warmup=0)
         peer_sec["end_to_end"] = time_call(peer_e2e, args.repeats, warmup=0)  # first call above was the warm-up
 
-    per_step = lambda summary: {k: (v if k == "n" else v / steps) for k, v in summary.items()}  # noqa: E731
-    ours_sec["loop_per_step"], peer_sec["loop_per_step"] = per_step(ours_sec["denoise"]), per_step(peer_sec["denoise"])
-    ours_sec["loop_per_step_cfg_zero_star"] = per_step(ours_sec["denoise_cfg_zero_star"])
+    ours_sec["loop_per_step"] = per_step(ours_sec["denoise"], steps)
+    peer_sec["loop_per_step"] = per_step(peer_sec["denoise"], steps)
+    ours_sec["loop_per_step_cfg_zero_star"] = per_step(ours_sec["denoise_cfg_zero_star"], steps)
     ours_sec["compile_s"], ours_sec["compile_cfg_zero_star_s"] = compile_cfg, compile_zero
     peer_sec["first_call_s"] = peer_first
     result["ours"], result["diffusers"] = ours_sec, peer_sec

@@ -182,3 +182,67 @@ def test_bench_pipeline_wan_refuses_other_sequence_lengths_and_1_3b_on_cpu(torch
             bench_pipeline.main(["--model", "wan", "--no-compilation-cache", *argv])
         assert exit_info.value.code == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+def test_bench_pipeline_lumina_quick_reports_and_agrees(torch, diffusers, tmp_path, capsys):
+    """``--model lumina --quick``: Lumina-Next against diffusers' LuminaPipeline (tiny, 2 steps)."""
+    from experiments import bench_pipeline
+
+    out = tmp_path / "lumina.json"
+    returned = bench_pipeline.main(["--model", "lumina", "--quick", "--device", "cpu", "--no-compilation-cache",
+                                    "--out", str(out)])
+    report = last_line_report(capsys.readouterr().out, "bench_pipeline")
+    assert report == returned == strict_loads(out.read_text())
+    settings = report["settings"]
+    assert settings["model"] == "lumina" and settings["configs"] == ["tiny"] and settings["steps"] == 2
+    assert settings["max_sequence_length"] == 256 and settings["guidance_scale"] == 4.0
+    assert settings["zero_init_steps"] == 1 and settings["guidance_channels"] == 3
+    assert settings["clean_caption"] is False and settings["negative_prompt"] == ""
+    assert settings["scaling_watershed"] == 1.0 and settings["proportional_attn"] is True
+    assert settings["preset_steps"] == 30
+    assert "Gemma" in report["definitions"]["encode"] and "RoPE" in report["definitions"]["step"]
+    [tiny] = report["configs"]
+    assert tiny["model"] == "lumina" and tiny["batch"] == 1 and tiny["model_batch"] == 2
+    assert tiny["image_size"] == [64, 64] and tiny["latent_grid"] == [8, 8] and tiny["latent_shape"] == [1, 4, 8, 8]
+    assert tiny["image_tokens"] == 16 and tiny["base_sequence_length"] == 16
+    assert tiny["resolution_scaling_factor"] == 1.0
+    # the tokenizer's padding, not the cap: "a photo of a cat" is 6 tokens with BOS, padded to 8 on both sides
+    assert tiny["caption_tokens"] == tiny["caption_tokens_diffusers"] == 8
+    assert tiny["transformer_params"] > 0 and tiny["text_encoder_params"] > 0 and tiny["vae_params"] > 0
+    for section in SECTIONS:
+        for side in ("ours", "diffusers"):
+            timing = tiny[side][section]
+            assert positive(timing["median_s"]) and timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+        assert math.isclose(tiny["ratios_diffusers_over_ours"][section],
+                            tiny["diffusers"][section]["median_s"] / tiny["ours"][section]["median_s"])
+    for side in ("ours", "diffusers"):
+        assert math.isclose(tiny[side]["loop_per_step"]["median_s"], tiny[side]["denoise"]["median_s"] / 2)
+    for key in ("compile_s", "compile_cfg_zero_star_s"):
+        assert positive(tiny["ours"][key])
+    for key in ("end_to_end_cfg_zero_star", "denoise_cfg_zero_star", "loop_per_step_cfg_zero_star"):
+        assert positive(tiny["ours"][key]["median_s"])
+    assert positive(tiny["diffusers"]["first_call_s"])
+    e2e_zero = tiny["ours"]["end_to_end_cfg_zero_star"]["median_s"]
+    assert math.isclose(tiny["ratios_diffusers_over_ours"]["end_to_end_vs_ours_cfg_zero_star"],
+                        tiny["diffusers"]["end_to_end"]["median_s"] / e2e_zero)
+    memory = tiny["decode_memory"]  # not measurable on a CPU
+    assert memory["ours_peak_bytes"] is None and memory["diffusers_peak_bytes"] is None and "CPU" in memory["note"]
+    agree = tiny["agreement"]
+    assert agree["final_latents"]["finite"] and agree["images"]["finite"]
+    assert agree["ours_cfg_zero_star_latents_finite"] is True
+    assert agree["final_latents"]["relative"] <= 1e-3, agree  # float32 on a CPU, like for like
+    assert agree["images"]["relative"] <= 1e-3, agree
+    with pytest.raises(ValueError, match="for --model lumina"):
+        bench_pipeline.parse_configs(["medium"], "cpu", "lumina")
+    assert bench_pipeline.parse_configs(None, "gpu", "lumina") == ["tiny", "mid", "next"]
+
+
+def test_bench_pipeline_lumina_refuses_other_sequence_lengths_and_next_on_cpu(torch, diffusers, capsys):
+    from experiments import bench_pipeline
+
+    for argv, message in ((["--max-sequence-length", "128"], "256 Gemma tokens"),
+                          (["--config", "next", "--device", "cpu"], "--config next needs")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_pipeline.main(["--model", "lumina", "--no-compilation-cache", *argv])
+        assert exit_info.value.code == 2, argv
+        assert message in capsys.readouterr().err, argv
