@@ -325,6 +325,28 @@ def per_step(summary: dict, steps: int) -> dict:
     return {k: (v if k == "n" else v / steps) for k, v in summary.items()}
 
 
+#: The sections every pipeline benchmark compares (diffusers / ours).
+COMPARED_SECTIONS = ("step", "loop_per_step", "denoise", "encode", "decode", "end_to_end")
+
+
+def finish_report(result: dict, ours: dict, peer: dict, steps: int, *, compile_s: float, variant_compile_s: float,
+                  first_call_s: float, variant: str = "cfg_zero_star") -> dict:
+    """Complete a per-model pipeline report (``bench_wan``, ``bench_lumina``) whose ``ours`` also
+    timed a second rule as ``denoise_<variant>`` / ``end_to_end_<variant>``: per-step loop times,
+    compile and first-call times, ``result["ours"]`` / ``["diffusers"]`` and the ratios
+    diffusers / ours of :data:`COMPARED_SECTIONS` plus ``end_to_end_vs_ours_<variant>``."""
+    ours["loop_per_step"] = per_step(ours["denoise"], steps)
+    peer["loop_per_step"] = per_step(peer["denoise"], steps)
+    ours[f"loop_per_step_{variant}"] = per_step(ours[f"denoise_{variant}"], steps)
+    ours["compile_s"], ours[f"compile_{variant}_s"] = compile_s, variant_compile_s
+    peer["first_call_s"] = first_call_s
+    result["ours"], result["diffusers"] = ours, peer
+    ratios = {key: ratio(peer[key], ours[key]) for key in COMPARED_SECTIONS}
+    ratios[f"end_to_end_vs_ours_{variant}"] = ratio(peer["end_to_end"], ours[f"end_to_end_{variant}"])
+    result["ratios_diffusers_over_ours"] = ratios
+    return result
+
+
 def decode_memory(gpu: bool, torch, jax_device, ours_decode, peer_decode, sync) -> dict:
     """Peak device memory of one decode on each side of a pipeline benchmark (``bench_wan``,
     ``bench_lumina``); all ``None`` on a CPU, where neither torch nor JAX's CPU client reports an

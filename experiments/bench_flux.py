@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.bench_common import build_pipeline_pair, ratio, relative_difference, time_call, weights_note
+from experiments.bench_common import (
+    COMPARED_SECTIONS, build_pipeline_pair, per_step, ratio, relative_difference, time_call, weights_note,
+)
 
 DISTILLED_GUIDANCE = 3.5
 PROMPT = "a photo of a cat"
@@ -167,11 +169,9 @@ def bench_flux_config(name: str, args, torch, device: str, torch_device: str, ja
         ours_sec["end_to_end_zero_init"] = time_call(lambda: ours_e2e(1), args.repeats, warmup=1)
         peer_sec["end_to_end"] = time_call(peer_e2e, args.repeats, warmup=0)
 
-    per_step = lambda summary: {k: (v if k == "n" else v / steps) for k, v in summary.items()}  # noqa: E731
-    ours_sec["loop_per_step"], peer_sec["loop_per_step"] = per_step(ours_sec["denoise"]), per_step(peer_sec["denoise"])
+    ours_sec["loop_per_step"] = per_step(ours_sec["denoise"], steps)
+    peer_sec["loop_per_step"] = per_step(peer_sec["denoise"], steps)
     ours_sec["compile_s"], peer_sec["first_call_s"] = compile_plain, peer_first
     result["ours"], result["diffusers"] = ours_sec, peer_sec
-    result["ratios_diffusers_over_ours"] = {
-        key: ratio(peer_sec[key], ours_sec[key])
-        for key in ("step", "loop_per_step", "denoise", "encode", "decode", "end_to_end")}
+    result["ratios_diffusers_over_ours"] = {key: ratio(peer_sec[key], ours_sec[key]) for key in COMPARED_SECTIONS}
     return result

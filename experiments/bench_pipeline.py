@@ -109,7 +109,8 @@ from cfgzero_theory.sd3.flops import mmdit_step_flops  # noqa: E402
 from experiments._common import prepare_output_dir, run_or_exit, strict_json, write_json  # noqa: E402
 from experiments.bench_common import environment as machine_environment  # noqa: E402
 from experiments.bench_common import (  # noqa: E402
-    build_pipeline_pair, loadavg, print_report, ratio, relative_difference, time_call, weights_note, xla_flops,
+    build_pipeline_pair, finish_report, loadavg, print_report, relative_difference, time_call, weights_note,
+    xla_flops,
 )
 from experiments.bench_flux import DEFINITIONS as FLUX_DEFINITIONS  # noqa: E402
 from experiments.bench_flux import bench_flux_config  # noqa: E402
@@ -374,21 +375,8 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
         ours_sec["end_to_end_cfg_zero_star"] = time_call(lambda: ours_e2e("cfg-zero-star"), args.repeats, warmup=0)
         peer_sec["end_to_end"] = time_call(peer_e2e, args.repeats, warmup=0)  # first call above was the warm-up
 
-    def per_step(summary: dict) -> dict:
-        return {k: (v if k == "n" else v / steps) for k, v in summary.items()}
-
-    ours_sec["loop_per_step"], peer_sec["loop_per_step"] = per_step(ours_sec["denoise"]), per_step(peer_sec["denoise"])
-    ours_sec["loop_per_step_cfg_zero_star"] = per_step(ours_sec["denoise_cfg_zero_star"])
-    ours_sec["compile_s"] = compile_cfg
-    ours_sec["compile_cfg_zero_star_s"] = compile_zero
-    peer_sec["first_call_s"] = peer_first
-    result["ours"], result["diffusers"] = ours_sec, peer_sec
-    result["ratios_diffusers_over_ours"] = {
-        key: ratio(peer_sec[key], ours_sec[key])
-        for key in ("step", "loop_per_step", "denoise", "encode", "decode", "end_to_end")
-    }
-    result["ratios_diffusers_over_ours"]["end_to_end_vs_ours_cfg_zero_star"] = ratio(
-        peer_sec["end_to_end"], ours_sec["end_to_end_cfg_zero_star"])
+    finish_report(result, ours_sec, peer_sec, steps, compile_s=compile_cfg, variant_compile_s=compile_zero,
+                  first_call_s=peer_first)
     result["achieved_tflops"] = {
         "ours": result["transformer_step_flops"] / ours_sec["step"]["median_s"] / 1e12,
         "diffusers": result["transformer_step_flops"] / peer_sec["step"]["median_s"] / 1e12,

@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.bench_common import (
-    build_pipeline_pair, decode_memory, per_step, ratio, relative_difference, time_call, weights_note,
+    build_pipeline_pair, decode_memory, finish_report, relative_difference, time_call, weights_note,
 )
 
 GUIDANCE_SCALE = 5.0
@@ -250,15 +250,5 @@ def bench_wan_config(name: str, args, torch, device: str, torch_device: str, jax
         ours_sec["end_to_end_cfg_zero_star"] = time_call(lambda: ours_e2e(CFG_ZERO_STAR), args.repeats, warmup=0)
         peer_sec["end_to_end"] = time_call(peer_e2e, args.repeats, warmup=0)  # first call above was the warm-up
 
-    ours_sec["loop_per_step"] = per_step(ours_sec["denoise"], steps)
-    peer_sec["loop_per_step"] = per_step(peer_sec["denoise"], steps)
-    ours_sec["loop_per_step_cfg_zero_star"] = per_step(ours_sec["denoise_cfg_zero_star"], steps)
-    ours_sec["compile_s"], ours_sec["compile_cfg_zero_star_s"] = compile_cfg, compile_zero
-    peer_sec["first_call_s"] = peer_first
-    result["ours"], result["diffusers"] = ours_sec, peer_sec
-    result["ratios_diffusers_over_ours"] = {
-        key: ratio(peer_sec[key], ours_sec[key])
-        for key in ("step", "loop_per_step", "denoise", "encode", "decode", "end_to_end")}
-    result["ratios_diffusers_over_ours"]["end_to_end_vs_ours_cfg_zero_star"] = ratio(
-        peer_sec["end_to_end"], ours_sec["end_to_end_cfg_zero_star"])
-    return result
+    return finish_report(result, ours_sec, peer_sec, steps, compile_s=compile_cfg, variant_compile_s=compile_zero,
+                         first_call_s=peer_first)
