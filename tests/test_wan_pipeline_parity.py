@@ -196,6 +196,13 @@ def test_bad_arguments_are_refused_by_name(t2v, options, message):
         ours(PROMPTS[0], **call)
 
 
+def test_latents_set_the_video_size(t2v):
+    _, _, ours = t2v
+    init = ours.initial_latents(1, FRAMES, HEIGHT, WIDTH)
+    with pytest.raises(ValueError, match="num_frames=5 disagrees with latents"):
+        ours(PROMPTS[0], latents=init, num_frames=5, num_steps=1)
+
+
 def test_image_to_video_needs_an_image_and_a_512_token_text(i2v):
     _, _, ours = i2v
     with pytest.raises(ValueError, match="pass image="):

@@ -438,8 +438,13 @@ class WanPipeline:
             if latents.ndim != 5:
                 raise ValueError(f"latents must have shape (B, C, f, h, w), got {latents.shape}")
             spatial = self.vae.config.spatial_factor
-            num_frames = 1 + self.vae.config.temporal_factor * (latents.shape[2] - 1)
-            height, width = latents.shape[3] * spatial, latents.shape[4] * spatial
+            implied = {"num_frames": 1 + self.vae.config.temporal_factor * (latents.shape[2] - 1),
+                       "height": latents.shape[3] * spatial, "width": latents.shape[4] * spatial}
+            for name, given in (("num_frames", num_frames), ("height", height), ("width", width)):
+                if given is not None and given != implied[name]:
+                    raise ValueError(f"{name}={given} disagrees with latents of shape {latents.shape}, which make "
+                                     f"{name} {implied[name]}; leave it out")
+            num_frames, height, width = implied["num_frames"], implied["height"], implied["width"]
         conditioning = None if image is None else self.encode_image(image, batch, num_frames, height, width)
         result = self.sample(embeddings, latents, conditioning=conditioning, guidance=guidance, scale=scale,
                              zero_init_steps=zero_init_steps, num_steps=num_steps, flow_shift=flow_shift,
