@@ -395,6 +395,27 @@ def relative_difference(ours, ref) -> dict:
             "finite": bool(np.all(np.isfinite(ours)) and np.all(np.isfinite(ref)))}
 
 
+AGREEMENT_NOTE = "max |ours - diffusers| / max(1, max |diffusers|); a sanity number, not a test"
+
+
+def agreement(outputs: str, ours_latents, peer_latents, ours_outputs, peer_outputs, variant_latents=None) -> dict:
+    """A report's ``agreement``: :func:`relative_difference` of the final latents and of the decoded
+    ``outputs`` (``"images"`` or ``"videos"``), and, given ``variant_latents`` (ours under CFG-Zero*),
+    whether those are finite."""
+    result = {"final_latents": relative_difference(ours_latents, peer_latents),
+              outputs: relative_difference(ours_outputs, peer_outputs)}
+    if variant_latents is not None:
+        result["ours_cfg_zero_star_latents_finite"] = bool(np.all(np.isfinite(variant_latents)))
+    return result | {"note": AGREEMENT_NOTE}
+
+
+def dtypes(name: str, torch) -> tuple:
+    """``(torch dtype, JAX dtype)`` for ``--dtype`` ``name`` (``"float32"`` or ``"bfloat16"``)."""
+    import jax.numpy as jnp
+
+    return getattr(torch, name), {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
 def weights_note(perturb) -> str:
     """How a random benchmark pipeline's weights were drawn (its size's ``perturb``)."""
     if perturb is not None:

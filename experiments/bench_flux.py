@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.bench_common import (
-    COMPARED_SECTIONS, build_pipeline_pair, per_step, ratio, relative_difference, time_call, weights_note,
+    COMPARED_SECTIONS, agreement, build_pipeline_pair, dtypes, per_step, ratio, time_call, weights_note,
 )
 
 DISTILLED_GUIDANCE = 3.5
@@ -47,8 +47,7 @@ def bench_flux_config(name: str, args, torch, device: str, torch_device: str, ja
     from cfgzero_theory.flux.pipeline import FluxPipeline, pack_latents
     from cfgzero_theory.flux.tiny import PIPELINE_SIZES, build_random_pipeline
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    jax_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    torch_dtype, jax_dtype = dtypes(args.dtype, torch)
     size, steps, batch, seq = PIPELINE_SIZES[name], args.steps, args.batch, args.max_sequence_length
     prompts = [PROMPT] * batch
     gpu = device == "gpu"
@@ -103,9 +102,7 @@ def bench_flux_config(name: str, args, torch, device: str, torch_device: str, ja
         peer_images = peer_e2e()
         peer_first = time.perf_counter() - start
         peer_latents = peer_e2e("latent").float().cpu().numpy()
-        result["agreement"] = {"final_latents": relative_difference(ours_latents, peer_latents),
-                               "images": relative_difference(ours_images, peer_images),
-                               "note": "max |ours - diffusers| / max(1, max |diffusers|); a sanity number, not a test"}
+        result["agreement"] = agreement("images", ours_latents, peer_latents, ours_images, peer_images)
 
         embeddings = ours.encode_prompt(prompts, None, seq)
         ours_sec["encode"] = time_call(lambda: jax.block_until_ready(ours.encode_prompt(prompts, None, seq)),

@@ -55,7 +55,7 @@ from flax import nnx
 
 from cfgzero_theory import presets
 from experiments.bench_common import (
-    build_pipeline_pair, decode_memory, finish_report, relative_difference, time_call, weights_note,
+    agreement, build_pipeline_pair, decode_memory, dtypes, finish_report, time_call, weights_note,
 )
 
 GUIDANCE_SCALE = 4.0
@@ -112,8 +112,7 @@ def bench_lumina_config(name: str, args, torch, device: str, torch_device: str, 
     from cfgzero_theory.lumina.pipeline import LuminaPipeline
     from cfgzero_theory.lumina.tiny import PIPELINE_SIZES, build_random_pipeline
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    jax_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    torch_dtype, jax_dtype = dtypes(args.dtype, torch)
     size, steps, batch, seq = PIPELINE_SIZES[name], args.steps, args.batch, args.max_sequence_length
     if seq != MAX_SEQUENCE_LENGTH:
         raise ValueError(f"diffusers' LuminaPipeline truncates prompts at {MAX_SEQUENCE_LENGTH} Gemma tokens; "
@@ -188,12 +187,7 @@ def bench_lumina_config(name: str, args, torch, device: str, torch_device: str, 
         peer_images = peer_e2e()
         peer_first = time.perf_counter() - start
         peer_latents = peer_e2e("latent").float().cpu().numpy()
-        result["agreement"] = {
-            "final_latents": relative_difference(ours_latents, peer_latents),
-            "images": relative_difference(ours_images, peer_images),
-            "ours_cfg_zero_star_latents_finite": bool(np.all(np.isfinite(zero_latents))),
-            "note": "max |ours - diffusers| / max(1, max |diffusers|); a sanity number, not a test",
-        }
+        result["agreement"] = agreement("images", ours_latents, peer_latents, ours_images, peer_images, zero_latents)
 
         # ---- encode
         def peer_encode():

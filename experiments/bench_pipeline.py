@@ -109,7 +109,7 @@ from cfgzero_theory.sd3.flops import mmdit_step_flops  # noqa: E402
 from experiments._common import prepare_output_dir, run_or_exit, strict_json, write_json  # noqa: E402
 from experiments.bench_common import environment as machine_environment  # noqa: E402
 from experiments.bench_common import (  # noqa: E402
-    build_pipeline_pair, finish_report, loadavg, print_report, relative_difference, time_call, weights_note,
+    agreement, build_pipeline_pair, dtypes, finish_report, loadavg, print_report, time_call, weights_note,
     xla_flops,
 )
 from experiments.bench_flux import DEFINITIONS as FLUX_DEFINITIONS  # noqa: E402
@@ -215,8 +215,7 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
     from cfgzero_theory.sd3.pipeline import SD3Pipeline
     from cfgzero_theory.sd3.tiny import PIPELINE_SIZES, build_random_pipeline
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    jax_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    torch_dtype, jax_dtype = dtypes(args.dtype, torch)
     size = PIPELINE_SIZES[name]
     steps = args.steps
     batch = args.batch
@@ -289,12 +288,7 @@ def _bench_config(name: str, args, torch, device: str, torch_device: str, jax_de
         peer_images = peer_e2e()
         peer_first = time.perf_counter() - start
         peer_latents = peer_e2e("latent").float().cpu().numpy()
-        result["agreement"] = {
-            "final_latents": relative_difference(ours_latents, peer_latents),
-            "images": relative_difference(ours_images, peer_images),
-            "ours_cfg_zero_star_latents_finite": bool(np.all(np.isfinite(zero_latents))),
-            "note": "max |ours - diffusers| / max(1, max |diffusers|); a sanity number, not a test",
-        }
+        result["agreement"] = agreement("images", ours_latents, peer_latents, ours_images, peer_images, zero_latents)
 
         # ---- encode
         cond, pooled, uncond, uncond_pooled = ours.encode_prompt(prompts, None, seq)

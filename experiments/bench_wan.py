@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.bench_common import (
-    build_pipeline_pair, decode_memory, finish_report, relative_difference, time_call, weights_note,
+    agreement, build_pipeline_pair, decode_memory, dtypes, finish_report, time_call, weights_note,
 )
 
 GUIDANCE_SCALE = 5.0
@@ -89,8 +89,7 @@ def bench_wan_config(name: str, args, torch, device: str, torch_device: str, jax
     from cfgzero_theory.wan.tiny import PIPELINE_SIZES, build_random_pipeline
     from cfgzero_theory.wan.weights import wan_model_fn
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    jax_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    torch_dtype, jax_dtype = dtypes(args.dtype, torch)
     size, steps, batch, seq = PIPELINE_SIZES[name], args.steps, args.batch, args.max_sequence_length
     if seq != MAX_SEQUENCE_LENGTH:
         raise ValueError(f"Wan encodes prompts to {MAX_SEQUENCE_LENGTH} UMT5 tokens; --max-sequence-length {seq} "
@@ -162,12 +161,7 @@ def bench_wan_config(name: str, args, torch, device: str, torch_device: str, jax
         peer_videos = peer_e2e()
         peer_first = time.perf_counter() - start
         peer_latents = peer_e2e("latent").float().cpu().numpy()
-        result["agreement"] = {
-            "final_latents": relative_difference(ours_latents, peer_latents),
-            "videos": relative_difference(ours_videos, peer_videos),
-            "ours_cfg_zero_star_latents_finite": bool(np.all(np.isfinite(zero_latents))),
-            "note": "max |ours - diffusers| / max(1, max |diffusers|); a sanity number, not a test",
-        }
+        result["agreement"] = agreement("videos", ours_latents, peer_latents, ours_videos, peer_videos, zero_latents)
 
         # ---- encode
         cond, uncond = ours.encode_prompt(prompts, None, seq)
