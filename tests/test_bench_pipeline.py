@@ -127,6 +127,35 @@ def test_bench_pipeline_flux_quick_reports_and_agrees(torch, diffusers, tmp_path
     assert bench_pipeline.parse_configs(None, "gpu", "flux") == ["tiny", "mid", "dev"]
 
 
+def _check_two_rule_report(tiny: dict, outputs: str) -> None:
+    """The shared part of a Wan / Lumina ``--quick`` config report (2 steps, CPU, float32): every
+    section timed on both sides with its ratio, per-step loops, the CFG-Zero* timings apart, no
+    memory figures on a CPU, and agreement of the latents and decoded ``outputs``."""
+    for section in SECTIONS:
+        for side in ("ours", "diffusers"):
+            timing = tiny[side][section]
+            assert positive(timing["median_s"]) and timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+        assert math.isclose(tiny["ratios_diffusers_over_ours"][section],
+                            tiny["diffusers"][section]["median_s"] / tiny["ours"][section]["median_s"])
+    for side in ("ours", "diffusers"):
+        assert math.isclose(tiny[side]["loop_per_step"]["median_s"], tiny[side]["denoise"]["median_s"] / 2)
+    for key in ("compile_s", "compile_cfg_zero_star_s"):
+        assert positive(tiny["ours"][key])
+    for key in ("end_to_end_cfg_zero_star", "denoise_cfg_zero_star", "loop_per_step_cfg_zero_star"):
+        assert positive(tiny["ours"][key]["median_s"])
+    assert positive(tiny["diffusers"]["first_call_s"])
+    e2e_zero = tiny["ours"]["end_to_end_cfg_zero_star"]["median_s"]
+    assert math.isclose(tiny["ratios_diffusers_over_ours"]["end_to_end_vs_ours_cfg_zero_star"],
+                        tiny["diffusers"]["end_to_end"]["median_s"] / e2e_zero)
+    memory = tiny["decode_memory"]  # not measurable on a CPU
+    assert memory["ours_peak_bytes"] is None and memory["diffusers_peak_bytes"] is None and "CPU" in memory["note"]
+    agree = tiny["agreement"]
+    assert agree["final_latents"]["finite"] and agree[outputs]["finite"]
+    assert agree["ours_cfg_zero_star_latents_finite"] is True
+    assert agree["final_latents"]["relative"] <= 1e-3, agree  # float32 on a CPU, like for like
+    assert agree[outputs]["relative"] <= 1e-3, agree
+
+
 def test_bench_pipeline_wan_quick_reports_and_agrees(torch, diffusers, tmp_path, capsys):
     """``--model wan --quick``: Wan2.1 text-to-video against diffusers' WanPipeline (tiny, 2 steps)."""
     from experiments import bench_pipeline
@@ -146,28 +175,7 @@ def test_bench_pipeline_wan_quick_reports_and_agrees(torch, diffusers, tmp_path,
     assert tiny["video_size"] == [9, 32, 48] and tiny["latent_shape"] == [1, 16, 3, 4, 6]
     assert tiny["video_tokens"] == 3 * 2 * 3 and tiny["text_tokens"] == 512 and tiny["flow_shift"] == 3.0
     assert tiny["transformer_params"] > 0
-    for section in SECTIONS:
-        for side in ("ours", "diffusers"):
-            timing = tiny[side][section]
-            assert positive(timing["median_s"]) and timing["min_s"] <= timing["median_s"] <= timing["max_s"]
-        assert math.isclose(tiny["ratios_diffusers_over_ours"][section],
-                            tiny["diffusers"][section]["median_s"] / tiny["ours"][section]["median_s"])
-        assert math.isclose(tiny["ours"]["loop_per_step"]["median_s"], tiny["ours"]["denoise"]["median_s"] / 2)
-    for key in ("compile_s", "compile_cfg_zero_star_s"):
-        assert positive(tiny["ours"][key])
-    for key in ("end_to_end_cfg_zero_star", "denoise_cfg_zero_star", "loop_per_step_cfg_zero_star"):
-        assert positive(tiny["ours"][key]["median_s"])
-    assert positive(tiny["diffusers"]["first_call_s"])
-    e2e_zero = tiny["ours"]["end_to_end_cfg_zero_star"]["median_s"]
-    assert math.isclose(tiny["ratios_diffusers_over_ours"]["end_to_end_vs_ours_cfg_zero_star"],
-                        tiny["diffusers"]["end_to_end"]["median_s"] / e2e_zero)
-    memory = tiny["decode_memory"]  # not measurable on a CPU
-    assert memory["ours_peak_bytes"] is None and memory["diffusers_peak_bytes"] is None and "CPU" in memory["note"]
-    agree = tiny["agreement"]
-    assert agree["final_latents"]["finite"] and agree["videos"]["finite"]
-    assert agree["ours_cfg_zero_star_latents_finite"] is True
-    assert agree["final_latents"]["relative"] <= 1e-3, agree  # float32 on a CPU, like for like
-    assert agree["videos"]["relative"] <= 1e-3, agree
+    _check_two_rule_report(tiny, "videos")
     with pytest.raises(ValueError, match="for --model wan"):
         bench_pipeline.parse_configs(["medium"], "cpu", "wan")
     assert bench_pipeline.parse_configs(None, "gpu", "wan") == ["tiny", "mid", "1.3b"]
@@ -209,29 +217,7 @@ def test_bench_pipeline_lumina_quick_reports_and_agrees(torch, diffusers, tmp_pa
     # the tokenizer's padding, not the cap: "a photo of a cat" is 6 tokens with BOS, padded to 8 on both sides
     assert tiny["caption_tokens"] == tiny["caption_tokens_diffusers"] == 8
     assert tiny["transformer_params"] > 0 and tiny["text_encoder_params"] > 0 and tiny["vae_params"] > 0
-    for section in SECTIONS:
-        for side in ("ours", "diffusers"):
-            timing = tiny[side][section]
-            assert positive(timing["median_s"]) and timing["min_s"] <= timing["median_s"] <= timing["max_s"]
-        assert math.isclose(tiny["ratios_diffusers_over_ours"][section],
-                            tiny["diffusers"][section]["median_s"] / tiny["ours"][section]["median_s"])
-    for side in ("ours", "diffusers"):
-        assert math.isclose(tiny[side]["loop_per_step"]["median_s"], tiny[side]["denoise"]["median_s"] / 2)
-    for key in ("compile_s", "compile_cfg_zero_star_s"):
-        assert positive(tiny["ours"][key])
-    for key in ("end_to_end_cfg_zero_star", "denoise_cfg_zero_star", "loop_per_step_cfg_zero_star"):
-        assert positive(tiny["ours"][key]["median_s"])
-    assert positive(tiny["diffusers"]["first_call_s"])
-    e2e_zero = tiny["ours"]["end_to_end_cfg_zero_star"]["median_s"]
-    assert math.isclose(tiny["ratios_diffusers_over_ours"]["end_to_end_vs_ours_cfg_zero_star"],
-                        tiny["diffusers"]["end_to_end"]["median_s"] / e2e_zero)
-    memory = tiny["decode_memory"]  # not measurable on a CPU
-    assert memory["ours_peak_bytes"] is None and memory["diffusers_peak_bytes"] is None and "CPU" in memory["note"]
-    agree = tiny["agreement"]
-    assert agree["final_latents"]["finite"] and agree["images"]["finite"]
-    assert agree["ours_cfg_zero_star_latents_finite"] is True
-    assert agree["final_latents"]["relative"] <= 1e-3, agree  # float32 on a CPU, like for like
-    assert agree["images"]["relative"] <= 1e-3, agree
+    _check_two_rule_report(tiny, "images")
     with pytest.raises(ValueError, match="for --model lumina"):
         bench_pipeline.parse_configs(["medium"], "cpu", "lumina")
     assert bench_pipeline.parse_configs(None, "gpu", "lumina") == ["tiny", "mid", "next"]
